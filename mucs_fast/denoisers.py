@@ -1,0 +1,318 @@
+"""Denoisers: the per-sample diffusion loss L(x, ε, level, y) of a network, EDM or VP/DDPM.
+
+A denoiser owns the model's noise parametrization (σ for EDM, integer timesteps for VP), its
+training/inference noise levels, label handling and the per-sample loss; the engine (unlearn,
+score) only sees `loss(x, eps, level, y, net=...)` returning one loss per sample.
+
+`net=` lets the engine evaluate the same loss with other weights (a deep copy, or a
+`torch.func.functional_call` over K stacked weight sets) without the denoiser knowing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from typing import Callable, Optional
+
+import torch
+
+from . import noise as _noise
+from .config import REFERENCE_FROZEN, FrozenSpec
+from .ops import edm_loss
+
+
+class Denoiser:
+    """Common interface. Subclasses set `net`, `level_dtype` and implement the hooks."""
+
+    net: torch.nn.Module
+    level_dtype: torch.dtype = torch.float32
+    conditional: bool = False
+    label_dim: Optional[int] = None
+    train_lr: Optional[float] = None
+
+    # -- noise levels -------------------------------------------------------------------------
+    def inference_levels(self, M: int, t_sched, generator: Optional[torch.Generator] = None,
+                         device=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_noise(self, shape, generator: Optional[torch.Generator] = None, t_sched=None,
+                       device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps [B, C, H, W], level [B]) drawn as the reference does: levels first, then ε."""
+        raise NotImplementedError
+
+    def sigma_of(self, level: torch.Tensor) -> torch.Tensor:
+        """Equivalent EDM σ of each level (noise std relative to the signal)."""
+        raise NotImplementedError
+
+    def full_grid(self, M: int, device=None) -> torch.Tensor:
+        """Levels of the whole inference grid with M levels (t_sched = 1): used by t_sched="auto"."""
+        return self.inference_levels(M, 1.0, device=device)
+
+    # -- loss -----------------------------------------------------------------------------------
+    def loss(self, x, eps, level, y=None, net: Optional[Callable] = None) -> torch.Tensor:
+        """Per-sample loss [B] (fp32 accumulation) of images x under noise (ε, level)."""
+        raise NotImplementedError
+
+    # -- model facts ----------------------------------------------------------------------------
+    def fresh_net(self) -> torch.nn.Module:
+        """A freshly initialized model of the same architecture (for loss_null="auto")."""
+        raise NotImplementedError
+
+    def default_frozen(self) -> FrozenSpec:
+        return REFERENCE_FROZEN
+
+    def prepare_labels(self, y: Optional[torch.Tensor], n: int, what: str) -> Optional[torch.Tensor]:
+        """Validate labels for `n` images and convert them to what the net takes; None when the
+        model is unconditional. Raises ValueError naming `what` (e.g. "train_labels")."""
+        if not self.conditional:
+            return None
+        if y is None:
+            raise ValueError(
+                f"{what}: the model is class-conditional (label_dim={self.label_dim}) but no labels "
+                f"were given; pass {what}=<tensor [{n}] of class ids or [{n}, {self.label_dim}]>")
+        y = torch.as_tensor(y)
+        if y.shape[0] != n:
+            raise ValueError(f"{what}: expected {n} labels (one per image), got shape {tuple(y.shape)}")
+        return self._convert_labels(y, what)
+
+    def _convert_labels(self, y: torch.Tensor, what: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """Digest of the architecture and weights (the cache key of the original model)."""
+        from ._io import tensor_digest
+
+        sd = {k: v for k, v in self.net.state_dict().items()}
+        h = hashlib.sha256(type(self).__name__.encode())
+        h.update(type(self.net).__qualname__.encode())
+        h.update(repr(self._fingerprint_extra()).encode())
+        h.update(tensor_digest(sd).encode())
+        return h.hexdigest()[:32]
+
+    def _fingerprint_extra(self):
+        return ()
+
+
+def _is_class_ids(y: torch.Tensor) -> bool:
+    return y.ndim == 1 and not torch.is_floating_point(y)
+
+
+class EDMDenoiser(Denoiser):
+    """EDM-preconditioned networks (Karras et al. 2022), called like the reference:
+    `net(x_noisy, sigma [B], y=[B, label_dim] or None)` returning the denoised D(x_noisy; σ).
+
+    Loss: L = λ(σ)·mean_{C,H,W}(D − x)², λ(σ) = (σ² + σ_d²)/(σ·σ_d)².
+
+    Attributes of reference models are read when present: `sigma_data`, `sigma_P_mean`,
+    `sigma_P_std`, `unconditional`, `cond_dim`; explicit arguments win.
+
+    null_factory: builds a fresh, untrained copy of the architecture (loss_null="auto"). Defaults:
+    reference models (`net.args`) are rebuilt with `type(net)(*net.args)`; otherwise required.
+    train_lr: the learning rate the model was trained with (unlearning uses train_lr / lr_factor).
+    """
+
+    level_dtype = torch.float32
+
+    def __init__(self, net: torch.nn.Module, sigma_data: Optional[float] = None,
+                 P_mean: Optional[float] = None, P_std: Optional[float] = None,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                 label_dim: Optional[int] = None, null_factory: Optional[Callable[[], torch.nn.Module]] = None,
+                 train_lr: Optional[float] = None):
+        if not isinstance(net, torch.nn.Module):
+            raise TypeError(f"EDMDenoiser: net must be a torch.nn.Module, got {type(net).__name__}")
+        self.net = net
+        self.sigma_data = float(sigma_data if sigma_data is not None else getattr(net, "sigma_data", 0.5))
+        self.P_mean = float(P_mean if P_mean is not None else getattr(net, "sigma_P_mean", -1.2))
+        self.P_std = float(P_std if P_std is not None else getattr(net, "sigma_P_std", 1.2))
+        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+        if label_dim is None:
+            label_dim = getattr(net, "cond_dim", getattr(net, "label_dim", None))
+        self.label_dim = int(label_dim) if label_dim else None
+        unconditional = getattr(net, "unconditional", None)
+        self.conditional = bool(self.label_dim) and not (unconditional is True)
+        self.null_factory = null_factory
+        self.train_lr = train_lr if train_lr is not None else getattr(net, "train_lr", None)
+        if not self.sigma_data > 0:
+            raise ValueError(f"EDMDenoiser: sigma_data must be > 0, got {self.sigma_data}")
+
+    # σ and λ(σ) --------------------------------------------------------------------------------
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """λ(σ) = (σ² + σ_d²)/(σ·σ_d)², written as in the reference for bitwise agreement."""
+        sd = self.sigma_data
+        return (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+
+    def sigma_of(self, level):
+        return level
+
+    def inference_levels(self, M, t_sched, generator=None, device=None):
+        if t_sched is None:  # log-normal, as in training
+            s = torch.randn(M, generator=generator, device=device)
+            return (self.P_std * s + self.P_mean).exp()
+        num = _noise.grid_size(M, t_sched)
+        return _noise.karras_sigmas(num, self.sigma_min, self.sigma_max, self.rho, device=device)[:M]
+
+    def training_noise(self, shape, generator=None, t_sched=None, device=None):
+        B = shape[0]
+        if t_sched is None:
+            s = torch.randn(B, generator=generator, device=device)
+            sigma = (self.P_std * s + self.P_mean).exp()
+        else:
+            num = _noise.grid_size(B, t_sched)
+            s = torch.rand(num, generator=generator, device=device).sort().values
+            sigma = ((self.sigma_max ** (1 / self.rho)
+                      + s * (self.sigma_min ** (1 / self.rho) - self.sigma_max ** (1 / self.rho)))
+                     ** self.rho)[:B]
+        eps = torch.randn(tuple(shape), generator=generator, device=device)
+        return eps, sigma
+
+    def noisy(self, x, eps, sigma):
+        """x + σ·ε (σ·ε first, as the reference builds its noise tensor)."""
+        return x + sigma.view(-1, *([1] * (x.ndim - 1))) * eps
+
+    def loss(self, x, eps, level, y=None, net=None):
+        net = self.net if net is None else net
+        sigma = level
+        x_noisy = self.noisy(x, eps, sigma)
+        D = net(x_noisy, sigma, y=y)
+        # D-form: the net applies c_skip/c_out itself, so the op sees c_skip = 0, c_out = 1.
+        return edm_loss(D, None, x, None, None, self.weight(sigma))
+
+    # labels / models ---------------------------------------------------------------------------
+    def _convert_labels(self, y, what):
+        if _is_class_ids(y):
+            if y.numel() and (y.min() < 0 or y.max() >= self.label_dim):
+                raise ValueError(f"{what}: class ids must lie in [0, {self.label_dim}), "
+                                 f"got range [{int(y.min())}, {int(y.max())}]")
+            return torch.nn.functional.one_hot(y.long(), self.label_dim).float()
+        if y.ndim != 2 or y.shape[1] != self.label_dim:
+            raise ValueError(f"{what}: expected class ids [N] or label vectors [N, {self.label_dim}], "
+                             f"got shape {tuple(y.shape)} ({y.dtype})")
+        y = y.float()
+        if not torch.isfinite(y).all():
+            raise ValueError(f"{what}: labels contain NaN or Inf")
+        return y
+
+    def fresh_net(self):
+        if self.null_factory is not None:
+            return self.null_factory()
+        if hasattr(self.net, "args") and isinstance(self.net.args, tuple):
+            return type(self.net)(*copy.deepcopy(self.net.args))
+        raise ValueError(
+            'loss_null="auto" needs a freshly initialized copy of the model, but EDMDenoiser cannot '
+            "build one for %s: pass EDMDenoiser(..., null_factory=<callable returning a new model>) "
+            "or a number as MUCSConfig(loss_null=...)" % type(self.net).__name__)
+
+    def _fingerprint_extra(self):
+        return (self.sigma_data, self.P_mean, self.P_std, self.sigma_min, self.sigma_max, self.rho)
+
+
+class DiffusersDenoiser(Denoiser):
+    """diffusers models trained with a DDPM-style scheduler (ε-prediction): `UNet2DModel`,
+    `DiTTransformer2DModel` (and anything called `model(x_t, t, class_labels=...)` with `.sample`).
+
+    Loss: the model's own training loss L = mean_{C,H,W}(ε − ε_θ(√ᾱ_t·x + √(1−ᾱ_t)·ε, t, y))², i.e.
+    λ = 1/σ_t² in the D-form with σ_t = √((1−ᾱ_t)/ᾱ_t). Training levels: t uniform over the
+    scheduler's timesteps. Inference grid: int(M / t_sched) timesteps evenly spaced from T−1 down to
+    0, the first (noisiest) M kept — the analogue of the EDM grid.
+    """
+
+    level_dtype = torch.int64
+
+    def __init__(self, model: torch.nn.Module, scheduler, train_lr: Optional[float] = None,
+                 num_classes: Optional[int] = None):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"DiffusersDenoiser: model must be a torch.nn.Module, got {type(model).__name__}")
+        pred = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+        if pred != "epsilon":
+            raise ValueError(f"DiffusersDenoiser supports ε-prediction schedulers only, got "
+                             f"prediction_type={pred!r}")
+        self.net = model
+        self.scheduler = scheduler
+        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32).cpu()
+        self.T = int(self.alphas_cumprod.numel())
+        self.train_lr = train_lr
+        cfg = getattr(model, "config", {})
+        get = (lambda k: getattr(cfg, k, None)) if not isinstance(cfg, dict) else cfg.get
+        n_cls = num_classes
+        if n_cls is None:
+            n_cls = get("num_class_embeds")  # UNet2DModel
+        if n_cls is None and get("norm_type") == "ada_norm_zero":
+            n_cls = get("num_embeds_ada_norm")  # DiTTransformer2DModel
+        self.label_dim = int(n_cls) if n_cls else None
+        self.conditional = self.label_dim is not None
+        self._acp = {}
+
+    def _alphas(self, device):
+        key = str(device)
+        if key not in self._acp:
+            self._acp[key] = self.alphas_cumprod.to(device)
+        return self._acp[key]
+
+    def sigma_of(self, level):
+        acp = self._alphas(level.device)[level]
+        return ((1 - acp) / acp).sqrt()
+
+    def inference_levels(self, M, t_sched, generator=None, device=None):
+        if t_sched is None:
+            return torch.randint(0, self.T, (M,), generator=generator, device=device)
+        num = _noise.grid_size(M, t_sched)
+        s = torch.linspace(0, 1, num, dtype=torch.float64)
+        t = torch.round((self.T - 1) * (1 - s)).long()[:M]
+        return t.to(device)
+
+    def training_noise(self, shape, generator=None, t_sched=None, device=None):
+        B = shape[0]
+        if t_sched is None:
+            t = torch.randint(0, self.T, (B,), generator=generator, device=device)
+        else:
+            num = _noise.grid_size(B, t_sched)
+            s = torch.rand(num, generator=generator, device=device).sort().values
+            t = torch.round((self.T - 1) * (1 - s)).long()[:B]
+        eps = torch.randn(tuple(shape), generator=generator, device=device)
+        return eps, t
+
+    def noisy(self, x, eps, t):
+        acp = self._alphas(x.device)[t].view(-1, *([1] * (x.ndim - 1)))
+        return acp.sqrt() * x + (1 - acp).sqrt() * eps
+
+    def loss(self, x, eps, level, y=None, net=None):
+        net = self.net if net is None else net
+        x_t = self.noisy(x, eps, level)
+        out = net(x_t, level, class_labels=y)
+        eps_hat = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+        ones = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
+        return edm_loss(eps_hat, None, eps, None, None, ones)
+
+    def _convert_labels(self, y, what):
+        if not _is_class_ids(y):
+            if y.ndim == 2 and y.shape[1] == self.label_dim:
+                return y.argmax(1)  # one-hot → class ids
+            raise ValueError(f"{what}: expected class ids [N] (int) or one-hot [N, {self.label_dim}], "
+                             f"got shape {tuple(y.shape)} ({y.dtype})")
+        if y.numel() and (y.min() < 0 or y.max() >= self.label_dim):
+            raise ValueError(f"{what}: class ids must lie in [0, {self.label_dim}), "
+                             f"got range [{int(y.min())}, {int(y.max())}]")
+        return y.long()
+
+    def fresh_net(self):
+        return type(self.net).from_config(self.net.config)
+
+    def default_frozen(self):
+        return diffusers_default_frozen
+
+    def _fingerprint_extra(self):
+        return (self.T, float(self.alphas_cumprod.sum()))
+
+
+def diffusers_default_frozen(name: str, p: torch.nn.Parameter) -> bool:
+    """Default trainable set for diffusers models, the analogue of the reference's DiT choice:
+    DiT: the feed-forward weight matrices ("ff." non-bias) and the class embedding;
+    UNet: every non-bias weight except normalization layers' affine parameters.
+    """
+    if name.endswith(".bias"):
+        return True
+    if "transformer_blocks." in name:  # DiT-style transformer
+        return not (".ff." in name or "class_embedder" in name)
+    parts = name.split(".")
+    return len(parts) >= 2 and "norm" in parts[-2]  # normalization layers' affine parameters

@@ -1,0 +1,80 @@
+"""Noise levels and the inference noise bank (spec/MUCS.md, "Noise banks").
+
+The bank is drawn once and shared by the original model, every unlearned model and every training
+image: that sharing is the "noise-consistent" part of MUCS. Levels are σ for EDM models and integer
+timesteps t for VP/DDPM models; `Denoiser` objects say which (`denoisers.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+
+def karras_sigmas(num: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                  device=None) -> torch.Tensor:
+    """σ_i = (σ_max^{1/ρ} + s_i·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, s = linspace(0, 1, num), largest first.
+
+    Computed in float32 with the same operation order as the reference, so the grid is bitwise
+    identical to it.
+    """
+    s = torch.linspace(0, 1, num, device=device)
+    return (sigma_max ** (1 / rho) + s * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def grid_size(M: int, t_sched: float) -> int:
+    """Number of grid levels of which the first (largest) M form the bank: int(M / t_sched)."""
+    return int(M / t_sched)
+
+
+@dataclasses.dataclass
+class NoiseBank:
+    """M shared noise samples: unit Gaussian ε [M, C, H, W] and levels [M] (σ or t)."""
+
+    eps: torch.Tensor
+    level: torch.Tensor
+
+    @property
+    def M(self) -> int:
+        return self.eps.shape[0]
+
+    def to(self, device) -> "NoiseBank":
+        return NoiseBank(self.eps.to(device), self.level.to(device))
+
+    def fingerprint(self) -> str:
+        from ._io import tensor_digest
+
+        return tensor_digest({"eps": self.eps, "level": self.level})
+
+
+def estimate_t_sched(x: torch.Tensor, sigmas_full: torch.Tensor, B: int,
+                     generator: Optional[torch.Generator] = None, num_consec: int = 3,
+                     qtl: float = 0.05) -> float:
+    """t_sched="auto": the fraction of the full σ grid above half the `qtl` quantile of pairwise
+    normalized Euclidean distances between training images.
+
+    As the reference intends (its version crashes): images are shuffled into batches of B, and each
+    batch is compared with the previous `num_consec` batches; distance = ‖a − b‖₂ / √D.
+
+    x: [N, C, H, W] training images; sigmas_full: [M] σ of every level of the full grid.
+    """
+    N = x.shape[0]
+    D = x[0].numel()
+    perm = torch.randperm(N, generator=generator, device="cpu").to(x.device)
+    flat = x.reshape(N, D).float()
+    batches = [flat[perm[i:i + B]] for i in range(0, N - B + 1, B)] or [flat[perm]]
+    dists = []
+    for i in range(1, len(batches)):
+        prev = torch.cat(batches[max(0, i - num_consec):i])
+        dists.append((torch.cdist(batches[i][None], prev[None]).squeeze(0) / D ** 0.5).flatten())
+    if not dists:  # a single batch: compare it with itself, off-diagonal only
+        d = torch.cdist(batches[0][None], batches[0][None]).squeeze(0) / D ** 0.5
+        n = d.shape[0]
+        dists.append(d[~torch.eye(n, dtype=torch.bool, device=d.device)])
+    d = torch.sort(torch.cat(dists).cpu()).values
+    if d.numel() == 0:
+        raise ValueError('t_sched="auto" needs at least 2 training images')
+    threshold = d[int(qtl * d.numel())] / 2
+    return (sigmas_full.cpu() > threshold).float().mean().item()
