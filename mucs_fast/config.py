@@ -75,6 +75,9 @@ class MUCSConfig:
     """Substrings, or a predicate (name, param) -> frozen; None: the denoiser's default
     (REFERENCE_FROZEN for EDM nets)."""
     seed: int = 45
+    precision: str = "auto"
+    """Scoring precision: "auto" (the reference's policy: bf16 autocast on CUDA with fp32 loss
+    accumulation, fp32 elsewhere), "fp32" or "bf16". Unlearning always runs in fp32."""
 
     # Engine options (do not change scores).
     targets_per_batch: int = 1
@@ -114,6 +117,8 @@ class MUCSConfig:
             bad("tolerance", "a float in [0, 1)")
         if not self.eps >= 0:
             bad("eps", "a float >= 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            bad("precision", '"auto", "fp32" or "bf16"')
         if isinstance(self.frozen, str):
             bad("frozen", "a sequence of substrings (not one string), a predicate or None")
 

@@ -59,6 +59,10 @@ class Denoiser:
         """A freshly initialized model of the same architecture (for loss_null="auto")."""
         raise NotImplementedError
 
+    def fresh_net_error(self) -> Optional[str]:
+        """Why `fresh_net` cannot work (None when it can): checked before any heavy compute."""
+        return None
+
     def default_frozen(self) -> FrozenSpec:
         return REFERENCE_FROZEN
 
@@ -193,15 +197,19 @@ class EDMDenoiser(Denoiser):
             raise ValueError(f"{what}: labels contain NaN or Inf")
         return y
 
+    def fresh_net_error(self):
+        if self.null_factory is not None or isinstance(getattr(self.net, "args", None), tuple):
+            return None
+        return ('loss_null="auto" needs a freshly initialized copy of the model, but EDMDenoiser cannot '
+                "build one for %s: pass EDMDenoiser(..., null_factory=<callable returning a new model>) "
+                "or a number as MUCSConfig(loss_null=...)" % type(self.net).__name__)
+
     def fresh_net(self):
+        if self.fresh_net_error() is not None:
+            raise ValueError(self.fresh_net_error())
         if self.null_factory is not None:
             return self.null_factory()
-        if hasattr(self.net, "args") and isinstance(self.net.args, tuple):
-            return type(self.net)(*copy.deepcopy(self.net.args))
-        raise ValueError(
-            'loss_null="auto" needs a freshly initialized copy of the model, but EDMDenoiser cannot '
-            "build one for %s: pass EDMDenoiser(..., null_factory=<callable returning a new model>) "
-            "or a number as MUCSConfig(loss_null=...)" % type(self.net).__name__)
+        return type(self.net)(*copy.deepcopy(self.net.args))
 
     def _fingerprint_extra(self):
         return (self.sigma_data, self.P_mean, self.P_std, self.sigma_min, self.sigma_max, self.rho)

@@ -1,0 +1,418 @@
+"""`attribute`: MUCS attribution of K generated images over N training images.
+
+Phases (spec/MUCS.md): resolve t_sched / L_null → draw the inference bank → original losses L_t
+[N, M] → for every target: mirrored bounded unlearning of a fresh copy, then the streamed
+noise-consistent skew against L_t → scores [K, N].
+
+Randomness: every stream has its own generator with a seed derived from `config.seed` and a tag
+(the bank, L_null, t_sched) or the target's content (its unlearning batches and noise), so a
+target's scores do not depend on which other targets share the run, on their order, or on resuming.
+All inputs are validated before any heavy compute.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from typing import Optional
+
+import torch
+
+from . import __version__
+from ._io import atomic_write, atomic_write_json, derive_seed, tensor_digest
+from .config import MUCSConfig
+from .denoisers import Denoiser
+from .noise import NoiseBank, estimate_t_sched
+from .params import set_trainable, trainable_names
+from .result import Attribution
+from .score import inference_losses, score_batch_images, score_target
+from .unlearn import RetainStream, UnlearnInfo, unlearn
+
+RUN_FILE = "run.json"
+LOSS_T_FILE = "loss_t.safetensors"
+TARGETS_DIR = "targets"
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def check_images(name: str, x, chw: Optional[tuple] = None) -> torch.Tensor:
+    """A float tensor [N, C, H, W] with N ≥ 1, finite, and (when given) matching C/H/W."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a float tensor [N, C, H, W], got {type(x).__name__}")
+    if x.dim() != 4:
+        hint = f"; for a single image use {name}[None]" if x.dim() == 3 else ""
+        raise ValueError(f"{name}: expected a 4-D tensor [N, C, H, W], got shape {tuple(x.shape)}{hint}")
+    if not torch.is_floating_point(x):
+        raise ValueError(f"{name}: expected float images in the model's data range (e.g. [-1, 1]), "
+                         f"got dtype {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: empty (0 images)")
+    if chw is not None and tuple(x.shape[1:]) != tuple(chw):
+        raise ValueError(f"{name}: images are C×H×W = {'×'.join(map(str, x.shape[1:]))}, but the "
+                         f"training images are {'×'.join(map(str, chw))}")
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        i = int(bad.reshape(x.shape[0], -1).any(1).nonzero()[0])
+        raise ValueError(f"{name}: image {i} contains NaN or Inf ({int(bad.sum())} values in all)")
+    return x
+
+
+def _check_ids(train_ids, N: int) -> torch.Tensor:
+    if train_ids is None:
+        return torch.arange(N, dtype=torch.int64)
+    ids = torch.as_tensor(train_ids)
+    if ids.shape != (N,) or torch.is_floating_point(ids):
+        raise ValueError(f"train_ids: expected int64 [N={N}], got shape {tuple(ids.shape)} ({ids.dtype})")
+    ids = ids.long().cpu()
+    if torch.unique(ids).numel() != N:
+        raise ValueError("train_ids: ids must be unique")
+    return ids
+
+
+def resolve_lr(cfg: MUCSConfig, den: Denoiser) -> float:
+    if cfg.lr is not None:
+        return float(cfg.lr)
+    if den.train_lr is not None:
+        return float(den.train_lr) / cfg.lr_factor
+    raise ValueError("MUCSConfig.lr is None and the model's training learning rate is unknown: pass "
+                     "MUCSConfig(lr=<training lr / 10>) (the reference uses 1e-5 for its CIFAR-10 DiT) "
+                     "or the denoiser's train_lr=")
+
+
+def _probe(den: Denoiser, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
+    """One tiny forward: architecture/data mismatches fail here, with context, not mid-run."""
+    eps, level = den.training_noise(x[:1].shape, torch.Generator(x.device).manual_seed(0), None, x.device)
+    try:
+        with torch.no_grad():
+            loss = den.loss(x[:1], eps, level, None if y is None else y[:1])
+    except Exception as e:  # re-raised with what was fed in
+        raise ValueError(f"the model cannot process the data (one image of shape {tuple(x.shape[1:])}"
+                         f"{'' if y is None else f', labels {tuple(y.shape[1:])}'}): "
+                         f"{type(e).__name__}: {e}") from e
+    if loss.shape != (1,):
+        raise ValueError(f"the denoiser's loss must be one value per sample, got shape {tuple(loss.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# phases
+# --------------------------------------------------------------------------------------------
+def _fork_rng(device: torch.device):
+    devices = [device] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+@torch.no_grad()
+def estimate_loss_null(den: Denoiser, x, y, cfg: MUCSConfig, device, progress=False) -> float:
+    """L_null = mean loss of a freshly initialized model over up to `loss_null_batches` retain
+    batches (one epoch at most, as the reference's loop over its DataLoader), training noise."""
+    with _fork_rng(device):
+        torch.manual_seed(derive_seed(cfg.seed, "loss_null", "init"))
+        net0 = den.fresh_net()
+    net0 = net0.to(device).eval()
+    B = cfg.B
+    retain = RetainStream(x.shape[0], B, torch.Generator().manual_seed(derive_seed(cfg.seed, "loss_null")))
+    gen = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "loss_null", "noise"))
+    n_batches = min(cfg.loss_null_batches, x.shape[0] // B)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for _ in _bar(range(n_batches), "L_null", progress):
+        idx = next(retain).to(device)
+        eps, level = den.training_noise(x[idx].shape, gen, cfg.t_sched_train, device)
+        total += den.loss(x[idx], eps, level, None if y is None else y[idx], net=net0).double().sum()
+    return float(total) / (n_batches * B)
+
+
+def make_bank(den: Denoiser, chw, cfg: MUCSConfig, t_sched) -> NoiseBank:
+    """The inference bank, drawn on the CPU from its own seed (so it is the same on every device)."""
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "bank"))
+    level = den.inference_levels(cfg.num_noises, t_sched, generator=g)
+    eps = torch.randn((cfg.num_noises, *chw), generator=g)
+    return NoiseBank(eps, level.to(den.level_dtype))
+
+
+def _bar(it, desc, progress, total=None, unit="it"):
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
+
+
+def _pbar(total, desc, progress, unit="img"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, dynamic_ncols=True,
+                disable=not progress)
+
+
+# --------------------------------------------------------------------------------------------
+# run directory
+# --------------------------------------------------------------------------------------------
+class RunDir:
+    """Per-target results persisted as they finish, so a crash loses at most the target in flight."""
+
+    def __init__(self, path, key: dict, resume: bool):
+        self.path = os.fspath(path)
+        self.key = key
+        self.digest = tensor_digest({"key": torch.tensor(0), "json": json.dumps(key, sort_keys=True)})
+        run_file = os.path.join(self.path, RUN_FILE)
+        if os.path.isdir(self.path) and os.listdir(self.path):
+            if not os.path.isfile(run_file):
+                raise ValueError(f"run_dir {self.path!s} is not empty and holds no {RUN_FILE}: it is not a "
+                                 "mucs_fast run directory; choose an empty or new folder")
+            try:
+                with open(run_file) as f:
+                    old = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"run_dir {self.path!s}: cannot read {RUN_FILE}: {e}") from e
+            if old.get("digest") != self.digest:
+                diff = sorted(k for k in set(old.get("key", {})) | set(key)
+                              if old.get("key", {}).get(k) != key.get(k))
+                raise ValueError(f"run_dir {self.path!s} holds a different run (differs in: "
+                                 f"{', '.join(diff) or 'format'}); use another folder or delete it")
+            if not resume:  # same run, fresh start: drop finished targets (the L_t cache stays valid)
+                shutil.rmtree(os.path.join(self.path, TARGETS_DIR), ignore_errors=True)
+        os.makedirs(os.path.join(self.path, TARGETS_DIR), exist_ok=True)
+        atomic_write_json(run_file, {"digest": self.digest, "key": key, "mucs_fast": __version__})
+
+    def _target_file(self, k: int) -> str:
+        return os.path.join(self.path, TARGETS_DIR, f"{k:06d}.safetensors")
+
+    def load_target(self, k: int):
+        from safetensors import safe_open
+
+        p = self._target_file(k)
+        if not os.path.isfile(p):
+            return None
+        with safe_open(p, "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("run") != self.digest:
+                return None
+            return f.get_tensor("scores"), json.loads(meta["info"])
+
+    def save_target(self, k: int, scores: torch.Tensor, info: dict) -> None:
+        from safetensors.torch import save_file
+
+        t = {"scores": scores.detach().float().cpu().contiguous()}
+        meta = {"run": self.digest, "info": json.dumps(info)}
+        atomic_write(self._target_file(k), lambda tmp: save_file(t, tmp, metadata=meta))
+
+    def load_loss_t(self, key: str):
+        from safetensors import safe_open
+
+        p = os.path.join(self.path, LOSS_T_FILE)
+        if not os.path.isfile(p):
+            return None
+        try:
+            with safe_open(p, "pt") as f:
+                if (f.metadata() or {}).get("key") != key:
+                    return None
+                return f.get_tensor("loss_t")
+        except Exception:  # a damaged cache is recomputed, never trusted
+            return None
+
+    def save_loss_t(self, key: str, loss_t: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        atomic_write(os.path.join(self.path, LOSS_T_FILE),
+                     lambda tmp: save_file({"loss_t": loss_t.cpu().contiguous()}, tmp, metadata={"key": key}))
+
+
+# --------------------------------------------------------------------------------------------
+# attribute
+# --------------------------------------------------------------------------------------------
+def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config: Optional[MUCSConfig] = None,
+              train_labels=None, target_labels=None, train_ids=None, device=None, progress: bool = True,
+              run_dir=None, resume: bool = False) -> Attribution:
+    """Score every training image for every target with MUCS.
+
+    den: an `EDMDenoiser` or `DiffusersDenoiser`; train [N, C, H, W] and targets [K, C, H, W]: float
+    images in the model's data range; labels: class ids [N] / [K] or label vectors (conditional
+    models); train_ids: int64 [N] (default 0..N−1); device: default CUDA when available;
+    run_dir: persist per-target results there; resume: continue an interrupted run in run_dir.
+    Returns an `Attribution` (scores float32 [K, N], higher = more influential).
+    """
+    t_start = time.perf_counter()
+    cfg = config if config is not None else MUCSConfig()
+    if not isinstance(cfg, MUCSConfig):
+        raise TypeError(f"config must be a MUCSConfig, got {type(cfg).__name__}")
+    if not isinstance(den, Denoiser):
+        raise TypeError(f"den must be an EDMDenoiser or DiffusersDenoiser, got {type(den).__name__}")
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs run_dir")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # -- validate everything before heavy compute --------------------------------------------
+    train = check_images("train", train)
+    targets = check_images("targets", targets, train.shape[1:])
+    N, K, chw = train.shape[0], targets.shape[0], tuple(train.shape[1:])
+    ids = _check_ids(train_ids, N)
+    y_train = den.prepare_labels(train_labels, N, "train_labels")
+    y_targets = den.prepare_labels(target_labels, K, "target_labels")
+    if cfg.B > N:
+        raise ValueError(f"batch size B={cfg.B} (MUCSConfig.batch_size, default num_noises) exceeds the "
+                         f"training set size N={N}; pass MUCSConfig(batch_size=<= {N})")
+    lr = resolve_lr(cfg, den)
+    frozen = cfg.frozen if cfg.frozen is not None else den.default_frozen()
+    names = trainable_names(den.net, frozen)
+    if cfg.loss_null == "auto" and den.fresh_net_error() is not None:
+        raise ValueError(den.fresh_net_error())
+    net0 = den.net
+    first = next(net0.parameters(), None)
+    orig_device = None if first is None else first.device
+    den.net = net0.to(device)
+    try:
+        train_d = train.to(device, torch.float32)
+        targets_d = targets.to(device, torch.float32)
+        y_train = None if y_train is None else y_train.to(device)
+        y_targets = None if y_targets is None else y_targets.to(device)
+        den.net.eval()
+        _probe(den, train_d, y_train)
+
+        fingerprints = {
+            "model": den.fingerprint(),
+            "train": tensor_digest({"x": train, "y": torch.as_tensor(y_train.cpu()) if y_train is not None
+                                    else torch.tensor([]), "ids": ids}),
+            "targets": [tensor_digest({"x": targets[k], "y": y_targets[k].cpu() if y_targets is not None
+                                       else torch.tensor([])}) for k in range(K)],
+        }
+        run = None
+        if run_dir is not None:
+            key = {"config": cfg.score_fields(), "model": fingerprints["model"], "train": fingerprints["train"],
+                   "targets": fingerprints["targets"], "lr": lr}
+            run = RunDir(run_dir, key, resume)
+
+        timings = {}
+        # -- t_sched "auto" ----------------------------------------------------------------------
+        t0 = time.perf_counter()
+        t_sched_infer, t_sched_train = cfg.t_sched_infer, cfg.t_sched_train
+        if "auto" in (t_sched_infer, t_sched_train):
+            full = den.sigma_of(den.full_grid(cfg.num_noises).to(device))
+            t_auto = estimate_t_sched(train_d, full, cfg.B,
+                                      torch.Generator().manual_seed(derive_seed(cfg.seed, "t_sched")))
+            t_auto = max(t_auto, 1.0 / cfg.num_noises)  # at least one grid level
+            t_sched_infer = t_auto if t_sched_infer == "auto" else t_sched_infer
+            t_sched_train = t_auto if t_sched_train == "auto" else t_sched_train
+        run_cfg = copy.copy(cfg)
+        run_cfg.t_sched_infer, run_cfg.t_sched_train = t_sched_infer, t_sched_train
+
+        # -- L_null ---------------------------------------------------------------------------
+        if cfg.loss_null == "auto":
+            loss_null = estimate_loss_null(den, train_d, y_train, run_cfg, device, progress)
+            if not (math.isfinite(loss_null) and loss_null > 0):
+                raise ValueError(f"loss_null='auto' gave {loss_null}: the freshly initialized model "
+                                 "produces non-finite losses; pass MUCSConfig(loss_null=<number>)")
+        else:
+            loss_null = float(cfg.loss_null)
+        timings["setup"] = time.perf_counter() - t0
+
+        # -- bank and original losses L_t -----------------------------------------------------
+        bank = make_bank(den, chw, run_cfg, t_sched_infer).to(device)
+        per_batch = score_batch_images(cfg.score_batch, bank.M, device)
+        score_kw = dict(images_per_batch=per_batch, precision=cfg.precision)
+        t0 = time.perf_counter()
+        lt_key = tensor_digest({"model": torch.tensor(0), "fp": f"{fingerprints['model']}{fingerprints['train']}"
+                                f"{bank.fingerprint()}{cfg.use_same_noise_infer}{cfg.precision}{device.type}"
+                                f"{cfg.seed}"})
+        loss_t = run.load_loss_t(lt_key) if run is not None else None
+        if loss_t is None:
+            gen_t = None
+            if not cfg.use_same_noise_infer:
+                gen_t = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "infer", "original"))
+            with _pbar(N, "L_t (original)", progress) as bar:
+                loss_t = inference_losses(den, den.net, train_d, y_train, bank, generator=gen_t,
+                                          progress=bar.update, **score_kw)
+            if run is not None:
+                run.save_loss_t(lt_key, loss_t)
+        loss_t = loss_t.to(device)
+        timings["loss_t"] = time.perf_counter() - t0
+
+        # -- targets ------------------------------------------------------------------------------
+        scores = torch.empty(K, N, dtype=torch.float32)
+        infos: list[Optional[dict]] = [None] * K
+        todo = []
+        for k in range(K):
+            done = run.load_target(k) if (run is not None and resume) else None
+            if done is not None:
+                scores[k], infos[k] = done
+            else:
+                todo.append(k)
+        timings["unlearn"] = timings["score"] = 0.0
+        outer = _bar(todo, "targets", progress and len(todo) > 1, unit="target")
+        for k in outer:
+            row, info = _attribute_one(den, names, train_d, y_train, targets_d[k],
+                                       None if y_targets is None else y_targets[k], fingerprints["targets"][k],
+                                       run_cfg, loss_null, lr, bank, loss_t, score_kw, device, progress)
+            timings["unlearn"] += info["unlearn_seconds"]
+            timings["score"] += info["score_seconds"]
+            scores[k], infos[k] = row.cpu(), info
+            if run is not None:
+                run.save_target(k, scores[k], info)
+        timings["total"] = time.perf_counter() - t_start
+    finally:
+        if orig_device is not None:
+            den.net = net0.to(orig_device)
+
+    from .ops import backends
+
+    flagged = [k for k in range(K) if infos[k]["stop"] in ("nan", "cap")]
+    meta = {
+        "mucs_fast": __version__,
+        "config": cfg.to_dict(),
+        "resolved": {"t_sched_infer": t_sched_infer, "t_sched_train": t_sched_train, "loss_null": loss_null,
+                     "lr": lr, "batch_size": cfg.B, "trainable": names,
+                     "trainable_numel": sum(p.numel() for n, p in den.net.named_parameters() if n in set(names))},
+        "fingerprints": {**fingerprints, "noise_bank": bank.fingerprint()},
+        "targets": infos,
+        "flagged": flagged,
+        "timings": timings,
+        "device": str(device),
+        "backend": backends(),
+        "torch": torch.__version__,
+        "N": N, "K": K, "M": cfg.num_noises,
+    }
+    res = Attribution(scores, ids, meta)
+    if run is not None:
+        res.save(run.path, top_k=min(100, N))
+    return res
+
+
+def _attribute_one(den, names, train_d, y_train, x_hat, y_hat, target_fp, cfg, loss_null, lr, bank, loss_t,
+                   score_kw, device, progress):
+    """Unlearn one target from a fresh copy of the original weights, then score it."""
+    net = copy.deepcopy(den.net)
+    params = set_trainable(net, names)
+    retain = RetainStream(train_d.shape[0], cfg.B, torch.Generator().manual_seed(
+        derive_seed(cfg.seed, "retain", target_fp)))
+    gen = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "noise", target_fp))
+    cap = cfg.max_steps if cfg.max_steps is not None else cfg.safety_steps
+    with _pbar(cap, "unlearn", progress, unit="step") as bar:
+        def show(info: UnlearnInfo):
+            bar.n = info.steps
+            bar.set_postfix(L_r=f"{info.loss_r:.3f}", L_f=f"{info.loss_f:.3f}",
+                            goal=f"{(1 - cfg.tolerance) * loss_null:.3f}", refresh=False)
+            bar.refresh()
+        info = unlearn(den, net, params, train_d, y_train, x_hat, y_hat, cfg=cfg, loss_null=loss_null, lr=lr,
+                       retain=retain, generator=gen, progress=show if progress else None)
+    t0 = time.perf_counter()
+    if info.stop == "nan":
+        row = torch.full((train_d.shape[0],), math.nan)
+    else:
+        for p in params:
+            p.requires_grad_(False)
+        gen_u = None
+        if not cfg.use_same_noise_infer:
+            gen_u = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "infer", target_fp))
+        with _pbar(train_d.shape[0], "score", progress) as bar:
+            row = score_target(den, net, train_d, y_train, bank, loss_t, eps=cfg.eps,
+                               use_loss_ratio=cfg.use_loss_ratio, use_same_noise_infer=cfg.use_same_noise_infer,
+                               generator=gen_u, progress=bar.update, **score_kw)
+    d = info.to_dict()
+    d["unlearn_seconds"] = d.pop("seconds")
+    d["score_seconds"] = time.perf_counter() - t0
+    d["target"] = target_fp
+    return row, d

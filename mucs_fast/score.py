@@ -1,0 +1,112 @@
+"""Scoring pass: per-(image, noise) losses under the shared bank and the noise-consistent skew.
+
+score[k, n] = (1/M) Σ_m (L_u[k, n, m] − L_t[n, m]) / (L_u[k, n, m] + L_t[n, m] + eps)
+
+(spec/MUCS.md, "Score"). Losses are computed chunk by chunk over training images; the skew is
+reduced per chunk, so no [K, N, M] tensor ever exists. With use_same_noise_infer=False every model
+sees its own independent ε (same σ levels) and the skew compares per-image mean losses.
+
+Batch layout is noise-major, "(m n)", as in the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+
+from .denoisers import Denoiser
+from .noise import NoiseBank
+from .ops import skew_accumulate
+
+DEFAULT_SCORE_BATCH = {"cpu": 1600, "cuda": 8192}
+
+
+def score_batch_images(score_batch: Optional[int], M: int, device: torch.device) -> int:
+    """Training images per scoring forward: (image·noise pairs per forward) // M, at least 1."""
+    pairs = score_batch or DEFAULT_SCORE_BATCH.get(device.type, 1600)
+    return max(1, pairs // M)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """The reference's policy: bf16 autocast on CUDA (fp32 loss accumulation), fp32 elsewhere."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+
+
+def chunk_losses(den: Denoiser, net, x: torch.Tensor, y: Optional[torch.Tensor], eps: torch.Tensor,
+                 level: torch.Tensor) -> torch.Tensor:
+    """Losses [n, M] of n images x under M noises.
+
+    eps: [M, C, H, W] (shared by all images) or [M, n, C, H, W] (one draw per image); level: [M].
+    """
+    n, M = x.shape[0], level.shape[0]
+    shape = x.shape[1:]
+    xx = x.unsqueeze(0).expand(M, *x.shape).reshape(M * n, *shape)
+    if eps.dim() == x.dim():
+        ee = eps.unsqueeze(1).expand(M, n, *shape).reshape(M * n, *shape)
+    else:
+        ee = eps.reshape(M * n, *shape)
+    ll = level.repeat_interleave(n)
+    yy = None if y is None else y.repeat(M, *([1] * (y.dim() - 1)))
+    return den.loss(xx, ee, ll, yy, net=net).view(M, n).t()
+
+
+@torch.inference_mode()
+def inference_losses(den: Denoiser, net, x: torch.Tensor, y: Optional[torch.Tensor], bank: NoiseBank,
+                     *, images_per_batch: int, precision: str = "auto",
+                     generator: Optional[torch.Generator] = None,
+                     progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """L [N, M] float32 of every training image under the bank (or, with `generator`, under
+    independent ε per image drawn from it, same levels)."""
+    N = x.shape[0]
+    out = torch.empty(N, bank.M, dtype=torch.float32, device=x.device)
+    with autocast_for(x.device, precision):
+        for n0 in range(0, N, images_per_batch):
+            n1 = min(N, n0 + images_per_batch)
+            eps = bank.eps
+            if generator is not None:
+                eps = torch.randn((bank.M, n1 - n0, *x.shape[1:]), generator=generator, device=x.device)
+            out[n0:n1] = chunk_losses(den, net, x[n0:n1], None if y is None else y[n0:n1], eps, bank.level)
+            if progress is not None:
+                progress(n1 - n0)
+    return out
+
+
+@torch.inference_mode()
+def skew_scores(loss_u: torch.Tensor, loss_t: torch.Tensor, *, eps: float, use_loss_ratio: bool,
+                use_same_noise_infer: bool) -> torch.Tensor:
+    """score [K, n] from loss_u [K, n, M] and loss_t [n, M] (the score formula and its switches)."""
+    if not use_same_noise_infer:  # independent noises: compare per-image means
+        loss_u = loss_u.mean(-1, keepdim=True)
+        loss_t = loss_t.mean(-1, keepdim=True)
+    return skew_accumulate(loss_u, loss_t, eps, use_loss_ratio) / loss_u.shape[-1]
+
+
+@torch.inference_mode()
+def score_target(den: Denoiser, net, x: torch.Tensor, y: Optional[torch.Tensor], bank: NoiseBank,
+                 loss_t: torch.Tensor, *, eps: float, use_loss_ratio: bool, use_same_noise_infer: bool,
+                 images_per_batch: int, precision: str = "auto",
+                 generator: Optional[torch.Generator] = None,
+                 progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """Scores [N] of one unlearned model against the original's losses loss_t [N, M], streamed."""
+    N = x.shape[0]
+    scores = torch.empty(N, dtype=torch.float32, device=x.device)
+    with autocast_for(x.device, precision):
+        for n0 in range(0, N, images_per_batch):
+            n1 = min(N, n0 + images_per_batch)
+            eps_ = bank.eps
+            if generator is not None:
+                eps_ = torch.randn((bank.M, n1 - n0, *x.shape[1:]), generator=generator, device=x.device)
+            loss_u = chunk_losses(den, net, x[n0:n1], None if y is None else y[n0:n1], eps_, bank.level)
+            scores[n0:n1] = skew_scores(loss_u[None], loss_t[n0:n1], eps=eps, use_loss_ratio=use_loss_ratio,
+                                        use_same_noise_infer=use_same_noise_infer)[0]
+            if progress is not None:
+                progress(n1 - n0)
+    return scores

@@ -1,0 +1,43 @@
+"""Tiny networks for engine tests (CI has 2 cores): reference call signature and naming."""
+
+import torch
+
+
+class TinyEDMNet(torch.nn.Module):
+    """EDM-preconditioned per-pixel MLP, called like the reference: net(x_noisy, sigma, y=None, a=None) → D.
+
+    Parameter names follow the reference DiT where it matters for REFERENCE_FROZEN: the block MLP
+    (`dit_backbone.0.mlp.*`) is trainable, the embedders and `last.` are frozen.
+    """
+
+    def __init__(self, C=1, label_dim=0, width=16, sigma_data=0.5, zero_out=False):
+        super().__init__()
+        self.args = (C, label_dim, width, sigma_data, zero_out)
+        self.sigma_data, self.sigma_P_mean, self.sigma_P_std = sigma_data, -1.2, 1.2
+        self.unconditional = label_dim == 0
+        self.cond_dim = label_dim
+        self.x_embedder = torch.nn.Linear(C, width)
+        self.s_embedder = torch.nn.Linear(1, width)
+        self.y_embedder = torch.nn.Linear(max(label_dim, 1), width, bias=False)
+        self.dit_backbone = torch.nn.ModuleList([torch.nn.Module()])
+        self.dit_backbone[0].mlp = torch.nn.Sequential(
+            torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width))
+        self.last = torch.nn.Linear(width, C)
+        if zero_out:
+            torch.nn.init.zeros_(self.last.weight)
+            torch.nn.init.zeros_(self.last.bias)
+
+    def forward(self, x, sigma, y=None, a=None):
+        sd = self.sigma_data
+        s = sigma.view(-1, 1, 1, 1)
+        c_skip = sd ** 2 / (s ** 2 + sd ** 2)
+        c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sd ** 2 + s ** 2).sqrt()
+        c_noise = (1e-6 + s).log() / 4
+        h = self.x_embedder((c_in * x).permute(0, 2, 3, 1))  # [B, H, W, width]
+        h = h + self.s_embedder(c_noise.view(-1, 1)).view(-1, 1, 1, h.shape[-1])
+        if not self.unconditional:
+            h = h + self.y_embedder(y).view(-1, 1, 1, h.shape[-1])
+        h = h + self.dit_backbone[0].mlp(h)
+        F = self.last(h).permute(0, 3, 1, 2)
+        return c_skip * x + c_out * F
