@@ -1,5 +1,14 @@
-"""Ops (placeholder until the torch.library registration lands): the plain-PyTorch references."""
+"""The mucs_fast ops (torch.library, namespace mucs_fast): one module per op.
 
-from ..reference import edm_loss, skew_accumulate
+Each op's default implementation is its plain-PyTorch reference (mucs_fast.reference), on every
+device; compiled kernels (mucs_fast._C: C++ CPU, CUDA) override it per device once loaded, which
+happens on the first call of a function of this module (or `load()`); torch.ops.mucs_fast.* calls
+reach them from then on. `backends()` says what serves each op, `extension_error()` why the
+compiled module is absent, if it is.
+"""
 
-__all__ = ["edm_loss", "skew_accumulate"]
+from ._backend import backends, extension_error, load
+from .edm_loss import edm_loss, edm_loss_backward
+from .skew_accumulate import skew_accumulate
+
+__all__ = ["edm_loss", "edm_loss_backward", "skew_accumulate", "backends", "extension_error", "load"]

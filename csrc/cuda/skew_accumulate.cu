@@ -1,0 +1,44 @@
+// ATen CUDA kernel of mucs_fast::skew_accumulate (schema: Python, mucs_fast/ops/skew_accumulate.py).
+// Launches cuda::skew_accumulate_kernel (csrc/cuda/kernels.cuh): one thread per (k, n) row,
+// ascending m, Acc accumulation; bit-identical to the CPU kernel (csrc/core/skew_accumulate.h).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "../checks.h"
+#include "kernels.cuh"
+
+namespace mucs_fast {
+namespace {
+
+at::Tensor skew_accumulate_cuda(const at::Tensor& loss_u, const at::Tensor& loss_t, double eps,
+                                bool use_ratio) {
+  const c10::cuda::CUDAGuard guard(loss_u.device());
+  const SkewArgs a = skew_args("skew_accumulate", loss_u, loss_t, at::kCUDA);
+  at::Tensor S = at::empty({a.K, a.N}, loss_u.options().dtype(a.acc));
+  const int64_t blocks = (a.K * a.N + cuda::kSkewRows - 1) / cuda::kSkewRows;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "skew_accumulate: K·n = ", a.K * a.N, " rows exceed the CUDA grid limit");
+  if (blocks == 0) return S;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_skew(a, use_ratio, [&](auto ratio, auto t, auto u) {
+    using T = typename decltype(t)::type;
+    using U = typename decltype(u)::type;
+    using Acc = at::opmath_type<T>;
+    cuda::skew_accumulate_kernel<decltype(ratio)::value, T, U, Acc>
+        <<<static_cast<unsigned>(blocks), cuda::kSkewRows, 0, stream>>>(
+            S.mutable_data_ptr<Acc>(), a.loss_u.const_data_ptr<T>(), a.loss_u.stride(0),
+            a.loss_u.stride(1), a.loss_t.const_data_ptr<U>(), a.loss_t.stride(0), a.K, a.N, a.M,
+            static_cast<Acc>(eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return S;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mucs_fast, CUDA, m) { m.impl("skew_accumulate", &skew_accumulate_cuda); }
+
+}  // namespace mucs_fast

@@ -1,0 +1,1 @@
+"""Triton kernels, one op per file (kernel + host launcher; registration lives in mucs_fast.ops)."""
