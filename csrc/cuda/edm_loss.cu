@@ -2,7 +2,8 @@
 // mucs_fast/ops/edm_loss.py). Launches the torch-free kernels of csrc/cuda/kernels.cuh: one block
 // of 256 threads per row, fixed-order tree in shared memory, Acc accumulation; bit-identical to
 // the CPU kernel (csrc/core/edm_loss.h).
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -32,7 +33,7 @@ at::Tensor edm_loss_cuda(const at::Tensor& out, const std::optional<at::Tensor>&
   check_grid("edm_loss", a.B);
   at::Tensor loss = at::empty({a.B}, out.options().dtype(a.acc));
   if (a.B == 0) return loss;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_edm(a, [&](auto skip, auto t, auto u) {
     using T = typename decltype(t)::type;
     using U = typename decltype(u)::type;
@@ -61,7 +62,7 @@ at::Tensor edm_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& out,
   check_grid("edm_loss_backward", a.B);
   at::Tensor grad_out = at::empty(out.sizes(), out.options());
   if (a.B == 0) return grad_out;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_edm(a, [&](auto skip, auto t, auto u) {
     using T = typename decltype(t)::type;
     using U = typename decltype(u)::type;

@@ -1,7 +1,8 @@
 // ATen CUDA kernel of mucs_fast::skew_accumulate (schema: Python, mucs_fast/ops/skew_accumulate.py).
 // Launches cuda::skew_accumulate_kernel (csrc/cuda/kernels.cuh): one thread per (k, n) row,
 // ascending m, Acc accumulation; bit-identical to the CPU kernel (csrc/core/skew_accumulate.h).
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -22,7 +23,7 @@ at::Tensor skew_accumulate_cuda(const at::Tensor& loss_u, const at::Tensor& loss
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
               "skew_accumulate: K·n = ", a.K * a.N, " rows exceed the CUDA grid limit");
   if (blocks == 0) return S;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_skew(a, use_ratio, [&](auto ratio, auto t, auto u) {
     using T = typename decltype(t)::type;
     using U = typename decltype(u)::type;
