@@ -1,0 +1,58 @@
+"""report.png: each target beside its top training images, with their scores."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._io import atomic_path
+
+
+def _to_display(img: torch.Tensor):
+    """[C, H, W] in [-1, 1] → HxW (gray) or HxWx3 array in [0, 1]."""
+    img = ((img.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    if img.shape[0] == 1:
+        return img[0].numpy()
+    return img[:3].permute(1, 2, 0).numpy()
+
+
+def write_report(path, targets: torch.Tensor, train: torch.Tensor, res, top: int = 8,
+                 target_labels: Optional[torch.Tensor] = None, train_labels: Optional[torch.Tensor] = None,
+                 title: Optional[str] = None) -> None:
+    """One row per target: the target, then its `top` highest-scoring training images.
+
+    targets [K, C, H, W], train [N, C, H, W] in [-1, 1], res: an Attribution whose train_ids index
+    rows of `train` by position (ids are shown under each image).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    K = res.K
+    top = min(top, res.N)
+    order = torch.argsort(res.scores, dim=1, descending=True, stable=True)[:, :top]
+    fig, axes = plt.subplots(K, top + 1, figsize=(1.3 * (top + 1), 1.45 * K + 0.4), squeeze=False)
+    cmap = "gray" if targets.shape[1] == 1 else None
+    for k in range(K):
+        ax = axes[k, 0]
+        ax.imshow(_to_display(targets[k]), cmap=cmap, vmin=0, vmax=1)
+        lab = "" if target_labels is None else f" (y={int(target_labels[k])})"
+        flagged = res.meta.get("targets", [None] * K)[k] if res.meta.get("targets") else None
+        stop = f"\n{flagged['stop']}, {flagged['steps']} st" if flagged else ""
+        ax.set_title(f"target {k}{lab}{stop}", fontsize=7, color="tab:red")
+        for j in range(top):
+            pos = int(order[k, j])
+            ax = axes[k, j + 1]
+            ax.imshow(_to_display(train[pos]), cmap=cmap, vmin=0, vmax=1)
+            lab = "" if train_labels is None else f" y={int(train_labels[pos])}"
+            ax.set_title(f"#{int(res.train_ids[pos])}{lab}\n{res.scores[k, pos].item():+.4f}", fontsize=6)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title or "MUCS attribution: target | top training images (id, score)", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
