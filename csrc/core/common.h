@@ -23,6 +23,18 @@
 #define MUCS_HD
 #endif
 
+// Host loops marked MUCS_CPU_CLONES are compiled three times, for x86-64-v4 (AVX-512), x86-64-v3
+// (AVX2) and the baseline, and the loader picks one per machine (GCC function multiversioning).
+// Every clone does the same IEEE operations in the same order, so the bits do not depend on it.
+// flatten inlines the core functions into each clone, so that they are compiled for its target.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && \
+    !defined(MUCS_NO_CPU_CLONES)
+#define MUCS_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define MUCS_CPU_CLONES
+#endif
+
 namespace mucs_fast::core {
 
 MUCS_HD inline float add_rn(float a, float b) {

@@ -38,4 +38,28 @@ MUCS_HD inline Acc skew_row(const T* loss_u, int64_t su, const U* loss_t, int64_
   return s;
 }
 
+// kRows rows at once on one host thread (rows r at loss_u + r·u_rs, loss_t + r·t_rs, m contiguous),
+// each still summed in ascending m exactly as skew_row. Per chunk of noises the terms f are first
+// computed along m (contiguous, vectorized: the divisions are the expensive part), then added
+// into kRows independent running sums, which hides the latency of the additions.
+template <bool kRatio, int kRows, typename Acc, typename T, typename U>
+inline void skew_rows(Acc* S, const T* loss_u, int64_t u_rs, const U* loss_t, int64_t t_rs, int64_t M,
+                      Acc eps) {
+  constexpr int kChunk = 64;
+  Acc s[kRows], f[kChunk][kRows];
+  for (int r = 0; r < kRows; ++r) s[r] = Acc(0);
+  for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+    const int mc = static_cast<int>(M - m0 < kChunk ? M - m0 : kChunk);
+    for (int r = 0; r < kRows; ++r) {
+      const T* u = loss_u + r * u_rs + m0;
+      const U* t = loss_t + r * t_rs + m0;
+      for (int j = 0; j < mc; ++j)
+        f[j][r] = skew_term<kRatio>(static_cast<Acc>(u[j]), static_cast<Acc>(t[j]), eps);
+    }
+    for (int j = 0; j < mc; ++j)
+      for (int r = 0; r < kRows; ++r) s[r] = add_rn(s[r], f[j][r]);
+  }
+  for (int r = 0; r < kRows; ++r) S[r] = s[r];
+}
+
 }  // namespace mucs_fast::core

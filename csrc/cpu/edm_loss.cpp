@@ -37,13 +37,26 @@ struct EdmRows {
 };
 
 template <bool kSkip, typename T, typename U, typename Acc>
+MUCS_CPU_CLONES void edm_loss_range(const EdmRows<T, U, Acc>& p, int64_t D, Acc* loss, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b)
+    loss[b] = core::edm_loss_row<kSkip, Acc>(p.out + b * p.out_rs, p.x + b * p.x_rs, p.target + b * p.target_rs,
+                                             D, p.cs(b), p.co(b), p.weight[b]);
+}
+
+template <bool kSkip, typename T, typename U, typename Acc>
+MUCS_CPU_CLONES void edm_loss_backward_range(const EdmRows<T, U, Acc>& p, int64_t D, const Acc* grad,
+                                             T* grad_out, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b)
+    core::edm_loss_backward_row<kSkip, Acc>(
+        grad_out + b * D, p.out + b * p.out_rs, p.x + b * p.x_rs, p.target + b * p.target_rs, D, p.cs(b),
+        p.co(b), core::edm_loss_grad_scale(grad[b], p.weight[b], p.co(b), D));
+}
+
+template <bool kSkip, typename T, typename U, typename Acc>
 void edm_loss_rows(const EdmArgs& a, Acc* loss) {
   const EdmRows<T, U, Acc> p(a);
   at::parallel_for(0, a.B, row_grain(a.D), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      loss[b] = core::edm_loss_row<kSkip, Acc>(p.out + b * p.out_rs, p.x + b * p.x_rs,
-                                               p.target + b * p.target_rs, a.D, p.cs(b), p.co(b),
-                                               p.weight[b]);
+    edm_loss_range<kSkip>(p, a.D, loss, b0, b1);
   });
 }
 
@@ -51,13 +64,9 @@ template <bool kSkip, typename T, typename U, typename Acc>
 void edm_loss_backward_rows(const EdmArgs& a, const Acc* grad, T* grad_out) {
   const EdmRows<T, U, Acc> p(a);
   at::parallel_for(0, a.B, row_grain(a.D), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      core::edm_loss_backward_row<kSkip, Acc>(
-          grad_out + b * a.D, p.out + b * p.out_rs, p.x + b * p.x_rs, p.target + b * p.target_rs,
-          a.D, p.cs(b), p.co(b), core::edm_loss_grad_scale(grad[b], p.weight[b], p.co(b), a.D));
+    edm_loss_backward_range<kSkip>(p, a.D, grad, grad_out, b0, b1);
   });
 }
-
 
 at::Tensor edm_loss_cpu(const at::Tensor& out, const std::optional<at::Tensor>& x_noisy,
                         const at::Tensor& target, const std::optional<at::Tensor>& c_skip,

@@ -112,6 +112,19 @@ static void test_skew_ascending_order() {
   CHECK((core::skew_row<false, float>(v, 1, zero, 1, 3, 0.f)) == 1.f);
 }
 
+static void test_skew_rows_match_single_rows() {
+  // 16 rows side by side give each row's ascending sum, bit for bit, for strided rows too.
+  const int R = 16, M = 37, stride = 41;
+  std::vector<float> u(R * stride), t(R * stride), S(R);
+  for (int i = 0; i < R * stride; ++i) {
+    u[i] = 1.f + 0.5f * std::sin(0.3f * static_cast<float>(i));
+    t[i] = 1.f + 0.5f * std::cos(0.7f * static_cast<float>(i));
+  }
+  core::skew_rows<true, R>(S.data(), u.data(), stride, t.data(), stride, M, 1e-3f);
+  for (int r = 0; r < R; ++r)
+    CHECK(S[r] == (core::skew_row<true, float>(&u[r * stride], 1, &t[r * stride], 1, M, 1e-3f)));
+}
+
 int main() {
   test_edm_zero_residual();
   test_edm_hand_computed_row();
@@ -119,6 +132,7 @@ int main() {
   test_edm_gradient_matches_differences();
   test_skew_closed_forms();
   test_skew_ascending_order();
+  test_skew_rows_match_single_rows();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;
