@@ -9,8 +9,11 @@ Karras et al. 2022 (EDM), eq. 2 and Table 1; spec/MUCS.md "Per-sample diffusion 
 - F-form (raw network output F): c_skip, c_out from σ, target = x, weight = λ(σ).
 - VP/ε-prediction: out = ε_θ, target = ε, weight = 1.
 
-Precision: half/bfloat16/float32 inputs are upcast and accumulate in float32 (result float32 [B]);
-float64 inputs stay float64 (for gradcheck). Only `out` is differentiable (the engine never needs the others' gradients).
+Precision: the accumulation dtype follows `out`: half/bfloat16/float32 → float32 (result float32 [B]),
+float64 → float64 (for gradcheck); every other input is converted to it first. The op
+mucs_fast::edm_loss differentiates `out` only (the engine never needs the others' gradients);
+its backward is edm_loss_backward below. Order: torch.sum decides this reference's summation
+order; the compiled kernels use the fixed lane order of csrc/core/edm_loss.h.
 """
 
 from __future__ import annotations

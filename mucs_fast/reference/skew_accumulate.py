@@ -7,7 +7,9 @@
 Serrà et al. 2026, spec/MUCS.md "Score": score[k, n] = S[k, n] / M. Returning the sum (not the
 mean) lets callers accumulate over chunks of noises.
 
-Precision: accumulation in float32 (float64 for float64 inputs) in ascending m order.
+Precision: f and the sum in float32 (float64 for float64 loss_u); loss_t is converted to that dtype.
+Order: torch.sum decides this reference's summation order; the compiled kernels (csrc/core/
+skew_accumulate.h) add f in ascending m, one thread per (k, n), so they agree with it to rounding.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import Tensor
 
 
 def skew_accumulate(loss_u: Tensor, loss_t: Tensor, eps: float = 1e-3, use_ratio: bool = True) -> Tensor:
-    """loss_u [K, n, M], loss_t [n, M] → [K, n] float32."""
+    """loss_u [K, n, M], loss_t [n, M] → S [K, n], float32 (float64 for float64 loss_u)."""
     acc = torch.float64 if loss_u.dtype == torch.float64 else torch.float32
     u = loss_u.to(acc)
     t = loss_t.to(acc).unsqueeze(0)
