@@ -24,8 +24,11 @@ def _sources(pattern):
 
 
 def _with_cuda():
-    return bool(torch.version.cuda) and CUDA_HOME is not None and os.path.exists(
-        os.path.join(CUDA_HOME, "bin", "nvcc"))
+    return (
+        bool(torch.version.cuda)
+        and CUDA_HOME is not None
+        and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    )
 
 
 def _extension():
@@ -37,8 +40,12 @@ def _extension():
     kwargs = dict(include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=["-fopenmp"])
     if _with_cuda():
         nvcc = ["-O3", "--fmad=false", "-lineinfo"]
-        return CUDAExtension("mucs_fast._C", sources + _sources("csrc/cuda/*.cu"),
-                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+        return CUDAExtension(
+            "mucs_fast._C",
+            sources + _sources("csrc/cuda/*.cu"),
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            **kwargs,
+        )
     return CppExtension("mucs_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
 

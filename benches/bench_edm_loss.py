@@ -1,14 +1,13 @@
 """edm_loss forward and backward: reference vs torch.compile(reference) vs the op (memory-bound).
 
-    pytest benches/bench_edm_loss.py [--benchmark-disable]
+pytest benches/bench_edm_loss.py [--benchmark-disable]
 """
 
 import pytest
 import torch
+from shapes import EDM_LOSS_CPU, EDM_LOSS_GPU
 
 from mucs_fast import ops, reference
-
-from shapes import EDM_LOSS_CPU, EDM_LOSS_GPU
 
 PROVIDERS = ["reference", "compiled", "op"]
 _FNS = {
@@ -30,9 +29,9 @@ def _inputs(shape, dtype, device):
     B = shape[0]
     out, x, target = (torch.randn(*shape, generator=g).to(device, dtype) for _ in range(3))
     sigma = torch.exp(torch.randn(B, generator=g) * 1.2 - 1.2).to(device)
-    c_skip = 0.25 / (sigma ** 2 + 0.25)
-    c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
-    weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+    c_skip = 0.25 / (sigma**2 + 0.25)
+    c_out = sigma * 0.5 / (sigma**2 + 0.25).sqrt()
+    weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
     return out, x, target, c_skip, c_out, weight
 
 
@@ -48,7 +47,9 @@ def test_edm_loss(benchmark, measure, device, shape_name, dtype, direction, prov
         args = (torch.rand(args[0].shape[0], device=device), *args)
     fn = _fn(direction, provider)
     expected = _FNS[(direction, "reference")](*args)
-    torch.testing.assert_close(fn(*args), expected, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, atol=1e-5)
+    torch.testing.assert_close(
+        fn(*args), expected, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, atol=1e-5
+    )
 
     elem = args[-6].element_size() if direction == "backward" else args[0].element_size()
     n = args[-6].numel()

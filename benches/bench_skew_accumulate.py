@@ -1,21 +1,23 @@
 """skew_accumulate: reference vs torch.compile(reference) vs the op (memory-bound).
 
-    pytest benches/bench_skew_accumulate.py [--benchmark-disable]
+pytest benches/bench_skew_accumulate.py [--benchmark-disable]
 """
 
 import pytest
 import torch
+from shapes import SKEW_ACCUMULATE_CPU, SKEW_ACCUMULATE_GPU
 
 from mucs_fast import ops, reference
-
-from shapes import SKEW_ACCUMULATE_CPU, SKEW_ACCUMULATE_GPU
 
 PROVIDERS = ["reference", "compiled", "op"]
 
 
 def _fn(provider):
-    return {"reference": reference.skew_accumulate, "compiled": torch.compile(reference.skew_accumulate),
-            "op": ops.skew_accumulate}[provider]
+    return {
+        "reference": reference.skew_accumulate,
+        "compiled": torch.compile(reference.skew_accumulate),
+        "op": ops.skew_accumulate,
+    }[provider]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -26,9 +28,11 @@ def test_skew_accumulate(benchmark, measure, device, shape_name, provider):
     K, n, M = SKEW_ACCUMULATE_GPU[shape_name]
     g = torch.Generator().manual_seed(0)
     loss_t = (torch.rand(n, M, generator=g) + 0.1).to(device)
-    loss_u = (loss_t * (1 + 0.1 * torch.randn(K, n, M, generator=g).to(device)))
+    loss_u = loss_t * (1 + 0.1 * torch.randn(K, n, M, generator=g).to(device))
     fn = _fn(provider)
-    torch.testing.assert_close(fn(loss_u, loss_t), reference.skew_accumulate(loss_u, loss_t), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        fn(loss_u, loss_t), reference.skew_accumulate(loss_u, loss_t), rtol=1e-5, atol=1e-4
+    )
 
     bytes_moved = (loss_u.numel() + loss_t.numel()) * 4 + K * n * 4
     benchmark.group = f"skew_accumulate {shape_name}"

@@ -22,8 +22,9 @@ def device_name(device: str) -> str:
 
 def _git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -36,8 +37,14 @@ def device():
 @pytest.fixture(scope="session")
 def machine(device):
     from mucs_fast import ops
-    return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "git": _git_sha(), "backends": ops.backends()}
+
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "git": _git_sha(),
+        "backends": ops.backends(),
+    }
 
 
 @pytest.fixture

@@ -11,4 +11,11 @@ from ._backend import backends, extension_error, load
 from .edm_loss import edm_loss, edm_loss_backward
 from .skew_accumulate import skew_accumulate
 
-__all__ = ["edm_loss", "edm_loss_backward", "skew_accumulate", "backends", "extension_error", "load"]
+__all__ = [
+    "edm_loss",
+    "edm_loss_backward",
+    "skew_accumulate",
+    "backends",
+    "extension_error",
+    "load",
+]

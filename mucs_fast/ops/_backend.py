@@ -46,7 +46,7 @@ def extension_error() -> Optional[str]:
 
 
 def register_kernel(op: str, device_type: str, fn: Callable, source: str, lib) -> None:
-    """Register a Python-level kernel (e.g. a Triton launcher) for one device and record its source."""
+    """Register a Python kernel (e.g. a Triton launcher) for one device type; record its source."""
     torch.library.register_kernel(f"mucs_fast::{op}", device_type, fn, lib=lib)
     _State.python_kernels[(op, device_type)] = source
 
@@ -60,7 +60,9 @@ def backends() -> dict[str, dict[str, str]]:
         for dt in DEVICE_TYPES:
             if (op, dt) in _State.python_kernels:
                 report[op][dt] = _State.python_kernels[(op, dt)]
-            elif torch._C._dispatch_has_kernel_for_dispatch_key(f"mucs_fast::{op}", _DISPATCH_KEY[dt]):
+            elif torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"mucs_fast::{op}", _DISPATCH_KEY[dt]
+            ):
                 report[op][dt] = _COMPILED_NAME[dt]
             else:
                 report[op][dt] = "reference"

@@ -18,13 +18,19 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_tensor(op: str, name: str, t: Tensor, device: torch.device) -> None:
-    torch._check(t.dtype in FLOATS,
-                 lambda: f"{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    torch._check(t.device == device, lambda: f"{op}: {name} must be on {device} like the first input, "
-                                             f"got {t.device}")
+    torch._check(
+        t.dtype in FLOATS,
+        lambda: f"{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}",
+    )
+    torch._check(
+        t.device == device,
+        lambda: f"{op}: {name} must be on {device} like the first input, got {t.device}",
+    )
 
 
 def check_per_sample(op: str, name: str, t: Tensor, B, device: torch.device) -> None:
     check_tensor(op, name, t, device)
-    torch._check(t.dim() == 1 and t.shape[0] == B,
-                 lambda: f"{op}: {name} must have shape [B] = [{B}], got {list(t.shape)}")
+    torch._check(
+        t.dim() == 1 and t.shape[0] == B,
+        lambda: f"{op}: {name} must have shape [B] = [{B}], got {list(t.shape)}",
+    )

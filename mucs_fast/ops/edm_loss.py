@@ -21,14 +21,24 @@ from . import _backend
 from ._checks import acc_dtype, check_per_sample, check_tensor
 
 _lib = torch.library.Library("mucs_fast", "FRAGMENT")
-_lib.define("edm_loss(Tensor out, Tensor? x_noisy, Tensor target, Tensor? c_skip, Tensor? c_out, "
-            "Tensor weight) -> Tensor")
-_lib.define("edm_loss_backward(Tensor grad, Tensor out, Tensor? x_noisy, Tensor target, Tensor? c_skip, "
-            "Tensor? c_out, Tensor weight) -> Tensor")
+_lib.define(
+    "edm_loss(Tensor out, Tensor? x_noisy, Tensor target, Tensor? c_skip, Tensor? c_out, "
+    "Tensor weight) -> Tensor"
+)
+_lib.define(
+    "edm_loss_backward(Tensor grad, Tensor out, Tensor? x_noisy, Tensor target, Tensor? c_skip, "
+    "Tensor? c_out, Tensor weight) -> Tensor"
+)
 
 
-def edm_loss(out: Tensor, x_noisy: Optional[Tensor], target: Tensor, c_skip: Optional[Tensor],
-             c_out: Optional[Tensor], weight: Tensor) -> Tensor:
+def edm_loss(
+    out: Tensor,
+    x_noisy: Optional[Tensor],
+    target: Tensor,
+    c_skip: Optional[Tensor],
+    c_out: Optional[Tensor],
+    weight: Tensor,
+) -> Tensor:
     """L [B], float32 (float64 for float64 `out`) with ≥ fp32 accumulation.
 
     out, target, x_noisy: [B, ...] of one shape, any float dtype; c_skip, c_out, weight: [B].
@@ -39,28 +49,54 @@ def edm_loss(out: Tensor, x_noisy: Optional[Tensor], target: Tensor, c_skip: Opt
     return torch.ops.mucs_fast.edm_loss.default(out, x_noisy, target, c_skip, c_out, weight)
 
 
-def edm_loss_backward(grad: Tensor, out: Tensor, x_noisy: Optional[Tensor], target: Tensor,
-                      c_skip: Optional[Tensor], c_out: Optional[Tensor], weight: Tensor) -> Tensor:
-    """∂(Σ_b grad[b]·L[b])/∂out = grad[b]·weight[b]·(2/D)·c_out[b]·r[b, i], shaped and typed like out."""
+def edm_loss_backward(
+    grad: Tensor,
+    out: Tensor,
+    x_noisy: Optional[Tensor],
+    target: Tensor,
+    c_skip: Optional[Tensor],
+    c_out: Optional[Tensor],
+    weight: Tensor,
+) -> Tensor:
+    """∂(Σ_b grad[b]·L[b])/∂out = grad[b]·weight[b]·(2/D)·c_out[b]·r[b, i], like out."""
     _backend.load()
-    return torch.ops.mucs_fast.edm_loss_backward.default(grad, out, x_noisy, target, c_skip, c_out,
-                                                         weight)
+    return torch.ops.mucs_fast.edm_loss_backward.default(
+        grad, out, x_noisy, target, c_skip, c_out, weight
+    )
 
 
-def _check_args(op: str, out: Tensor, x_noisy: Optional[Tensor], target: Tensor, c_skip: Optional[Tensor],
-                c_out: Optional[Tensor], weight: Tensor) -> None:
+def _check_args(
+    op: str,
+    out: Tensor,
+    x_noisy: Optional[Tensor],
+    target: Tensor,
+    c_skip: Optional[Tensor],
+    c_out: Optional[Tensor],
+    weight: Tensor,
+) -> None:
     dev = out.device
     check_tensor(op, "out", out, dev)
     torch._check(out.dim() >= 1, lambda: f"{op}: out must be [B, ...], got a 0-d tensor")
     B = out.shape[0]
     check_tensor(op, "target", target, dev)
-    torch._check(target.shape == out.shape,
-                 lambda: f"{op}: target must have the shape of out {list(out.shape)}, got {list(target.shape)}")
+    torch._check(
+        target.shape == out.shape,
+        lambda: (
+            f"{op}: target must have the shape of out {list(out.shape)}, got {list(target.shape)}"
+        ),
+    )
     if x_noisy is not None:
         check_tensor(op, "x_noisy", x_noisy, dev)
-        torch._check(x_noisy.shape == out.shape, lambda: f"{op}: x_noisy must have the shape of out "
-                                                         f"{list(out.shape)}, got {list(x_noisy.shape)}")
-    torch._check(c_skip is None or x_noisy is not None, lambda: f"{op}: c_skip is given but x_noisy is None")
+        torch._check(
+            x_noisy.shape == out.shape,
+            lambda: (
+                f"{op}: x_noisy must have the shape of out "
+                f"{list(out.shape)}, got {list(x_noisy.shape)}"
+            ),
+        )
+    torch._check(
+        c_skip is None or x_noisy is not None, lambda: f"{op}: c_skip is given but x_noisy is None"
+    )
     for name, t in (("c_skip", c_skip), ("c_out", c_out), ("weight", weight)):
         if t is not None:
             check_per_sample(op, name, t, B, dev)
@@ -110,11 +146,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     out, x_noisy, target, c_skip, c_out, weight = ctx.saved_tensors
-    grad_out = torch.ops.mucs_fast.edm_loss_backward.default(grad, out, x_noisy, target, c_skip, c_out, weight)
+    grad_out = torch.ops.mucs_fast.edm_loss_backward.default(
+        grad, out, x_noisy, target, c_skip, c_out, weight
+    )
     return grad_out, None, None, None, None, None
 
 
-torch.library.register_autograd("mucs_fast::edm_loss", _backward, setup_context=_setup_context, lib=_lib)
+torch.library.register_autograd(
+    "mucs_fast::edm_loss", _backward, setup_context=_setup_context, lib=_lib
+)
 
 
 # vmap: fold the vmapped dimension into B, one op call, unfold. Unbatched inputs (e.g. the data
@@ -129,14 +169,18 @@ def _fold(t: Optional[Tensor], bdim: Optional[int], K: int) -> Optional[Tensor]:
 def _edm_loss_vmap(info, in_dims, out, x_noisy, target, c_skip, c_out, weight):
     K = info.batch_size
     args = [_fold(t, d, K) for t, d in zip((out, x_noisy, target, c_skip, c_out, weight), in_dims)]
-    return torch.ops.mucs_fast.edm_loss.default(*args).reshape(K, -1 if args[0].shape[0] else 0), 0
+    B = args[0].shape[0] // K
+    return torch.ops.mucs_fast.edm_loss.default(*args).reshape(K, B), 0
 
 
 def _edm_loss_backward_vmap(info, in_dims, grad, out, x_noisy, target, c_skip, c_out, weight):
     K = info.batch_size
-    args = [_fold(t, d, K) for t, d in zip((grad, out, x_noisy, target, c_skip, c_out, weight), in_dims)]
+    args = [
+        _fold(t, d, K) for t, d in zip((grad, out, x_noisy, target, c_skip, c_out, weight), in_dims)
+    ]
+    B = args[1].shape[0] // K
     g = torch.ops.mucs_fast.edm_loss_backward.default(*args)
-    return g.reshape(K, args[1].shape[0] // K, *g.shape[1:]), 0
+    return g.reshape(K, B, *g.shape[1:]), 0
 
 
 torch.library.register_vmap("mucs_fast::edm_loss", _edm_loss_vmap, lib=_lib)

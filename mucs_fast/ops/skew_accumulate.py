@@ -18,10 +18,14 @@ from . import _backend
 from ._checks import acc_dtype, check_tensor
 
 _lib = torch.library.Library("mucs_fast", "FRAGMENT")
-_lib.define("skew_accumulate(Tensor loss_u, Tensor loss_t, float eps=0.001, bool use_ratio=True) -> Tensor")
+_lib.define(
+    "skew_accumulate(Tensor loss_u, Tensor loss_t, float eps=0.001, bool use_ratio=True) -> Tensor"
+)
 
 
-def skew_accumulate(loss_u: Tensor, loss_t: Tensor, eps: float = 1e-3, use_ratio: bool = True) -> Tensor:
+def skew_accumulate(
+    loss_u: Tensor, loss_t: Tensor, eps: float = 1e-3, use_ratio: bool = True
+) -> Tensor:
     """S [K, n] = Σ_m f(loss_u[k, n, m], loss_t[n, m]) from loss_u [K, n, M], loss_t [n, M].
 
     float32 (float64 for float64 loss_u), accumulated in ≥ fp32; the compiled kernels add over m in
@@ -35,9 +39,13 @@ def _check_args(loss_u: Tensor, loss_t: Tensor) -> None:
     op = "skew_accumulate"
     check_tensor(op, "loss_u", loss_u, loss_u.device)
     check_tensor(op, "loss_t", loss_t, loss_u.device)
-    torch._check(loss_u.dim() == 3, lambda: f"{op}: loss_u must be [K, n, M], got {list(loss_u.shape)}")
-    torch._check(loss_t.dim() == 2 and loss_t.shape == loss_u.shape[1:],
-                 lambda: f"{op}: loss_t must be [n, M] = {list(loss_u.shape[1:])}, got {list(loss_t.shape)}")
+    torch._check(
+        loss_u.dim() == 3, lambda: f"{op}: loss_u must be [K, n, M], got {list(loss_u.shape)}"
+    )
+    torch._check(
+        loss_t.dim() == 2 and loss_t.shape == loss_u.shape[1:],
+        lambda: f"{op}: loss_t must be [n, M] = {list(loss_u.shape[1:])}, got {list(loss_t.shape)}",
+    )
 
 
 def _skew_accumulate_default(loss_u, loss_t, eps=1e-3, use_ratio=True):

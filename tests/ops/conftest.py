@@ -1,4 +1,4 @@
-"""Op tests run on every device this machine has: the CPU, plus the accelerator when one is visible."""
+"""Op tests run on every device this machine has: the CPU, and an accelerator if visible."""
 
 import pytest
 import torch

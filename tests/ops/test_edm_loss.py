@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from mucs_fast import ops
-from mucs_fast import reference
+from mucs_fast import ops, reference
 
 from .conftest import DEVICES
 
@@ -23,7 +22,9 @@ SHAPES = [(1, 1), (1, 3, 5, 7), (5, 3, 7, 9), (64, 3, 8, 8), (3, 4, 32, 32), (2,
 FORMS = ["f_form", "d_form", "vp", "c_out_only"]
 
 
-def make_inputs(shape, form, dtype=torch.float32, device="cpu", in_dtype=None, vec_dtype=None, seed=0):
+def make_inputs(
+    shape, form, dtype=torch.float32, device="cpu", in_dtype=None, vec_dtype=None, seed=0
+):
     """(out, x_noisy, target, c_skip, c_out, weight) with EDM scalings of log-normal σ."""
     g = torch.Generator().manual_seed(seed)
     B = shape[0]
@@ -33,11 +34,15 @@ def make_inputs(shape, form, dtype=torch.float32, device="cpu", in_dtype=None, v
         return torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dt)
 
     sigma = torch.exp(rnd(B, dt=torch.float64) * 1.2 - 1.2)
-    sd2 = SIGMA_DATA ** 2
-    c_skip = (sd2 / (sigma ** 2 + sd2)).to(vec_dtype)
-    c_out = (sigma * SIGMA_DATA / (sigma ** 2 + sd2).sqrt()).to(vec_dtype)
-    weight = ((sigma ** 2 + sd2) / (sigma * SIGMA_DATA) ** 2).to(vec_dtype)
-    out, x, target = rnd(*shape, dt=dtype), rnd(*shape, dt=in_dtype or dtype), rnd(*shape, dt=in_dtype or dtype)
+    sd2 = SIGMA_DATA**2
+    c_skip = (sd2 / (sigma**2 + sd2)).to(vec_dtype)
+    c_out = (sigma * SIGMA_DATA / (sigma**2 + sd2).sqrt()).to(vec_dtype)
+    weight = ((sigma**2 + sd2) / (sigma * SIGMA_DATA) ** 2).to(vec_dtype)
+    out, x, target = (
+        rnd(*shape, dt=dtype),
+        rnd(*shape, dt=in_dtype or dtype),
+        rnd(*shape, dt=in_dtype or dtype),
+    )
     if form == "f_form":
         return out, x, target, c_skip, c_out, weight
     if form == "d_form":
@@ -92,7 +97,7 @@ def _naive_low_precision_grad(grad, out, x_noisy, target, c_skip, c_out, weight)
 @pytest.mark.parametrize("form", ["f_form", "d_form"])
 @pytest.mark.parametrize("shape", [(8, 768), (4, 3 * 64 * 64)], ids=str)
 def test_low_precision_error_budget(device, shape, form, dtype):
-    """FlashAttention's budget: error vs an fp64 reference ≤ 2× that of naive low-precision PyTorch."""
+    """FlashAttention's budget: error vs an fp64 reference ≤ 2× naive low-precision torch's."""
     args = make_inputs(shape, form, dtype, device, vec_dtype=dtype)
     exact = reference.edm_loss(*_to(args, torch.float64))
     err = (ops.edm_loss(*args).double() - exact).abs().max()
@@ -106,15 +111,24 @@ def test_low_precision_error_budget(device, shape, form, dtype):
     assert err <= 2 * err_naive + 1e-6 * exact.abs().max(), (err, err_naive)
 
 
-@pytest.mark.parametrize("out_dtype,in_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-                                                (torch.float32, torch.float64), (torch.float32, torch.bfloat16)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "out_dtype,in_dtype",
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.float32, torch.bfloat16),
+    ],
+    ids=str,
+)
 def test_mixed_dtypes(device, out_dtype, in_dtype):
-    """Autocast's case: a bf16 network output against fp32 data; every input is read at full precision."""
+    """Autocast's case: a bf16 network output against fp32 data; inputs read at full precision."""
     args = make_inputs((6, 3, 9, 9), "f_form", out_dtype, device, in_dtype=in_dtype)
     torch.testing.assert_close(ops.edm_loss(*args), reference.edm_loss(*args), rtol=2e-6, atol=1e-6)
     grad = torch.rand(6, device=device)
-    torch.testing.assert_close(ops.edm_loss_backward(grad, *args), reference.edm_loss_backward(grad, *args))
+    torch.testing.assert_close(
+        ops.edm_loss_backward(grad, *args), reference.edm_loss_backward(grad, *args)
+    )
 
 
 @pytest.mark.parametrize("form", ["f_form", "c_out_only"])
@@ -123,17 +137,21 @@ def test_non_contiguous_inputs(device, form):
     out, x, target, c_skip, c_out, weight = make_inputs((10, 3, 7, 9), form, device=device)
     big = torch.randn(20, 3, 7, 9, device=device)
     big[::2] = out
-    nc = (big[::2],                                            # row stride 2·D: a view, no copy
-          None if x is None else x.transpose(2, 3).contiguous().transpose(2, 3),  # not mergeable
-          target.to(memory_format=torch.channels_last),
-          None if c_skip is None else torch.stack([c_skip, c_skip], 1)[:, 0],     # stride 2
-          torch.stack([c_out, c_out], 1)[:, 1],
-          weight.expand(2, -1)[1])
+    nc = (
+        big[::2],  # row stride 2·D: a view, no copy
+        None if x is None else x.transpose(2, 3).contiguous().transpose(2, 3),  # not mergeable
+        target.to(memory_format=torch.channels_last),
+        None if c_skip is None else torch.stack([c_skip, c_skip], 1)[:, 0],  # stride 2
+        torch.stack([c_out, c_out], 1)[:, 1],
+        weight.expand(2, -1)[1],
+    )
     assert not nc[0].is_contiguous() and not nc[2].is_contiguous()
     args = (out, x, target, c_skip, c_out, weight)
     assert torch.equal(ops.edm_loss(*nc), ops.edm_loss(*args))
     grad = torch.rand(10, device=device).expand(2, -1)[0]
-    assert torch.equal(ops.edm_loss_backward(grad, *nc), ops.edm_loss_backward(grad.contiguous(), *args))
+    assert torch.equal(
+        ops.edm_loss_backward(grad, *nc), ops.edm_loss_backward(grad.contiguous(), *args)
+    )
     # The stride-0 gradient of L.sum() is the usual caller.
     out_g = nc[0].clone().requires_grad_()
     ops.edm_loss(out_g, *nc[1:]).sum().backward()
@@ -160,7 +178,9 @@ def test_opcheck(device, form):
     out, *rest = make_inputs((3, 2, 5, 3), form, device=device)
     torch.library.opcheck(torch.ops.mucs_fast.edm_loss.default, (out.requires_grad_(), *rest))
     grad = torch.rand(3, device=device)
-    torch.library.opcheck(torch.ops.mucs_fast.edm_loss_backward.default, (grad, out.detach(), *rest))
+    torch.library.opcheck(
+        torch.ops.mucs_fast.edm_loss_backward.default, (grad, out.detach(), *rest)
+    )
 
 
 def test_compile_fullgraph(device):
@@ -189,11 +209,15 @@ def test_vmap_forward(device):
     outs = _stacked(K, shape, device)
     loop = torch.stack([ops.edm_loss(outs[k], x, target, c_skip, c_out, weight) for k in range(K)])
     shared = (None, None, None, None, None)
-    assert torch.equal(torch.func.vmap(ops.edm_loss, in_dims=(0, *shared))(outs, x, target, c_skip, c_out, weight),
-                       loop)
+    assert torch.equal(
+        torch.func.vmap(ops.edm_loss, in_dims=(0, *shared))(outs, x, target, c_skip, c_out, weight),
+        loop,
+    )
     # Vmapped dimension not in front, and batched targets/weights too.
     targets, weights = _stacked(K, shape, device, seed=2), torch.rand(K, shape[0], device=device)
-    loop = torch.stack([ops.edm_loss(outs[k], x, targets[k], c_skip, c_out, weights[k]) for k in range(K)])
+    loop = torch.stack(
+        [ops.edm_loss(outs[k], x, targets[k], c_skip, c_out, weights[k]) for k in range(K)]
+    )
     vm = torch.func.vmap(ops.edm_loss, in_dims=(1, None, 0, None, None, 0))
     assert torch.equal(vm(outs.movedim(0, 1), x, targets, c_skip, c_out, weights), loop)
 
@@ -220,14 +244,24 @@ def test_vmap_backward_op(device):
     K, shape = 3, (4, 3, 5, 5)
     out, x, target, c_skip, c_out, weight = make_inputs(shape, "f_form", device=device)
     outs, grads = _stacked(K, shape, device), torch.rand(K, shape[0], device=device)
-    loop = torch.stack([ops.edm_loss_backward(grads[k], outs[k], x, target, c_skip, c_out, weight)
-                        for k in range(K)])
+    loop = torch.stack(
+        [
+            ops.edm_loss_backward(grads[k], outs[k], x, target, c_skip, c_out, weight)
+            for k in range(K)
+        ]
+    )
     vm = torch.func.vmap(ops.edm_loss_backward, in_dims=(0, 0, None, None, None, None, None))
     assert torch.equal(vm(grads, outs, x, target, c_skip, c_out, weight), loop)
     vm = torch.func.vmap(ops.edm_loss_backward, in_dims=(None, 0, None, None, None, None, None))
-    assert torch.equal(vm(grads[0], outs, x, target, c_skip, c_out, weight),
-                       torch.stack([ops.edm_loss_backward(grads[0], outs[k], x, target, c_skip, c_out, weight)
-                                    for k in range(K)]))
+    assert torch.equal(
+        vm(grads[0], outs, x, target, c_skip, c_out, weight),
+        torch.stack(
+            [
+                ops.edm_loss_backward(grads[0], outs[k], x, target, c_skip, c_out, weight)
+                for k in range(K)
+            ]
+        ),
+    )
 
 
 def test_deterministic(device):
@@ -235,7 +269,9 @@ def test_deterministic(device):
     args = make_inputs((96, 3, 32, 32), "f_form", device=device)
     grad = torch.rand(96, device=device)
     L, G = ops.edm_loss(*args), ops.edm_loss_backward(grad, *args)
-    assert torch.equal(L, ops.edm_loss(*args)) and torch.equal(G, ops.edm_loss_backward(grad, *args))
+    assert torch.equal(L, ops.edm_loss(*args)) and torch.equal(
+        G, ops.edm_loss_backward(grad, *args)
+    )
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -254,7 +290,9 @@ def test_same_bits_on_cpu_and_accelerator(form, dtype):
     dev = _to_device(args, DEVICES[1])
     grad = torch.rand(5)
     assert torch.equal(ops.edm_loss(*args), ops.edm_loss(*dev).cpu())
-    assert torch.equal(ops.edm_loss_backward(grad, *args), ops.edm_loss_backward(grad.to(DEVICES[1]), *dev).cpu())
+    assert torch.equal(
+        ops.edm_loss_backward(grad, *args), ops.edm_loss_backward(grad.to(DEVICES[1]), *dev).cpu()
+    )
 
 
 def _to_device(args, device):
@@ -286,12 +324,16 @@ BACKENDS = ["dispatcher", "reference_kernel", "fake"]
 def test_bad_args_raise(device, backend, case):
     args, name = _bad_cases(device)[case]
     grad = torch.rand(3, device=device)
-    forward = {"dispatcher": torch.ops.mucs_fast.edm_loss.default,
-               "reference_kernel": edm_loss_module._edm_loss_default,
-               "fake": torch.ops.mucs_fast.edm_loss.default}[backend]
-    backward = {"dispatcher": torch.ops.mucs_fast.edm_loss_backward.default,
-                "reference_kernel": edm_loss_module._edm_loss_backward_default,
-                "fake": torch.ops.mucs_fast.edm_loss_backward.default}[backend]
+    forward = {
+        "dispatcher": torch.ops.mucs_fast.edm_loss.default,
+        "reference_kernel": edm_loss_module._edm_loss_default,
+        "fake": torch.ops.mucs_fast.edm_loss.default,
+    }[backend]
+    backward = {
+        "dispatcher": torch.ops.mucs_fast.edm_loss_backward.default,
+        "reference_kernel": edm_loss_module._edm_loss_backward_default,
+        "fake": torch.ops.mucs_fast.edm_loss_backward.default,
+    }[backend]
     if backend == "fake":
         mode = FakeTensorMode()
         args = tuple(None if a is None else mode.from_tensor(a) for a in args)
@@ -309,12 +351,18 @@ def test_bad_args_raise(device, backend, case):
 def test_bad_grad_raises(device, backend):
     args = make_inputs((3, 4), "f_form", device=device)
     grad = torch.rand(4, device=device)
-    fn = (edm_loss_module._edm_loss_backward_default if backend == "reference_kernel"
-          else torch.ops.mucs_fast.edm_loss_backward.default)
+    fn = (
+        edm_loss_module._edm_loss_backward_default
+        if backend == "reference_kernel"
+        else torch.ops.mucs_fast.edm_loss_backward.default
+    )
     if backend == "fake":
         with FakeTensorMode() as mode:
             with pytest.raises(RuntimeError, match="grad"):
-                fn(mode.from_tensor(grad), *(None if a is None else mode.from_tensor(a) for a in args))
+                fn(
+                    mode.from_tensor(grad),
+                    *(None if a is None else mode.from_tensor(a) for a in args),
+                )
     else:
         with pytest.raises(RuntimeError, match="grad"):
             fn(grad, *args)

@@ -1,4 +1,4 @@
-"""mucs_fast::skew_accumulate against the reference and closed forms, on every device and backend."""
+"""mucs_fast::skew_accumulate vs the reference and closed forms, on every device and backend."""
 
 import contextlib
 import importlib
@@ -38,27 +38,39 @@ def test_matches_reference(device, shape, dtype, use_ratio):
     loss_u, loss_t = make_losses(shape, dtype, device)
     S = ops.skew_accumulate(loss_u, loss_t, 1e-3, use_ratio)
     assert S.dtype == dtype and S.shape == shape[:2] and S.device == loss_u.device
-    torch.testing.assert_close(S, reference.skew_accumulate(loss_u, loss_t, 1e-3, use_ratio), **_tol(dtype))
+    torch.testing.assert_close(
+        S, reference.skew_accumulate(loss_u, loss_t, 1e-3, use_ratio), **_tol(dtype)
+    )
 
 
 def test_defaults_and_eps(device):
     loss_u, loss_t = make_losses((2, 4, 9), device=device)
-    assert torch.equal(ops.skew_accumulate(loss_u, loss_t), ops.skew_accumulate(loss_u, loss_t, 1e-3, True))
-    torch.testing.assert_close(ops.skew_accumulate(loss_u, loss_t, eps=0.25),
-                               reference.skew_accumulate(loss_u, loss_t, eps=0.25))
+    assert torch.equal(
+        ops.skew_accumulate(loss_u, loss_t), ops.skew_accumulate(loss_u, loss_t, 1e-3, True)
+    )
+    torch.testing.assert_close(
+        ops.skew_accumulate(loss_u, loss_t, eps=0.25),
+        reference.skew_accumulate(loss_u, loss_t, eps=0.25),
+    )
 
 
 def test_closed_forms(device):
     M = 100
     loss_t = torch.rand(6, M, device=device) + 0.1
-    # Equal losses skew by exactly 0; L_u = 3·L_t with eps = 0 gives (3 − 1)/(3 + 1) = 1/2 per noise.
-    assert torch.equal(ops.skew_accumulate(loss_t.expand(2, -1, -1), loss_t), torch.zeros(2, 6, device=device))
+    # Equal losses skew by exactly 0; L_u = 3·L_t, eps = 0 gives (3 − 1)/(3 + 1) = 1/2 per noise.
+    assert torch.equal(
+        ops.skew_accumulate(loss_t.expand(2, -1, -1), loss_t), torch.zeros(2, 6, device=device)
+    )
     ones = torch.ones(6, M, device=device)
-    assert torch.equal(ops.skew_accumulate((3 * ones).expand(1, -1, -1), ones, eps=0.0),
-                       torch.full((1, 6), M / 2, device=device))
+    assert torch.equal(
+        ops.skew_accumulate((3 * ones).expand(1, -1, -1), ones, eps=0.0),
+        torch.full((1, 6), M / 2, device=device),
+    )
     # The difference ablation of integers is exact.
-    assert torch.equal(ops.skew_accumulate((4 * ones).expand(1, -1, -1), ones, use_ratio=False),
-                       torch.full((1, 6), 3.0 * M, device=device))
+    assert torch.equal(
+        ops.skew_accumulate((4 * ones).expand(1, -1, -1), ones, use_ratio=False),
+        torch.full((1, 6), 3.0 * M, device=device),
+    )
 
 
 def _naive_low_precision(loss_u, loss_t, eps, use_ratio):
@@ -70,7 +82,7 @@ def _naive_low_precision(loss_u, loss_t, eps, use_ratio):
 @pytest.mark.parametrize("use_ratio", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_error_budget(device, dtype, use_ratio):
-    """FlashAttention's budget: error vs an fp64 reference ≤ 2× that of naive low-precision PyTorch."""
+    """FlashAttention's budget: error vs an fp64 reference ≤ 2× naive low-precision torch's."""
     loss_u, loss_t = make_losses((4, 64, 100), dtype, device)
     exact = reference.skew_accumulate(loss_u.double(), loss_t.double(), 1e-3, use_ratio)
     err = (ops.skew_accumulate(loss_u, loss_t, 1e-3, use_ratio).double() - exact).abs().max()
@@ -78,19 +90,28 @@ def test_low_precision_error_budget(device, dtype, use_ratio):
     assert err <= 2 * err_naive + 1e-6 * exact.abs().max(), (err, err_naive)
 
 
-@pytest.mark.parametrize("u_dtype,t_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64),
-                                             (torch.float32, torch.float16)], ids=str)
+@pytest.mark.parametrize(
+    "u_dtype,t_dtype",
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.float32, torch.float16),
+    ],
+    ids=str,
+)
 def test_mixed_dtypes(device, u_dtype, t_dtype):
     loss_u, loss_t = make_losses((3, 7, 100), u_dtype, device, t_dtype=t_dtype)
-    torch.testing.assert_close(ops.skew_accumulate(loss_u, loss_t), reference.skew_accumulate(loss_u, loss_t))
+    torch.testing.assert_close(
+        ops.skew_accumulate(loss_u, loss_t), reference.skew_accumulate(loss_u, loss_t)
+    )
 
 
 def test_non_contiguous_inputs(device):
-    """Transposed [n, K, M] storage, strided m and strided rows give the bits of contiguous inputs."""
+    """Transposed [n, K, M] storage, strided m and strided rows give the bits of contiguous ones."""
     loss_u, loss_t = make_losses((3, 7, 100), device=device)
-    nk = loss_u.transpose(0, 1).contiguous().transpose(0, 1)      # a view with K and n swapped
-    strided_m = torch.stack([loss_u, loss_u], -1)[..., 1]          # m stride 2: copied
-    rows = torch.stack([loss_t, loss_t], 1)[:, 0]                   # row stride 2·M: a view
+    nk = loss_u.transpose(0, 1).contiguous().transpose(0, 1)  # a view with K and n swapped
+    strided_m = torch.stack([loss_u, loss_u], -1)[..., 1]  # m stride 2: copied
+    rows = torch.stack([loss_t, loss_t], 1)[:, 0]  # row stride 2·M: a view
     assert not (nk.is_contiguous() or strided_m.is_contiguous() or rows.is_contiguous())
     S = ops.skew_accumulate(loss_u, loss_t)
     assert torch.equal(ops.skew_accumulate(nk, rows), S)
@@ -101,7 +122,10 @@ def test_non_contiguous_inputs(device):
 def test_chunks_accumulate(device):
     """Summing over chunks of noises is the sum over all of them (what the engine streams)."""
     loss_u, loss_t = make_losses((2, 9, 100), torch.float64, device)
-    chunks = sum(ops.skew_accumulate(loss_u[..., m:m + 30], loss_t[:, m:m + 30]) for m in range(0, 100, 30))
+    chunks = sum(
+        ops.skew_accumulate(loss_u[..., m : m + 30], loss_t[:, m : m + 30])
+        for m in range(0, 100, 30)
+    )
     torch.testing.assert_close(chunks, ops.skew_accumulate(loss_u, loss_t), rtol=1e-13, atol=1e-13)
 
 
@@ -126,7 +150,9 @@ def test_same_bits_on_cpu_and_accelerator(dtype, use_ratio):
     """One thread per row, ascending m, on both (csrc/core/skew_accumulate.h)."""
     loss_u, loss_t = make_losses((5, 77, 100), dtype)
     S = ops.skew_accumulate(loss_u, loss_t, 1e-3, use_ratio)
-    assert torch.equal(S, ops.skew_accumulate(loss_u.to(DEVICES[1]), loss_t.to(DEVICES[1]), 1e-3, use_ratio).cpu())
+    assert torch.equal(
+        S, ops.skew_accumulate(loss_u.to(DEVICES[1]), loss_t.to(DEVICES[1]), 1e-3, use_ratio).cpu()
+    )
 
 
 def test_opcheck(device):
@@ -164,8 +190,11 @@ def _bad_cases(device):
 @pytest.mark.parametrize("case", list(_bad_cases("cpu")))
 def test_bad_args_raise(device, backend, case):
     args, name = _bad_cases(device)[case]
-    fn = skew_module._skew_accumulate_default if backend == "reference_kernel" else \
-        torch.ops.mucs_fast.skew_accumulate.default
+    fn = (
+        skew_module._skew_accumulate_default
+        if backend == "reference_kernel"
+        else torch.ops.mucs_fast.skew_accumulate.default
+    )
     mode = FakeTensorMode() if backend == "fake" else contextlib.nullcontext()
     if backend == "fake":
         args = tuple(mode.from_tensor(a) for a in args)
