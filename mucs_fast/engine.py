@@ -342,16 +342,20 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
             else:
                 todo.append(k)
         timings["unlearn"] = timings["score"] = 0.0
-        outer = _bar(todo, "targets", progress and len(todo) > 1, unit="target")
-        for k in outer:
-            row, info = _attribute_one(den, names, train_d, y_train, targets_d[k],
-                                       None if y_targets is None else y_targets[k], fingerprints["targets"][k],
-                                       run_cfg, loss_null, lr, bank, loss_t, score_kw, device, progress)
-            timings["unlearn"] += info["unlearn_seconds"]
-            timings["score"] += info["score_seconds"]
-            scores[k], infos[k] = row.cpu(), info
-            if run is not None:
-                run.save_target(k, scores[k], info)
+        Kb = cfg.targets_per_batch
+        blocks = [todo[i:i + Kb] for i in range(0, len(todo), Kb)]
+        outer = _bar(blocks, "targets", progress and len(blocks) > 1, unit="block")
+        for block in outer:
+            args = (den, names, train_d, y_train, targets_d[block],
+                    None if y_targets is None else y_targets[block], [fingerprints["targets"][k] for k in block],
+                    run_cfg, loss_null, lr, bank, loss_t, score_kw, device, progress)
+            rows, block_infos = _attribute_one(*args) if len(block) == 1 else _attribute_block(*args)
+            for k, row, info in zip(block, rows, block_infos):
+                timings["unlearn"] += info["unlearn_seconds"]
+                timings["score"] += info["score_seconds"]
+                scores[k], infos[k] = row.cpu(), info
+                if run is not None:
+                    run.save_target(k, scores[k], info)
         timings["total"] = time.perf_counter() - t_start
     finally:
         if orig_device is not None:
@@ -381,14 +385,24 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
     return res
 
 
-def _attribute_one(den, names, train_d, y_train, x_hat, y_hat, target_fp, cfg, loss_null, lr, bank, loss_t,
+def _streams(cfg, target_fp, device):
+    """Target-owned randomness: retain batches (CPU generator, like a DataLoader) and noise."""
+    retain = torch.Generator().manual_seed(derive_seed(cfg.seed, "retain", target_fp))
+    noise = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "noise", target_fp))
+    infer = None
+    if not cfg.use_same_noise_infer:
+        infer = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "infer", target_fp))
+    return retain, noise, infer
+
+
+def _attribute_one(den, names, train_d, y_train, x_hat, y_hat, target_fps, cfg, loss_null, lr, bank, loss_t,
                    score_kw, device, progress):
-    """Unlearn one target from a fresh copy of the original weights, then score it."""
+    """One target, the plain way: unlearn a fresh deep copy with torch.optim.AdamW, then score it."""
+    (target_fp,) = target_fps
     net = copy.deepcopy(den.net)
     params = set_trainable(net, names)
-    retain = RetainStream(train_d.shape[0], cfg.B, torch.Generator().manual_seed(
-        derive_seed(cfg.seed, "retain", target_fp)))
-    gen = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "noise", target_fp))
+    g_retain, g_noise, g_infer = _streams(cfg, target_fp, device)
+    retain = RetainStream(train_d.shape[0], cfg.B, g_retain)
     cap = cfg.max_steps if cfg.max_steps is not None else cfg.safety_steps
     with _pbar(cap, "unlearn", progress, unit="step") as bar:
         def show(info: UnlearnInfo):
@@ -396,23 +410,68 @@ def _attribute_one(den, names, train_d, y_train, x_hat, y_hat, target_fp, cfg, l
             bar.set_postfix(L_r=f"{info.loss_r:.3f}", L_f=f"{info.loss_f:.3f}",
                             goal=f"{(1 - cfg.tolerance) * loss_null:.3f}", refresh=False)
             bar.refresh()
-        info = unlearn(den, net, params, train_d, y_train, x_hat, y_hat, cfg=cfg, loss_null=loss_null, lr=lr,
-                       retain=retain, generator=gen, progress=show if progress else None)
+        info = unlearn(den, net, params, train_d, y_train, x_hat[0], None if y_hat is None else y_hat[0],
+                       cfg=cfg, loss_null=loss_null, lr=lr, retain=retain, generator=g_noise,
+                       progress=show if progress else None)
     t0 = time.perf_counter()
     if info.stop == "nan":
         row = torch.full((train_d.shape[0],), math.nan)
     else:
         for p in params:
             p.requires_grad_(False)
-        gen_u = None
-        if not cfg.use_same_noise_infer:
-            gen_u = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "infer", target_fp))
         with _pbar(train_d.shape[0], "score", progress) as bar:
             row = score_target(den, net, train_d, y_train, bank, loss_t, eps=cfg.eps,
                                use_loss_ratio=cfg.use_loss_ratio, use_same_noise_infer=cfg.use_same_noise_infer,
-                               generator=gen_u, progress=bar.update, **score_kw)
+                               generator=g_infer, progress=bar.update, **score_kw)
     d = info.to_dict()
     d["unlearn_seconds"] = d.pop("seconds")
     d["score_seconds"] = time.perf_counter() - t0
     d["target"] = target_fp
-    return row, d
+    return [row], [d]
+
+
+def _attribute_block(den, names, train_d, y_train, x_hats, y_hats, target_fps, cfg, loss_null, lr, bank, loss_t,
+                     score_kw, device, progress):
+    """K targets together: batched unlearning (torch.func), then one scoring pass for all K."""
+    from .functional import StackedNet
+    from .score import score_stacked
+    from .unlearn import unlearn_batched
+
+    K = len(target_fps)
+    streams = [_streams(cfg, fp, device) for fp in target_fps]
+    retains = [RetainStream(train_d.shape[0], cfg.B, r) for r, _, _ in streams]
+    cap = cfg.max_steps if cfg.max_steps is not None else cfg.safety_steps
+    t0 = time.perf_counter()
+    with _pbar(cap, f"unlearn ×{K}", progress, unit="step") as bar:
+        def show(infos, active):
+            bar.n = max(i.steps for i in infos)
+            bar.set_postfix(running=len(active), L_f=" ".join(f"{i.loss_f:.2f}" for i in infos), refresh=False)
+            bar.refresh()
+        weights, infos = unlearn_batched(den, den.net, names, train_d, y_train, x_hats, y_hats, cfg=cfg,
+                                         loss_null=loss_null, lr=lr, retains=retains,
+                                         generators=[g for _, g, _ in streams], progress=show if progress else None)
+    unlearn_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ok = [k for k in range(K) if infos[k].stop != "nan"]
+    rows = [torch.full((train_d.shape[0],), math.nan) for _ in range(K)]
+    if ok:
+        stack = StackedNet(den.net, {n: w[ok] for n, w in weights.items()})
+        gens = None if cfg.use_same_noise_infer else [streams[k][2] for k in ok]
+        with _pbar(train_d.shape[0], f"score ×{len(ok)}", progress) as bar:
+            S = score_stacked(den, stack, train_d, y_train, bank, loss_t, eps=cfg.eps,
+                              use_loss_ratio=cfg.use_loss_ratio, use_same_noise_infer=cfg.use_same_noise_infer,
+                              generators=gens, progress=bar.update, **score_kw)
+        for i, k in enumerate(ok):
+            rows[k] = S[i]
+    score_s = time.perf_counter() - t0
+    out = []
+    for k, info in enumerate(infos):
+        d = info.to_dict()
+        d.pop("seconds")
+        # the block's wall time, shared equally: per-target cost of the batched run
+        d["unlearn_seconds"] = unlearn_s / K
+        d["score_seconds"] = score_s / K
+        d["target"] = target_fps[k]
+        d["block"] = K
+        out.append(d)
+    return rows, out

@@ -110,3 +110,40 @@ def score_target(den: Denoiser, net, x: torch.Tensor, y: Optional[torch.Tensor],
             if progress is not None:
                 progress(n1 - n0)
     return scores
+
+
+@torch.inference_mode()
+def score_stacked(den: Denoiser, stack, x: torch.Tensor, y: Optional[torch.Tensor], bank: NoiseBank,
+                  loss_t: torch.Tensor, *, eps: float, use_loss_ratio: bool, use_same_noise_infer: bool,
+                  images_per_batch: int, precision: str = "auto", generators: Optional[list] = None,
+                  progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """Scores [K, N] of the K models of `stack` (a StackedNet) in one pass over the training set.
+
+    Per chunk of n images the noisy batch [(m n)] is built once and shared by all K models (vmap
+    with unbatched inputs: the frozen prefix runs once); the losses [K, n, M] are reduced to skew
+    sums on the spot. No [K, N, M] tensor and no host sync inside the loop.
+    With use_same_noise_infer=False, `generators[k]` draws model k's own ε per chunk.
+    """
+    N, K, M = x.shape[0], stack.K, bank.M
+    scores = torch.empty(K, N, dtype=torch.float32, device=x.device)
+    with autocast_for(x.device, precision):
+        for n0 in range(0, N, images_per_batch):
+            n1 = min(N, n0 + images_per_batch)
+            n = n1 - n0
+            xc = x[n0:n1]
+            xx = xc.unsqueeze(0).expand(M, *xc.shape).reshape(M * n, *xc.shape[1:])
+            ll = bank.level.repeat_interleave(n)
+            yy = None if y is None else y[n0:n1].repeat(M, *([1] * (y.dim() - 1)))
+            if generators is None:
+                ee = bank.eps.unsqueeze(1).expand(M, n, *xc.shape[1:]).reshape(M * n, *xc.shape[1:])
+                L = stack.loss(den, xx, ee, ll, yy, in_dims=(None, None, None, None))
+            else:
+                ee = torch.stack([torch.randn((M, n, *xc.shape[1:]), generator=g, device=x.device)
+                                  for g in generators]).reshape(K, M * n, *xc.shape[1:])
+                L = stack.loss(den, xx, ee, ll, yy, in_dims=(None, 0, None, None))
+            loss_u = L.view(K, M, n).transpose(1, 2)  # [K, n, M]
+            scores[:, n0:n1] = skew_scores(loss_u, loss_t[n0:n1], eps=eps, use_loss_ratio=use_loss_ratio,
+                                           use_same_noise_infer=use_same_noise_infer)
+            if progress is not None:
+                progress(n)
+    return scores

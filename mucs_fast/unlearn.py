@@ -117,3 +117,92 @@ def unlearn(den: Denoiser, net: torch.nn.Module, params: list, train_x: torch.Te
         info.steps += 1
     info.seconds = time.perf_counter() - t0
     return info
+
+
+def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: torch.Tensor,
+                    train_y: Optional[torch.Tensor], x_hats: torch.Tensor, y_hats: Optional[torch.Tensor], *,
+                    cfg: MUCSConfig, loss_null: float, lr: float, retains: list, generators: list,
+                    progress: Optional[Callable] = None):
+    """Unlearn K targets at once: K stacked copies of the trainable weights (`names`) of `net`,
+    one vmapped forward/backward per step for all targets still running.
+
+    Each target k has its own retain stream `retains[k]`, noise generator `generators[k]`, AdamW
+    state and step clock, and stops on its own (stop rule, cap, NaN); stopped targets leave the
+    stack, so the others run at the cost of the survivors only. With the same streams, target k
+    follows the trajectory `unlearn` would give it alone (up to float rounding: vmapped matmuls).
+
+    Returns ({name: [K, ...] unlearned weights}, [UnlearnInfo] * K).
+    """
+    from .functional import StackedNet
+    from .ops import bounded_adamw_step
+
+    t0 = time.perf_counter()
+    net.eval()
+    K = x_hats.shape[0]
+    B = cfg.B
+    device = train_x.device
+    stack = StackedNet.replicate(net, names, K)
+    final = {n: w.clone() for n, w in stack.weights.items()}
+    W = {n: w.requires_grad_() for n, w in stack.weights.items()}
+    m = {n: torch.zeros_like(w) for n, w in W.items()}
+    v = {n: torch.zeros_like(w) for n, w in W.items()}
+    steps = torch.zeros(K, dtype=torch.int64)
+    infos = [UnlearnInfo() for _ in range(K)]
+    active = list(range(K))  # original indices of the rows of W, m, v, steps
+    while active:
+        A = len(active)
+        idx = torch.stack([next(retains[k]) for k in active]).to(device)  # [A, B]
+        x_r = train_x[idx]
+        y_r = None if train_y is None else train_y[idx]
+        noise_r, noise_f = [], []
+        for k in active:
+            noise_r.append(den.training_noise(x_r.shape[1:], generators[k], cfg.t_sched_train, device))
+            noise_f.append(noise_r[-1] if cfg.use_same_noise_train else
+                           den.training_noise(x_r.shape[1:], generators[k], cfg.t_sched_train, device))
+        x_f = x_hats[active].unsqueeze(1).expand_as(x_r)
+        x = torch.cat([x_r, x_f], 1)  # [A, 2B, ...]: retain then forget, one forward per step
+        eps = torch.cat([torch.stack([e for e, _ in noise_r]), torch.stack([e for e, _ in noise_f])], 1)
+        lev = torch.cat([torch.stack([s for _, s in noise_r]), torch.stack([s for _, s in noise_f])], 1)
+        y = None
+        if train_y is not None:
+            y_f = y_hats[active].unsqueeze(1).expand(A, B, *y_hats.shape[1:])
+            y = torch.cat([y_r, y_f], 1)
+        L = stack.loss(den, x, eps, lev, y, weights=W)  # [A, 2B]
+        loss_r = L[:, :B].mean(1)
+        loss_f = L[:, B:].clamp(max=loss_null).mean(1)
+        vals = torch.stack([loss_r, loss_f], 1).detach().cpu()  # one host sync per step for all targets
+        keep = []
+        for i, k in enumerate(active):
+            info = infos[k]
+            info.loss_r, info.loss_f = float(vals[i, 0]), float(vals[i, 1])
+            info.trace.append((info.loss_r, info.loss_f))
+            reason = "nan" if not math.isfinite(info.loss_r) else \
+                stop_reason(info.steps, info.loss_f, loss_null, cfg)
+            if reason is None:
+                keep.append(i)
+            else:
+                info.stop = reason
+                info.seconds = time.perf_counter() - t0
+                for n in names:
+                    final[n][k] = W[n][i].detach()
+        if keep:
+            cont = torch.zeros(A, dtype=torch.bool)
+            cont[keep] = True
+            objective = (loss_r - cfg.lamb * loss_f)[cont.to(device)].sum()
+            grads = torch.autograd.grad(objective, [W[n] for n in names])
+            steps_a = steps[active] + cont.long()
+            bounded_adamw_step([W[n].data for n in names], list(grads), [m[n] for n in names],
+                               [v[n] for n in names], steps_a, cont, lr, cfg.betas[0], cfg.betas[1],
+                               cfg.adam_eps, cfg.weight_decay)
+            for i in keep:
+                infos[active[i]].steps += 1
+            steps[active] = steps_a
+        if len(keep) < A:  # compact: finished targets leave the stack
+            sel = torch.tensor(keep, dtype=torch.long, device=device)
+            W = {n: W[n].detach()[sel].requires_grad_() for n in names}
+            m = {n: m[n][sel] for n in names}
+            v = {n: v[n][sel] for n in names}
+            active = [active[i] for i in keep]
+        if progress is not None:
+            progress(infos, active)
+    return final, infos

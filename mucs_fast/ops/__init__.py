@@ -7,11 +7,13 @@ reach them from then on. `backends()` says what serves each op, `extension_error
 compiled module is absent, if it is.
 """
 
+from ..reference import bounded_adamw_step  # registered op: issue 3 (kernels)
 from ._backend import backends, extension_error, load
 from .edm_loss import edm_loss, edm_loss_backward
 from .skew_accumulate import skew_accumulate
 
 __all__ = [
+    "bounded_adamw_step",
     "edm_loss",
     "edm_loss_backward",
     "skew_accumulate",

@@ -1,0 +1,143 @@
+"""K copies of one network evaluated as one: stacked trainable weights under `torch.func.vmap`.
+
+The K unlearned copies of a model differ only in their trainable parameters. `StackedNet` keeps
+those as [K, ...] tensors and shares every frozen parameter and buffer, and `StackedNet.loss`
+runs `den.loss` for all K through `torch.func.functional_call` + `vmap`. Inputs given without a K
+dimension are shared: vmap then computes everything upstream of the first trainable weight (the
+frozen prefix) once, not K times.
+
+Two ops have no usable batching rule and are rerouted while a batched call runs (`vmap_safe`):
+- group_norm (diffusers UNet2DModel): its native kernel asks `is_contiguous(channels_last)`, which
+  vmap does not implement ("NYI: querying is_contiguous inside of vmap ..."); it is computed from
+  its definition (mean/var over each group, fp32 statistics) instead;
+- scaled_dot_product_attention on CPU: vmap falls back to a slow per-sample loop; the math form
+  (softmax(q·kᵀ/√d)·v) batches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+from torch.nn.utils.stateless import _reparametrize_module  # what functional_call itself uses
+from torch.overrides import TorchFunctionMode
+
+
+def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
+    """GroupNorm from its definition (biased variance), statistics in ≥ fp32."""
+    N, C = x.shape[0], x.shape[1]
+    xg = x.reshape(N, num_groups, -1)
+    acc = xg.float() if xg.dtype in (torch.float16, torch.bfloat16) else xg
+    mean = acc.mean(-1, keepdim=True)
+    var = (acc - mean).square().mean(-1, keepdim=True)
+    y = ((acc - mean) * torch.rsqrt(var + eps)).to(x.dtype).reshape(x.shape)
+    shape = (1, C) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def sdpa_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """softmax(q·kᵀ·scale + mask)·v (no dropout: the engine runs models in eval mode)."""
+    if dropout_p:
+        raise ValueError("sdpa_math: dropout is not supported (models run in eval mode)")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if is_causal:
+        L, S = q.shape[-2], k.shape[-2]
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    return torch.matmul(s.softmax(-1).to(v.dtype), v)
+
+
+class vmap_safe(TorchFunctionMode):
+    """Reroute the ops above while a vmapped call runs (see module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.group_norm or func is torch.group_norm:
+            return group_norm(*args, **kwargs)
+        if func is F.scaled_dot_product_attention and args and args[0].device.type == "cpu":
+            return sdpa_math(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class StackedNet:
+    """A module plus K stacked versions of some of its parameters.
+
+    weights: {name: [K, *param.shape]} for the stacked (trainable) names; all other parameters and
+    buffers are the module's own, shared by the K copies.
+    """
+
+    def __init__(self, net: torch.nn.Module, weights: dict):
+        self.net = net
+        self.weights = weights
+        self.names = list(weights)
+        self.K = next(iter(weights.values())).shape[0]
+        shared = dict(net.named_parameters())
+        shared.update(dict(net.named_buffers()))
+        for n in self.names:
+            shared.pop(n)
+        self.shared = {n: t.detach() for n, t in shared.items()}
+
+    @classmethod
+    def replicate(cls, net: torch.nn.Module, names: Sequence[str], K: int) -> "StackedNet":
+        """K copies of net's current values of `names` (fresh tensors, no grad)."""
+        params = dict(net.named_parameters())
+        w = {n: params[n].detach().unsqueeze(0).repeat(K, *([1] * params[n].dim())).contiguous() for n in names}
+        return cls(net, w)
+
+    def copy(self, k: int) -> torch.nn.Module:
+        """Copy k as a standalone module (for checks and for callers that want the weights)."""
+        import copy as _copy
+
+        m = _copy.deepcopy(self.net)
+        with torch.no_grad():
+            p = dict(m.named_parameters())
+            for n in self.names:
+                p[n].copy_(self.weights[n][k])
+        return m
+
+    def loss(self, den, x, eps, level, y=None, weights: Optional[dict] = None,
+             in_dims=(0, 0, 0, 0)) -> torch.Tensor:
+        """den.loss of the K copies → [K, B]. in_dims for (x, eps, level, y): 0 = one slice per copy
+        ([K, B, ...]), None = shared ([B, ...])."""
+        weights = self.weights if weights is None else weights
+        shared = self.shared
+
+        def one(w, x, eps, level, y):
+            call = _Call(self.net, {**shared, **w})
+            return den.loss(x, eps, level, y, net=call)
+
+        y_dim = in_dims[3] if y is not None else None
+        with vmap_safe():
+            return vmap(one, in_dims=(0, in_dims[0], in_dims[1], in_dims[2], y_dim), randomness="error")(
+                weights, x, eps, level, y)
+
+
+class _Call:
+    """`net` with substituted parameters, callable like `net`; its methods (e.g. `network`, the
+    raw F of EDM nets) run with the substituted parameters too."""
+
+    def __init__(self, net, params):
+        self._net, self._params = net, params
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self._net, self._params, args, kwargs, strict=False)
+
+    def __getattr__(self, name):
+        attr = getattr(self._net, name)
+        if not (callable(attr) and getattr(attr, "__self__", None) is self._net):
+            return attr
+
+        def method(*args, **kwargs):
+            with _reparametrize_module(self._net, self._params, strict=False):
+                return attr(*args, **kwargs)
+
+        return method
