@@ -24,6 +24,7 @@ import torch
 
 from . import __version__
 from ._io import atomic_write, atomic_write_json, derive_seed, tensor_digest
+from .cache import LossCache
 from .config import MUCSConfig
 from .denoisers import Denoiser
 from .noise import NoiseBank, estimate_t_sched
@@ -33,7 +34,6 @@ from .score import inference_losses, score_batch_images, score_target
 from .unlearn import RetainStream, UnlearnInfo, unlearn
 
 RUN_FILE = "run.json"
-LOSS_T_FILE = "loss_t.safetensors"
 TARGETS_DIR = "targets"
 
 
@@ -174,7 +174,7 @@ class RunDir:
                               if old.get("key", {}).get(k) != key.get(k))
                 raise ValueError(f"run_dir {self.path!s} holds a different run (differs in: "
                                  f"{', '.join(diff) or 'format'}); use another folder or delete it")
-            if not resume:  # same run, fresh start: drop finished targets (the L_t cache stays valid)
+            if not resume:  # same run, fresh start: drop finished targets
                 shutil.rmtree(os.path.join(self.path, TARGETS_DIR), ignore_errors=True)
         os.makedirs(os.path.join(self.path, TARGETS_DIR), exist_ok=True)
         atomic_write_json(run_file, {"digest": self.digest, "key": key, "mucs_fast": __version__})
@@ -201,39 +201,21 @@ class RunDir:
         meta = {"run": self.digest, "info": json.dumps(info)}
         atomic_write(self._target_file(k), lambda tmp: save_file(t, tmp, metadata=meta))
 
-    def load_loss_t(self, key: str):
-        from safetensors import safe_open
-
-        p = os.path.join(self.path, LOSS_T_FILE)
-        if not os.path.isfile(p):
-            return None
-        try:
-            with safe_open(p, "pt") as f:
-                if (f.metadata() or {}).get("key") != key:
-                    return None
-                return f.get_tensor("loss_t")
-        except Exception:  # a damaged cache is recomputed, never trusted
-            return None
-
-    def save_loss_t(self, key: str, loss_t: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
-        atomic_write(os.path.join(self.path, LOSS_T_FILE),
-                     lambda tmp: save_file({"loss_t": loss_t.cpu().contiguous()}, tmp, metadata={"key": key}))
-
 
 # --------------------------------------------------------------------------------------------
 # attribute
 # --------------------------------------------------------------------------------------------
 def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config: Optional[MUCSConfig] = None,
               train_labels=None, target_labels=None, train_ids=None, device=None, progress: bool = True,
-              run_dir=None, resume: bool = False) -> Attribution:
+              run_dir=None, resume: bool = False, cache_dir="auto") -> Attribution:
     """Score every training image for every target with MUCS.
 
     den: an `EDMDenoiser` or `DiffusersDenoiser`; train [N, C, H, W] and targets [K, C, H, W]: float
     images in the model's data range; labels: class ids [N] / [K] or label vectors (conditional
     models); train_ids: int64 [N] (default 0..N−1); device: default CUDA when available;
-    run_dir: persist per-target results there; resume: continue an interrupted run in run_dir.
+    run_dir: persist per-target results there; resume: continue an interrupted run in run_dir;
+    cache_dir: where the original model's losses are cached ("auto": $MUCS_FAST_CACHE or
+    ~/.cache/mucs_fast; None: no cache).
     Returns an `Attribution` (scores float32 [K, N], higher = more influential).
     """
     t_start = time.perf_counter()
@@ -315,10 +297,12 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
         per_batch = score_batch_images(cfg.score_batch, bank.M, device)
         score_kw = dict(images_per_batch=per_batch, precision=cfg.precision)
         t0 = time.perf_counter()
+        cache = LossCache(cache_dir)
         lt_key = tensor_digest({"model": torch.tensor(0), "fp": f"{fingerprints['model']}{fingerprints['train']}"
                                 f"{bank.fingerprint()}{cfg.use_same_noise_infer}{cfg.precision}{device.type}"
-                                f"{cfg.seed}"})
-        loss_t = run.load_loss_t(lt_key) if run is not None else None
+                                f"{cfg.seed}{type(den).__name__}{getattr(den, 'raw', '')}"})
+        loss_t = cache.get(lt_key)
+        timings["loss_t_cached"] = loss_t is not None
         if loss_t is None:
             gen_t = None
             if not cfg.use_same_noise_infer:
@@ -326,8 +310,7 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
             with _pbar(N, "L_t (original)", progress) as bar:
                 loss_t = inference_losses(den, den.net, train_d, y_train, bank, generator=gen_t,
                                           progress=bar.update, **score_kw)
-            if run is not None:
-                run.save_loss_t(lt_key, loss_t)
+            cache.put(lt_key, loss_t)
         loss_t = loss_t.to(device)
         timings["loss_t"] = time.perf_counter() - t0
 

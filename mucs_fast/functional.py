@@ -104,21 +104,36 @@ class StackedNet:
                 p[n].copy_(self.weights[n][k])
         return m
 
-    def loss(self, den, x, eps, level, y=None, weights: Optional[dict] = None,
-             in_dims=(0, 0, 0, 0)) -> torch.Tensor:
-        """den.loss of the K copies → [K, B]. in_dims for (x, eps, level, y): 0 = one slice per copy
-        ([K, B, ...]), None = shared ([B, ...])."""
+    def vmap(self, fn, *args, in_dims, weights: Optional[dict] = None):
+        """fn(net_k, *args_k) for the K copies, stacked on dim 0. `net_k` is called like the
+        module (and exposes its methods); in_dims per arg: 0 = one slice per copy, None = shared."""
         weights = self.weights if weights is None else weights
         shared = self.shared
 
-        def one(w, x, eps, level, y):
-            call = _Call(self.net, {**shared, **w})
-            return den.loss(x, eps, level, y, net=call)
+        def one(w, *a):
+            return fn(_Call(self.net, {**shared, **w}), *a)
 
-        y_dim = in_dims[3] if y is not None else None
         with vmap_safe():
-            return vmap(one, in_dims=(0, in_dims[0], in_dims[1], in_dims[2], y_dim), randomness="error")(
-                weights, x, eps, level, y)
+            return vmap(one, in_dims=(0, *in_dims), randomness="error")(weights, *args)
+
+    def loss(self, den, x, eps, level, y=None, weights: Optional[dict] = None,
+             in_dims=(0, 0, 0, 0)) -> torch.Tensor:
+        """den.loss of the K copies → [K, B]."""
+        def fn(net, x, eps, level, y):
+            return den.loss(x, eps, level, y, net=net)
+
+        dims = (*in_dims[:3], in_dims[3] if y is not None else None)
+        return self.vmap(fn, x, eps, level, y, in_dims=dims, weights=weights)
+
+
+def flat_views(flat: torch.Tensor, shapes: dict) -> dict:
+    """{name: view [K, *shape]} into a flat [K, P] buffer, in `shapes` order."""
+    out, off = {}, 0
+    for n, shape in shapes.items():
+        size = math.prod(shape)
+        out[n] = flat[:, off:off + size].view(flat.shape[0], *shape)
+        off += size
+    return out
 
 
 class _Call:

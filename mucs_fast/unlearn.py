@@ -131,9 +131,13 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
     stack, so the others run at the cost of the survivors only. With the same streams, target k
     follows the trajectory `unlearn` would give it alone (up to float rounding: vmapped matmuls).
 
+    The trainable weights of all running targets live in one flat [K, P] buffer (per-parameter
+    views feed the network), so the gradient arrives as one [K, P] tensor and one fused
+    `bounded_adamw_step` updates every weight of every target.
+
     Returns ({name: [K, ...] unlearned weights}, [UnlearnInfo] * K).
     """
-    from .functional import StackedNet
+    from .functional import StackedNet, flat_views
     from .ops import bounded_adamw_step
 
     t0 = time.perf_counter()
@@ -141,14 +145,16 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
     K = x_hats.shape[0]
     B = cfg.B
     device = train_x.device
-    stack = StackedNet.replicate(net, names, K)
-    final = {n: w.clone() for n, w in stack.weights.items()}
-    W = {n: w.requires_grad_() for n, w in stack.weights.items()}
-    m = {n: torch.zeros_like(w) for n, w in W.items()}
-    v = {n: torch.zeros_like(w) for n, w in W.items()}
+    params = dict(net.named_parameters())
+    shapes = {n: tuple(params[n].shape) for n in names}
+    stack = StackedNet(net, flat_views(torch.zeros(1, sum(params[n].numel() for n in names),
+                                                   device=device), shapes))
+    W = torch.cat([params[n].detach().reshape(1, -1) for n in names], 1).repeat(K, 1)  # [K, P]
+    final = W.clone()
+    m, v = torch.zeros_like(W), torch.zeros_like(W)
     steps = torch.zeros(K, dtype=torch.int64)
     infos = [UnlearnInfo() for _ in range(K)]
-    active = list(range(K))  # original indices of the rows of W, m, v, steps
+    active = list(range(K))  # original index of each row of W, m, v
     while active:
         A = len(active)
         idx = torch.stack([next(retains[k]) for k in active]).to(device)  # [A, B]
@@ -167,7 +173,8 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
         if train_y is not None:
             y_f = y_hats[active].unsqueeze(1).expand(A, B, *y_hats.shape[1:])
             y = torch.cat([y_r, y_f], 1)
-        L = stack.loss(den, x, eps, lev, y, weights=W)  # [A, 2B]
+        W.requires_grad_(True)
+        L = stack.loss(den, x, eps, lev, y, weights=flat_views(W, shapes))  # [A, 2B]
         loss_r = L[:, :B].mean(1)
         loss_f = L[:, B:].clamp(max=loss_null).mean(1)
         vals = torch.stack([loss_r, loss_f], 1).detach().cpu()  # one host sync per step for all targets
@@ -183,26 +190,23 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
             else:
                 info.stop = reason
                 info.seconds = time.perf_counter() - t0
-                for n in names:
-                    final[n][k] = W[n][i].detach()
+                final[k] = W[i].detach()
         if keep:
             cont = torch.zeros(A, dtype=torch.bool)
             cont[keep] = True
             objective = (loss_r - cfg.lamb * loss_f)[cont.to(device)].sum()
-            grads = torch.autograd.grad(objective, [W[n] for n in names])
+            (grad,) = torch.autograd.grad(objective, [W])
             steps_a = steps[active] + cont.long()
-            bounded_adamw_step([W[n].data for n in names], list(grads), [m[n] for n in names],
-                               [v[n] for n in names], steps_a, cont, lr, cfg.betas[0], cfg.betas[1],
+            bounded_adamw_step([W.detach()], [grad], [m], [v], steps_a, cont, lr, cfg.betas[0], cfg.betas[1],
                                cfg.adam_eps, cfg.weight_decay)
             for i in keep:
                 infos[active[i]].steps += 1
             steps[active] = steps_a
+        W = W.detach()
         if len(keep) < A:  # compact: finished targets leave the stack
             sel = torch.tensor(keep, dtype=torch.long, device=device)
-            W = {n: W[n].detach()[sel].requires_grad_() for n in names}
-            m = {n: m[n][sel] for n in names}
-            v = {n: v[n][sel] for n in names}
+            W, m, v = W[sel], m[sel], v[sel]
             active = [active[i] for i in keep]
         if progress is not None:
             progress(infos, active)
-    return final, infos
+    return flat_views(final, shapes), infos

@@ -188,3 +188,22 @@ def test_interrupted_save_is_never_loaded(tmp_path, monkeypatch):
     (tmp_path / "r" / "attribution.json").write_text("{}")
     with pytest.raises(ValueError, match="does not match"):
         mf.Attribution.load(tmp_path / "r")
+
+
+def test_original_losses_are_cached_across_calls(problem, tmp_path, monkeypatch):
+    den, train, targets, ytr, ytg = problem
+    calls = []
+    real = engine.inference_losses
+    monkeypatch.setattr(engine, "inference_losses", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    a = mf.attribute(den, train, targets, CFG, ytr, ytg, progress=False, cache_dir=tmp_path)
+    b = mf.attribute(den, train, targets[:1], CFG, ytr, ytg[:1], progress=False, cache_dir=tmp_path)
+    assert len(calls) == 1 and b.meta["timings"]["loss_t_cached"]
+    assert torch.equal(b.scores, a.scores[:1])
+    mf.attribute(den, train, targets[:1], mf.MUCSConfig(num_noises=5, lr=1e-3, safety_steps=4), ytr, ytg[:1],
+                 progress=False, cache_dir=tmp_path)  # another bank: recomputed
+    mf.attribute(den, train, targets[:1], CFG, ytr, ytg[:1], progress=False, cache_dir=None)  # no cache
+    assert len(calls) == 3
+    for f in (tmp_path / "loss_t").iterdir():  # a damaged entry is recomputed, not trusted
+        f.write_bytes(b"garbage")
+    c = mf.attribute(den, train, targets[:1], CFG, ytr, ytg[:1], progress=False, cache_dir=tmp_path)
+    assert len(calls) == 4 and torch.equal(c.scores, a.scores[:1])
