@@ -114,6 +114,9 @@ class EDMDenoiser(Denoiser):
     null_factory: builds a fresh, untrained copy of the architecture (loss_null="auto"). Defaults:
     reference models (`net.args`) are rebuilt with `type(net)(*net.args)`; otherwise required.
     train_lr: the learning rate the model was trained with (unlearning uses train_lr / lr_factor).
+    raw: evaluate the raw network F(c_in·x_noisy, c_noise, y) (`net.network`, as mucs_fast's DiT
+    exposes) and let the loss op apply c_skip/c_out (one fused pass instead of the net's own
+    elementwise preconditioning). None: when `net` has a `network` method. Same loss, to rounding.
     """
 
     level_dtype = torch.float32
@@ -122,9 +125,10 @@ class EDMDenoiser(Denoiser):
                  P_mean: Optional[float] = None, P_std: Optional[float] = None,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                  label_dim: Optional[int] = None, null_factory: Optional[Callable[[], torch.nn.Module]] = None,
-                 train_lr: Optional[float] = None):
+                 train_lr: Optional[float] = None, raw: Optional[bool] = None):
         if not isinstance(net, torch.nn.Module):
             raise TypeError(f"EDMDenoiser: net must be a torch.nn.Module, got {type(net).__name__}")
+        self.raw = callable(getattr(net, "network", None)) if raw is None else bool(raw)
         self.net = net
         self.sigma_data = float(sigma_data if sigma_data is not None else getattr(net, "sigma_data", 0.5))
         self.P_mean = float(P_mean if P_mean is not None else getattr(net, "sigma_P_mean", -1.2))
@@ -145,6 +149,15 @@ class EDMDenoiser(Denoiser):
         """λ(σ) = (σ² + σ_d²)/(σ·σ_d)², written as in the reference for bitwise agreement."""
         sd = self.sigma_data
         return (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+
+    def precond(self, sigma: torch.Tensor):
+        """EDM preconditioning (c_skip, c_out, c_in, c_noise), each [B], as the reference's nets."""
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        c_noise = (sigma + 1e-6).log() / 4
+        return c_skip, c_out, c_in, c_noise
 
     def sigma_of(self, level):
         return level
@@ -178,6 +191,10 @@ class EDMDenoiser(Denoiser):
         net = self.net if net is None else net
         sigma = level
         x_noisy = self.noisy(x, eps, sigma)
+        if self.raw:
+            c_skip, c_out, c_in, c_noise = self.precond(sigma)
+            F = net.network(c_in.view(-1, *([1] * (x.ndim - 1))) * x_noisy, c_noise, y)
+            return edm_loss(F, x_noisy, x, c_skip, c_out, self.weight(sigma))
         D = net(x_noisy, sigma, y=y)
         # D-form: the net applies c_skip/c_out itself, so the op sees c_skip = 0, c_out = 1.
         return edm_loss(D, None, x, None, None, self.weight(sigma))
@@ -212,7 +229,7 @@ class EDMDenoiser(Denoiser):
         return type(self.net)(*copy.deepcopy(self.net.args))
 
     def _fingerprint_extra(self):
-        return (self.sigma_data, self.P_mean, self.P_std, self.sigma_min, self.sigma_max, self.rho)
+        return (self.sigma_data, self.P_mean, self.P_std, self.sigma_min, self.sigma_max, self.rho, self.raw)
 
 
 class DiffusersDenoiser(Denoiser):

@@ -229,3 +229,20 @@ def test_loss_null_auto_is_near_one_for_zero_output_nets():
     cfg = mf.MUCSConfig(batch_size=20)
     Ln = estimate_loss_null(mf.EDMDenoiser(net), train, None, cfg, torch.device("cpu"))
     assert Ln == pytest.approx(1.0, abs=0.05)
+
+
+def test_raw_F_form_equals_the_nets_own_preconditioning():
+    """EDMDenoiser(raw=True) evaluates F = net.network(...) and lets edm_loss apply c_skip/c_out."""
+    from mucs_fast.models import DiT
+
+    torch.manual_seed(0)
+    net = DiT((1, 8, 8), label_dim=3, patch_size=2, width=32, depth=2, heads=2, cond_width=16)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    assert mf.EDMDenoiser(net).raw and not mf.EDMDenoiser(TinyEDMNet()).raw
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1, torch.randn(6, 1, 8, 8, generator=g)
+    sigma, y = torch.tensor([0.002, 0.3, 1.0, 5.0, 20.0, 80.0]), torch.eye(3)[[0, 1, 2, 0, 1, 2]]
+    d_form = mf.EDMDenoiser(net, raw=False).loss(x, eps, sigma, y)
+    f_form = mf.EDMDenoiser(net, raw=True).loss(x, eps, sigma, y)
+    torch.testing.assert_close(f_form, d_form, rtol=1e-6, atol=0)
