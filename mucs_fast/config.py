@@ -67,6 +67,9 @@ class MUCSConfig:
     reported per target in the result (stop reason "cap")."""
     batch_size: Optional[int] = None
     """B: retain and forget batch size; None: num_noises (the reference default)."""
+    bounded: bool = True
+    """Clamp each forget-sample loss at L_null (the bound). False: the "unbounded" ablation (plain
+    gradient ascent on the target; the stop rule still applies)."""
     use_loss_ratio: bool = True
     use_same_noise_infer: bool = True
     use_same_noise_train: bool = False

@@ -101,7 +101,8 @@ def unlearn(den: Denoiser, net: torch.nn.Module, params: list, train_x: torch.Te
         else:
             eps_f, lev_f = den.training_noise(x_f.shape, generator, cfg.t_sched_train, device)
         loss_r = den.loss(x_r, eps_r, lev_r, y_r, net=net).mean()
-        loss_f = den.loss(x_f, eps_f, lev_f, y_f, net=net).clamp(max=loss_null).mean()
+        loss_f = den.loss(x_f, eps_f, lev_f, y_f, net=net)
+        loss_f = (loss_f.clamp(max=loss_null) if cfg.bounded else loss_f).mean()
         lr_val, lf_val = loss_r.item(), loss_f.item()  # one host sync per step (the stop rule)
         info.loss_r, info.loss_f = lr_val, lf_val
         info.trace.append((lr_val, lf_val))
@@ -176,7 +177,7 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
         W.requires_grad_(True)
         L = stack.loss(den, x, eps, lev, y, weights=flat_views(W, shapes))  # [A, 2B]
         loss_r = L[:, :B].mean(1)
-        loss_f = L[:, B:].clamp(max=loss_null).mean(1)
+        loss_f = (L[:, B:].clamp(max=loss_null) if cfg.bounded else L[:, B:]).mean(1)
         vals = torch.stack([loss_r, loss_f], 1).detach().cpu()  # one host sync per step for all targets
         keep = []
         for i, k in enumerate(active):

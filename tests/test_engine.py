@@ -246,3 +246,14 @@ def test_raw_F_form_equals_the_nets_own_preconditioning():
     d_form = mf.EDMDenoiser(net, raw=False).loss(x, eps, sigma, y)
     f_form = mf.EDMDenoiser(net, raw=True).loss(x, eps, sigma, y)
     torch.testing.assert_close(f_form, d_form, rtol=1e-6, atol=0)
+
+
+def test_unbounded_ablation_changes_the_forget_term():
+    net, train, targets, ytr, ytg = _tiny_problem(K=1)
+    kw = dict(num_noises=8, lr=1e-2, max_steps=3, loss_null=0.05)  # tiny L_null: the clamp binds
+    a = mf.attribute(mf.EDMDenoiser(net), train, targets, mf.MUCSConfig(**kw), ytr, ytg, progress=False)
+    b = mf.attribute(mf.EDMDenoiser(net), train, targets, mf.MUCSConfig(**kw, bounded=False), ytr, ytg,
+                     progress=False)
+    assert max(lf for _, lf in a.meta["targets"][0]["trace"]) <= 0.05 + 1e-7
+    assert max(lf for _, lf in b.meta["targets"][0]["trace"]) > 0.05
+    assert not torch.equal(a.scores, b.scores)
