@@ -9,7 +9,9 @@
 #include <c10/util/accumulate.h>
 
 #include <optional>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 namespace mucs_fast {
 
@@ -158,6 +160,124 @@ void dispatch_skew(const SkewArgs& a, bool use_ratio, F&& f) {
     else if (a.same_dtype) f(std::false_type{}, type_tag<T>{}, type_tag<T>{});
     else f(std::false_type{}, type_tag<T>{}, type_tag<Acc>{});
   });
+}
+
+// noisy_inputs inputs, checked and laid out as rows with unit inner stride.
+struct NoisyArgs {
+  int64_t M = 0, n = 0, D = 0;
+  bool has_c = false;
+  bool same_dtype = true;      // eps shares x's dtype, else it holds Acc
+  at::ScalarType acc = at::kFloat;
+  at::Tensor x;                // [n, D]
+  at::Tensor eps;              // [M, D] (eps_ns = 0: shared by the n images) or [M, n, D]
+  int64_t eps_ms = 0, eps_ns = 0;
+  at::Tensor a, b, c;          // [M] Acc, contiguous (c undefined without c)
+};
+
+inline NoisyArgs noisy_args(const char* op, const at::Tensor& x, const at::Tensor& eps,
+                            const at::Tensor& a, const at::Tensor& b,
+                            const std::optional<at::Tensor>& c, c10::DeviceType dt) {
+  const at::Device device = x.device();
+  check_tensor(op, "x", x, dt, device);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must be [n, *S], got a 0-d tensor");
+  check_tensor(op, "a", a, dt, device);
+  TORCH_CHECK(a.dim() == 1, op, ": a must have shape [M], got ", a.sizes());
+  NoisyArgs r;
+  r.M = a.size(0);
+  r.n = x.size(0);
+  r.D = c10::multiply_integers(x.sizes().slice(1));
+  r.acc = acc_type(x.scalar_type());
+  check_tensor(op, "eps", eps, dt, device);
+  const auto S = x.sizes().slice(1);
+  const bool shared = eps.dim() == x.dim() && eps.size(0) == r.M && eps.sizes().slice(1) == S;
+  const bool per_image = eps.dim() == x.dim() + 1 && eps.size(0) == r.M && eps.size(1) == r.n &&
+                         eps.sizes().slice(2) == S;
+  TORCH_CHECK(shared || per_image, op, ": eps must be [M, *S] or [M, n, *S] with M = ", r.M,
+              ", n = ", r.n, ", S = ", S, ", got ", eps.sizes());
+  r.a = per_sample(op, "a", a, r.M, r.acc, dt, device);
+  r.b = per_sample(op, "b", b, r.M, r.acc, dt, device);
+  r.has_c = c.has_value() && c->defined();
+  if (r.has_c) r.c = per_sample(op, "c", *c, r.M, r.acc, dt, device);
+  r.same_dtype = eps.scalar_type() == x.scalar_type();
+  r.x = as_rows(x, r.n, r.D);
+  const at::Tensor e = r.same_dtype ? eps : eps.to(r.acc);
+  if (shared) {
+    r.eps = as_rows(e, r.M, r.D);
+    r.eps_ms = r.eps.stride(0);
+  } else {
+    r.eps = e.reshape({r.M, r.n, r.D});
+    if (r.D > 1 && r.eps.stride(2) != 1) r.eps = r.eps.contiguous();
+    r.eps_ms = r.eps.stride(0);
+    r.eps_ns = r.eps.stride(1);
+  }
+  return r;
+}
+
+// Calls f(std::bool_constant<has_c>, type_tag<T>, type_tag<E>) for the dtypes of a: T is x's
+// dtype; E, the dtype eps is read in, is T or Acc (NoisyArgs::same_dtype).
+template <typename F>
+void dispatch_noisy(const NoisyArgs& a, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "noisy_inputs", [&] {
+    using T = scalar_t;
+    using Acc = at::opmath_type<T>;
+    if (a.has_c && a.same_dtype) f(std::true_type{}, type_tag<T>{}, type_tag<T>{});
+    else if (a.has_c) f(std::true_type{}, type_tag<T>{}, type_tag<Acc>{});
+    else if (a.same_dtype) f(std::false_type{}, type_tag<T>{}, type_tag<T>{});
+    else f(std::false_type{}, type_tag<T>{}, type_tag<Acc>{});
+  });
+}
+
+// bounded_adamw_step_ inputs, checked. param/grad/exp_avg/exp_avg_sq: [K, ...] of one float32 or
+// float64 dtype; step: int64 [K]; active: bool [K]; all on one device.
+struct AdamwArgs {
+  int64_t K = 0, P = 0;  // rows, elements per row
+};
+
+inline AdamwArgs adamw_args(const char* op, const at::Tensor& param, const at::Tensor& grad,
+                            const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                            const at::Tensor& step, const at::Tensor& active,
+                            c10::DeviceType dt) {
+  const at::Device device = param.device();
+  TORCH_CHECK(param.device().type() == dt, op, ": param must be on a ", dt, " device, got ",
+              param.device());
+  TORCH_CHECK(param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble, op,
+              ": param must be float32 or float64, got ", param.scalar_type());
+  TORCH_CHECK(param.dim() >= 1, op, ": param must be [K, ...], got a 0-d tensor");
+  const std::pair<const char*, const at::Tensor*> same[] = {
+      {"grad", &grad}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}};
+  for (const auto& [name, t] : same) {
+    TORCH_CHECK(t->scalar_type() == param.scalar_type(), op, ": ", name,
+                " must have param's dtype ", param.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == device, op, ": ", name, " must be on ", device,
+                " like param, got ", t->device());
+    TORCH_CHECK(t->sizes() == param.sizes(), op, ": ", name, " must have param's shape ",
+                param.sizes(), ", got ", t->sizes());
+  }
+  AdamwArgs a;
+  a.K = param.size(0);
+  a.P = c10::multiply_integers(param.sizes().slice(1));
+  const std::tuple<const char*, const at::Tensor*, at::ScalarType> per_row[] = {
+      {"step", &step, at::kLong}, {"active", &active, at::kBool}};
+  for (const auto& [name, t, type] : per_row) {
+    TORCH_CHECK(t->scalar_type() == type, op, ": ", name, " must be ", type, ", got ",
+                t->scalar_type());
+    TORCH_CHECK(t->device() == device, op, ": ", name, " must be on ", device,
+                " like param, got ", t->device());
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == a.K, op, ": ", name, " must have shape [K] = [",
+                a.K, "], got ", t->sizes());
+  }
+  return a;
+}
+
+// Runs f(p, m, v) on contiguous versions of the in-place arguments and writes the results back
+// where a copy was needed (a non-contiguous param keeps its layout).
+template <typename F>
+void with_contiguous(at::Tensor& p, at::Tensor& m, at::Tensor& v, F&& f) {
+  at::Tensor pc = p.contiguous(), mc = m.contiguous(), vc = v.contiguous();
+  f(pc, mc, vc);
+  if (!pc.is_same(p)) p.copy_(pc);
+  if (!mc.is_same(m)) m.copy_(mc);
+  if (!vc.is_same(v)) v.copy_(vc);
 }
 
 }  // namespace mucs_fast

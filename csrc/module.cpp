@@ -1,7 +1,8 @@
 // The Python module mucs_fast._C. It holds no functions: importing it loads this shared library,
-// whose TORCH_LIBRARY_IMPL blocks register the C++ (and, when built, CUDA) kernels of the
-// mucs_fast ops with the dispatcher. The schemas, fakes, autograd and vmap rules are in Python
-// (mucs_fast/ops), which imports this module lazily (mucs_fast/ops/_backend.py).
+// whose TORCH_LIBRARY_IMPL blocks register the C++ CPU kernels of the mucs_fast ops and, when
+// built, the CUDA kernels as mucs_fast_cuda::<op> with the dispatcher. The schemas, fakes, autograd
+// and vmap rules are in Python (mucs_fast/ops), which imports this module lazily and picks the
+// kernel of each op's CUDA key (mucs_fast/ops/_backend.py).
 #include <Python.h>
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

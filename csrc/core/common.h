@@ -8,13 +8,14 @@
 // same order, same bits: the CPU and CUDA kernels agree exactly, and both agree with themselves run
 // after run (no atomics anywhere).
 //
-// Precision. Every +, −, ×, ÷ goes through add_rn/sub_rn/mul_rn/div_rn: IEEE round-to-nearest with
-// no fused multiply-add. nvcc contracts a·b + c into an FMA by default and host compilers may too
+// Precision. Every +, −, ×, ÷, √ goes through add_rn/sub_rn/mul_rn/div_rn/sqrt_rn: IEEE
+// round-to-nearest with no fused multiply-add. nvcc contracts a·b + c into an FMA by default and host compilers may too
 // (-ffp-contract=fast), which would make host and device results differ in the last bit; the
 // builds also pass -ffp-contract=off / explicit intrinsics so that nothing is contracted behind
 // our back.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -91,6 +92,21 @@ MUCS_HD inline double div_rn(double a, double b) {
   return __ddiv_rn(a, b);
 #else
   return a / b;
+#endif
+}
+
+MUCS_HD inline float sqrt_rn(float a) {
+#ifdef __CUDA_ARCH__
+  return __fsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+MUCS_HD inline double sqrt_rn(double a) {
+#ifdef __CUDA_ARCH__
+  return __dsqrt_rn(a);
+#else
+  return std::sqrt(a);
 #endif
 }
 

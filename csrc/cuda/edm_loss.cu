@@ -1,5 +1,6 @@
 // ATen CUDA kernels of mucs_fast::edm_loss and mucs_fast::edm_loss_backward (schemas: Python,
-// mucs_fast/ops/edm_loss.py). Launches the torch-free kernels of csrc/cuda/kernels.cuh: one block
+// mucs_fast/ops/edm_loss.py), registered as mucs_fast_cuda::edm_loss(_backward): Python picks them
+// or the Triton kernels for the CUDA key (mucs_fast/ops/_backend.py). Launches the torch-free kernels of csrc/cuda/kernels.cuh: one block
 // of 256 threads per row, fixed-order tree in shared memory, Acc accumulation; bit-identical to
 // the CPU kernel (csrc/core/edm_loss.h).
 #include <c10/cuda/CUDAException.h>
@@ -81,7 +82,7 @@ at::Tensor edm_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& out,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mucs_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(mucs_fast_cuda, CUDA, m) {
   m.impl("edm_loss", &edm_loss_cuda);
   m.impl("edm_loss_backward", &edm_loss_backward_cuda);
 }

@@ -7,6 +7,11 @@
 //   skew_accumulate: one thread per (k, n) row, ascending m, as core::skew_row on the CPU; a block
 //     of kSkewRows rows first stages a [kSkewRows, kSkewTile] tile of both loss matrices in shared
 //     memory with coalesced loads.
+//   noisy_inputs: elementwise; grid (M·n rows, chunks of a row), kNoisyThreads threads, each thread
+//     kNoisyIlp elements of its chunk, strided by the block width (coalesced).
+//   bounded_adamw_step: elementwise; grid (chunks, K rows), kAdamwThreads threads; a block of an
+//     inactive row returns at once; each thread computes its row's bias corrections once and then
+//     updates packs of 16 bytes (float4 / double2) when the row is 16-byte aligned.
 //
 // All accumulation in Acc (float for half/bfloat16/float, double for double), no atomics.
 // Rows are addressed through a row stride (elements); within a row elements are contiguous,
@@ -15,7 +20,9 @@
 
 #include <cstdint>
 
+#include "../core/bounded_adamw_step.h"
 #include "../core/edm_loss.h"
+#include "../core/noisy_inputs.h"
 #include "../core/skew_accumulate.h"
 
 namespace mucs_fast::cuda {
@@ -23,6 +30,9 @@ namespace mucs_fast::cuda {
 using core::kEdmLanes;
 constexpr int kSkewRows = 64;   // threads (rows) per block
 constexpr int kSkewTile = 32;   // noises staged per round
+constexpr int kNoisyThreads = 256;
+constexpr int kNoisyIlp = 4;     // elements per thread and block: a chunk is 1024 elements
+constexpr int kAdamwThreads = 256;
 
 // Fold kThreads values in shared memory by the fixed tree of core::lane_tree_sum; result in lane[0].
 template <int kThreads, typename Acc>
@@ -118,6 +128,67 @@ skew_accumulate_kernel(Acc* __restrict__ S, const T* __restrict__ loss_u, int64_
     __syncthreads();
   }
   if (row0 + threadIdx.x < rows) S[row0 + threadIdx.x] = s;
+}
+
+// grid: (M·n, ceil(D / (kNoisyThreads·kNoisyIlp))), block: (kNoisyThreads).
+// out[r, i] = c[m]·(a[m]·x[j, i] + b[m]·eps[m(, j), i]) with r = m·n + j; out contiguous [M·n, D].
+template <bool kHasC, typename T, typename E, typename Acc>
+__global__ void __launch_bounds__(kNoisyThreads)
+noisy_inputs_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t x_rs,
+                    const E* __restrict__ eps, int64_t eps_ms, int64_t eps_ns,
+                    const Acc* __restrict__ a, const Acc* __restrict__ b,
+                    const Acc* __restrict__ c, int64_t n, int64_t D) {
+  const int64_t r = blockIdx.x;
+  const int64_t m = r / n, j = r % n;
+  const T* xr = x + j * x_rs;
+  const E* er = eps + m * eps_ms + j * eps_ns;
+  T* o = out + r * D;
+  const Acc am = a[m], bm = b[m], cm = kHasC ? c[m] : Acc(1);
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * (kNoisyThreads * kNoisyIlp) + threadIdx.x;
+#pragma unroll
+  for (int u = 0; u < kNoisyIlp; ++u) {
+    const int64_t i = i0 + u * kNoisyThreads;
+    if (i < D)
+      o[i] = static_cast<T>(core::noisy_value<kHasC>(static_cast<Acc>(xr[i]),
+                                                     static_cast<Acc>(er[i]), am, bm, cm));
+  }
+}
+
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+// grid: (chunks, K), block: (kAdamwThreads). Row k of the contiguous [K, P] tensors, in place;
+// kVec elements per pack (kVec > 1 needs P % kVec == 0 and 16-byte aligned tensors).
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kAdamwThreads)
+bounded_adamw_step_kernel(T* __restrict__ param, const T* __restrict__ grad, T* __restrict__ exp_avg,
+                          T* __restrict__ exp_avg_sq, const int64_t* __restrict__ step,
+                          const bool* __restrict__ active, int64_t P, double lr, double beta1,
+                          double beta2, core::AdamwScalars<T> s) {
+  const int64_t k = blockIdx.y;
+  if (!active[k]) return;
+  double ss_d, bc2_d;
+  core::adamw_bias_corrections(step[k], lr, beta1, beta2, &ss_d, &bc2_d);
+  const T ss = static_cast<T>(ss_d), bc2 = static_cast<T>(bc2_d);
+  using V = Pack<T, kVec>;
+  V* p = reinterpret_cast<V*>(param + k * P);
+  const V* g = reinterpret_cast<const V*>(grad + k * P);
+  V* m = reinterpret_cast<V*>(exp_avg + k * P);
+  V* v = reinterpret_cast<V*>(exp_avg_sq + k * P);
+  const int64_t packs = P / kVec;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kAdamwThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kAdamwThreads + threadIdx.x; i < packs;
+       i += stride) {
+    V pi = p[i], mi = m[i], vi = v[i];
+    const V gi = g[i];
+#pragma unroll
+    for (int u = 0; u < kVec; ++u) core::adamw_update(pi.v[u], gi.v[u], mi.v[u], vi.v[u], ss, bc2, s);
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+  }
 }
 
 }  // namespace mucs_fast::cuda

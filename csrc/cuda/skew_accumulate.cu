@@ -1,4 +1,6 @@
-// ATen CUDA kernel of mucs_fast::skew_accumulate (schema: Python, mucs_fast/ops/skew_accumulate.py).
+// ATen CUDA kernel of mucs_fast::skew_accumulate (schema: Python, mucs_fast/ops/skew_accumulate.py),
+// registered as mucs_fast_cuda::skew_accumulate: Python picks it or the Triton kernel for the CUDA
+// key (mucs_fast/ops/_backend.py).
 // Launches cuda::skew_accumulate_kernel (csrc/cuda/kernels.cuh): one thread per (k, n) row,
 // ascending m, Acc accumulation; bit-identical to the CPU kernel (csrc/core/skew_accumulate.h).
 #include <c10/cuda/CUDAException.h>
@@ -40,6 +42,6 @@ at::Tensor skew_accumulate_cuda(const at::Tensor& loss_u, const at::Tensor& loss
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mucs_fast, CUDA, m) { m.impl("skew_accumulate", &skew_accumulate_cuda); }
+TORCH_LIBRARY_IMPL(mucs_fast_cuda, CUDA, m) { m.impl("skew_accumulate", &skew_accumulate_cuda); }
 
 }  // namespace mucs_fast

@@ -1,10 +1,12 @@
 // Unit tests of the torch-free core (csrc/core): closed-form values, the documented reduction
-// order, and the gradient against central differences. No framework: CHECK counts failures.
+// order and operation order, and the gradient against central differences. No framework: CHECK counts failures.
 #include <cmath>
 #include <cstdio>
 #include <vector>
 
+#include "core/bounded_adamw_step.h"
 #include "core/edm_loss.h"
+#include "core/noisy_inputs.h"
 #include "core/skew_accumulate.h"
 
 namespace core = mucs_fast::core;
@@ -125,6 +127,52 @@ static void test_skew_rows_match_single_rows() {
     CHECK(S[r] == (core::skew_row<true, float>(&u[r * stride], 1, &t[r * stride], 1, M, 1e-3f)));
 }
 
+static void test_noisy_closed_forms() {
+  // EDM: 1·x + σ·ε; with c_in: c·(x + σε); values exact in binary.
+  const float x[3] = {0.5f, -1.f, 2.f}, e[3] = {1.f, 0.25f, -4.f};
+  float out[3];
+  core::noisy_inputs_row<false, float>(out, x, e, 3, 1.f, 2.f, 0.f);
+  CHECK(out[0] == 2.5f && out[1] == -0.5f && out[2] == -6.f);
+  core::noisy_inputs_row<true, float>(out, x, e, 3, 1.f, 2.f, 0.5f);
+  CHECK(out[0] == 1.25f && out[1] == -0.25f && out[2] == -3.f);
+  // The order: (a·x) + (b·e) rounded separately, no FMA. 1 + 2^-23·(1 + 2^-23)·... chosen so that
+  // a fused a·x + b·e would round differently: a·x = 1 + 2^-12 squared exactly needs 48 bits.
+  const float a = 1.f + 0x1p-12f, xv = 1.f + 0x1p-12f, bv = -1.f, ev = 1.f;
+  const float fused = static_cast<float>(static_cast<double>(a) * xv + static_cast<double>(bv) * ev);
+  CHECK(core::noisy_value<false>(xv, ev, a, bv, 0.f) == (a * xv) + (bv * ev));
+  CHECK(core::noisy_value<false>(xv, ev, a, bv, 0.f) != fused);
+}
+
+static void test_pow_int() {
+  CHECK(core::pow_int(0.9, 0) == 1.0);
+  CHECK(core::pow_int(0.9, 1) == 0.9);
+  CHECK(core::pow_int(0.5, 10) == 0x1p-10);
+  // Relative error ≲ t·2^-53 of pow (each squaring doubles the relative error of the power).
+  for (int64_t t : {2, 3, 17, 100, 1000, 12345, 200000})
+    for (double b : {0.9, 0.999}) {
+      const double exact = std::pow(b, static_cast<double>(t));
+      CHECK(std::fabs(core::pow_int(b, t) - exact) <= 2.0 * static_cast<double>(t) * 0x1p-53 * exact);
+    }
+}
+
+static void test_adamw_first_step() {
+  // Step 1 from zero moments, no decay: m = 0.1·g, v = 0.001·g², bias-corrected m/√v = sign(g),
+  // so p moves by lr·g/(|g| + eps·…) ≈ lr per element (the classic sign step of Adam).
+  double ss, bc2;
+  core::adamw_bias_corrections(1, 1e-3, 0.9, 0.999, &ss, &bc2);
+  CHECK(std::fabs(ss - 1e-2) < 1e-15 && std::fabs(bc2 - std::sqrt(1e-3)) < 1e-15);
+  const auto s = core::adamw_scalars<double>(1e-3, 0.9, 0.999, 0.0, 0.0);
+  double p[2] = {1.0, -2.0}, g[2] = {3.0, -0.5}, m[2] = {0, 0}, v[2] = {0, 0};
+  core::adamw_row(p, g, m, v, 2, ss, bc2, s);
+  CHECK(std::fabs(p[0] - (1.0 - 1e-3)) < 1e-15 && std::fabs(p[1] - (-2.0 + 1e-3)) < 1e-15);
+  CHECK(std::fabs(m[0] - 0.3) < 1e-15 && std::fabs(v[1] - 0.00025) < 1e-18);
+  // Decoupled weight decay scales p first: p·(1 − lr·wd) with a zero gradient step.
+  const auto sd = core::adamw_scalars<float>(0.5, 0.9, 0.999, 1e-8, 0.5);
+  float pf = 2.f, gf = 0.f, mf = 0.f, vf = 0.f;
+  core::adamw_update(pf, gf, mf, vf, 1.f, 1.f, sd);
+  CHECK(pf == 1.5f && mf == 0.f && vf == 0.f);
+}
+
 int main() {
   test_edm_zero_residual();
   test_edm_hand_computed_row();
@@ -133,6 +181,9 @@ int main() {
   test_skew_closed_forms();
   test_skew_ascending_order();
   test_skew_rows_match_single_rows();
+  test_noisy_closed_forms();
+  test_pow_int();
+  test_adamw_first_step();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

@@ -1,7 +1,7 @@
 // Compile check of the torch-free CUDA kernels (csrc/cuda/kernels.cuh) for every storage type the
 // extension uses (float, double, bfloat16, half), and — when a GPU is present — a run against the
 // host core: the kernels must reproduce csrc/core's results bit for bit (same lanes, same order,
-// no FMA). Exit code 77 (ctest: skipped) when no GPU is visible.
+// no FMA; AdamW with the host's pow_int bias corrections). Exit code 77 (ctest: skipped) when no GPU is visible.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -43,6 +43,24 @@ INSTANTIATE(__nv_bfloat16, __nv_bfloat16, float)
 INSTANTIATE(__nv_bfloat16, float, float)
 INSTANTIATE(__half, __half, float)
 INSTANTIATE(__half, float, float)
+#define INSTANTIATE_NOISY(T, E, Acc)                                                             \
+  template __global__ void kern::noisy_inputs_kernel<true, T, E, Acc>(T*, const T*, int64_t, const E*, \
+      int64_t, int64_t, const Acc*, const Acc*, const Acc*, int64_t, int64_t);                   \
+  template __global__ void kern::noisy_inputs_kernel<false, T, E, Acc>(T*, const T*, int64_t, const E*, \
+      int64_t, int64_t, const Acc*, const Acc*, const Acc*, int64_t, int64_t);
+INSTANTIATE_NOISY(float, float, float)
+INSTANTIATE_NOISY(double, double, double)
+INSTANTIATE_NOISY(__nv_bfloat16, __nv_bfloat16, float)
+INSTANTIATE_NOISY(__nv_bfloat16, float, float)
+INSTANTIATE_NOISY(__half, __half, float)
+INSTANTIATE_NOISY(__half, float, float)
+#define INSTANTIATE_ADAMW(T, kVec)                                                               \
+  template __global__ void kern::bounded_adamw_step_kernel<T, kVec>(T*, const T*, T*, T*,        \
+      const int64_t*, const bool*, int64_t, double, double, double, mucs_fast::core::AdamwScalars<T>);
+INSTANTIATE_ADAMW(float, 1)
+INSTANTIATE_ADAMW(float, 4)
+INSTANTIATE_ADAMW(double, 1)
+INSTANTIATE_ADAMW(double, 2)
 
 static int failures = 0;
 
@@ -137,6 +155,85 @@ static void run_skew(int64_t K, int64_t N, int64_t M) {
   CUDA_OK(cudaFree(d_S));
 }
 
+template <typename T, typename Acc>
+static void run_noisy(int64_t M, int64_t n, int64_t D, bool per_image) {
+  std::vector<T> x(n * D), eps((per_image ? M * n : M) * D);
+  std::vector<Acc> a(M), b(M), c(M);
+  for (int64_t i = 0; i < n * D; ++i) x[i] = static_cast<T>(std::sin(0.3 * i));
+  for (size_t i = 0; i < eps.size(); ++i) eps[i] = static_cast<T>(std::cos(0.7 * i + 0.5));
+  for (int64_t m = 0; m < M; ++m) {
+    a[m] = static_cast<Acc>(1.0 / (1.0 + 0.1 * m));
+    b[m] = static_cast<Acc>(0.3 + 0.7 * m);
+    c[m] = static_cast<Acc>(0.5 / (0.2 + m));
+  }
+  const int64_t e_ms = per_image ? n * D : D, e_ns = per_image ? D : 0;
+  std::vector<T> host(M * n * D);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < n; ++j)
+      core::noisy_inputs_row<true, Acc>(&host[(m * n + j) * D], &x[j * D], &eps[m * e_ms + j * e_ns], D,
+                                        a[m], b[m], c[m]);
+  T *d_x = to_device(x), *d_e = to_device(eps), *d_out = nullptr;
+  Acc *d_a = to_device(a), *d_b = to_device(b), *d_c = to_device(c);
+  CUDA_OK(cudaMalloc(&d_out, M * n * D * sizeof(T)));
+  const int64_t chunk = kern::kNoisyThreads * kern::kNoisyIlp;
+  const dim3 grid(static_cast<unsigned>(M * n), static_cast<unsigned>((D + chunk - 1) / chunk));
+  kern::noisy_inputs_kernel<true, T, T, Acc>
+      <<<grid, kern::kNoisyThreads>>>(d_out, d_x, D, d_e, e_ms, e_ns, d_a, d_b, d_c, n, D);
+  CUDA_OK(cudaGetLastError());
+  CUDA_OK(cudaDeviceSynchronize());
+  if (!same_bits(to_host(d_out, M * n * D), host)) {
+    std::fprintf(stderr, "noisy_inputs: device and host differ (M=%lld, n=%lld, D=%lld)\n", (long long)M,
+                 (long long)n, (long long)D);
+    ++failures;
+  }
+  for (void* p : {(void*)d_x, (void*)d_e, (void*)d_out, (void*)d_a, (void*)d_b, (void*)d_c}) CUDA_OK(cudaFree(p));
+}
+
+template <typename T, int kVec>
+static void run_adamw(int64_t K, int64_t P) {
+  std::vector<T> p(K * P), g(K * P), m(K * P), v(K * P);
+  for (int64_t i = 0; i < K * P; ++i) {
+    p[i] = static_cast<T>(std::sin(0.37 * i));
+    g[i] = static_cast<T>(std::cos(0.11 * i + 1.0));
+    m[i] = static_cast<T>(0.1 * std::sin(0.05 * i));
+    v[i] = static_cast<T>(0.01 * (1.0 + std::cos(0.13 * i)));
+  }
+  std::vector<int64_t> step(K);
+  bool active[64];
+  for (int64_t k = 0; k < K; ++k) {
+    step[k] = 1 + 37 * k;
+    active[k] = k % 3 != 1;
+  }
+  const double lr = 1e-3, b1 = 0.9, b2 = 0.999;
+  const auto s = core::adamw_scalars<T>(lr, b1, b2, 1e-8, 0.01);
+  std::vector<T> hp = p, hm = m, hv = v;
+  for (int64_t k = 0; k < K; ++k) {
+    if (!active[k]) continue;
+    double ss, bc2;
+    core::adamw_bias_corrections(step[k], lr, b1, b2, &ss, &bc2);
+    core::adamw_row(&hp[k * P], &g[k * P], &hm[k * P], &hv[k * P], P, static_cast<T>(ss),
+                    static_cast<T>(bc2), s);
+  }
+  T *d_p = to_device(p), *d_g = to_device(g), *d_m = to_device(m), *d_v = to_device(v);
+  int64_t* d_step = to_device(step);
+  bool* d_act = nullptr;
+  CUDA_OK(cudaMalloc(&d_act, K));
+  CUDA_OK(cudaMemcpy(d_act, active, K, cudaMemcpyHostToDevice));
+  const dim3 grid(3, static_cast<unsigned>(K));  // few blocks: threads loop over their row
+  kern::bounded_adamw_step_kernel<T, kVec>
+      <<<grid, kern::kAdamwThreads>>>(d_p, d_g, d_m, d_v, d_step, d_act, P, lr, b1, b2, s);
+  CUDA_OK(cudaGetLastError());
+  CUDA_OK(cudaDeviceSynchronize());
+  if (!same_bits(to_host(d_p, K * P), hp) || !same_bits(to_host(d_m, K * P), hm) ||
+      !same_bits(to_host(d_v, K * P), hv)) {
+    std::fprintf(stderr, "bounded_adamw_step: device and host differ (K=%lld, P=%lld)\n", (long long)K,
+                 (long long)P);
+    ++failures;
+  }
+  for (void* q : {(void*)d_p, (void*)d_g, (void*)d_m, (void*)d_v, (void*)d_step, (void*)d_act})
+    CUDA_OK(cudaFree(q));
+}
+
 int main() {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -153,6 +250,14 @@ int main() {
     run_skew<double, double>(2, 33, M);
     run_skew<__nv_bfloat16, float>(2, 65, M);
   }
+  for (bool per_image : {false, true}) {
+    run_noisy<float, float>(3, 5, 1025, per_image);
+    run_noisy<double, double>(2, 3, 77, per_image);
+    run_noisy<__nv_bfloat16, float>(4, 2, 3072, per_image);
+  }
+  run_adamw<float, 1>(5, 1001);
+  run_adamw<float, 4>(4, 4096);
+  run_adamw<double, 2>(3, 1000);
   if (failures) {
     std::fprintf(stderr, "%d comparison(s) failed\n", failures);
     return 1;
