@@ -1,21 +1,23 @@
 """The mucs_fast ops (torch.library, namespace mucs_fast): one module per op.
 
 Each op's default implementation is its plain-PyTorch reference (mucs_fast.reference), on every
-device; compiled kernels (mucs_fast._C: C++ CPU, CUDA) override it per device once loaded, which
-happens on the first call of a function of this module (or `load()`); torch.ops.mucs_fast.* calls
-reach them from then on. `backends()` says what serves each op, `extension_error()` why the
-compiled module is absent, if it is.
+device; faster kernels (mucs_fast._C: C++ CPU and CUDA; mucs_fast.kernels: Triton) override it per
+device once loaded, which happens on the first call of a function of this module (or `load()`);
+torch.ops.mucs_fast.* calls reach them from then on. `backends()` says what serves each op,
+`extension_error()` why the compiled module is absent, if it is.
 """
 
-from ..reference import bounded_adamw_step  # registered op: issue 3 (kernels)
 from ._backend import backends, extension_error, load
+from .bounded_adamw_step import bounded_adamw_step
 from .edm_loss import edm_loss, edm_loss_backward
+from .noisy_inputs import noisy_inputs
 from .skew_accumulate import skew_accumulate
 
 __all__ = [
     "bounded_adamw_step",
     "edm_loss",
     "edm_loss_backward",
+    "noisy_inputs",
     "skew_accumulate",
     "backends",
     "extension_error",

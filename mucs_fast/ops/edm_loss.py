@@ -4,7 +4,8 @@
 
 (equation, source, precision: mucs_fast/reference/edm_loss.py and csrc/core/edm_loss.h).
 Implementations: the plain-PyTorch reference on every device (CompositeExplicitAutograd); the
-C++ kernels of mucs_fast._C on CPU and CUDA, when built. Only `out` is differentiable; its
+C++ kernels of mucs_fast._C on CPU; Triton or CUDA C++ on CUDA (mucs_fast/ops/_backend.py), all
+in the same fixed reduction order. Only `out` is differentiable; its
 gradient is the op mucs_fast::edm_loss_backward. vmap rules fold the vmapped dimension into B,
 so `torch.func.vmap` over K stacked models makes one op call of K·B rows.
 """
@@ -20,15 +21,17 @@ from .. import reference
 from . import _backend
 from ._checks import acc_dtype, check_per_sample, check_tensor
 
-_lib = torch.library.Library("mucs_fast", "FRAGMENT")
-_lib.define(
+_SCHEMAS = (
     "edm_loss(Tensor out, Tensor? x_noisy, Tensor target, Tensor? c_skip, Tensor? c_out, "
-    "Tensor weight) -> Tensor"
-)
-_lib.define(
+    "Tensor weight) -> Tensor",
     "edm_loss_backward(Tensor grad, Tensor out, Tensor? x_noisy, Tensor target, Tensor? c_skip, "
-    "Tensor? c_out, Tensor weight) -> Tensor"
+    "Tensor? c_out, Tensor weight) -> Tensor",
 )
+_lib = torch.library.Library("mucs_fast", "FRAGMENT")
+_cuda_lib = torch.library.Library(_backend.CUDA_NAMESPACE, "FRAGMENT")
+for _schema in _SCHEMAS:
+    _lib.define(_schema)
+    _cuda_lib.define(_schema)
 
 
 def edm_loss(
@@ -114,8 +117,23 @@ def _edm_loss_backward_default(grad, out, x_noisy, target, c_skip, c_out, weight
     return reference.edm_loss_backward(grad, out, x_noisy, target, c_skip, c_out, weight)
 
 
+def _edm_loss_triton(out, x_noisy, target, c_skip, c_out, weight):
+    _check_args("edm_loss", out, x_noisy, target, c_skip, c_out, weight)
+    return _backend.triton_module("edm_loss").edm_loss(out, x_noisy, target, c_skip, c_out, weight)
+
+
+def _edm_loss_backward_triton(grad, out, x_noisy, target, c_skip, c_out, weight):
+    _check_args("edm_loss_backward", out, x_noisy, target, c_skip, c_out, weight)
+    check_per_sample("edm_loss_backward", "grad", grad, out.shape[0], out.device)
+    return _backend.triton_module("edm_loss").edm_loss_backward(
+        grad, out, x_noisy, target, c_skip, c_out, weight
+    )
+
+
 _lib.impl("edm_loss", _edm_loss_default, "CompositeExplicitAutograd")
 _lib.impl("edm_loss_backward", _edm_loss_backward_default, "CompositeExplicitAutograd")
+_backend.add_triton_kernel("edm_loss", _edm_loss_triton, _lib)
+_backend.add_triton_kernel("edm_loss_backward", _edm_loss_backward_triton, _lib)
 
 
 @torch.library.register_fake("mucs_fast::edm_loss", lib=_lib)

@@ -4,8 +4,9 @@
 
 (equation, source, precision: mucs_fast/reference/skew_accumulate.py and
 csrc/core/skew_accumulate.h). Implementations: the plain-PyTorch reference on every device
-(CompositeExplicitAutograd); the C++ kernels of mucs_fast._C on CPU and CUDA, when built. Scores
-are not differentiated, so the op has no autograd formula.
+(CompositeExplicitAutograd); the C++ kernel of mucs_fast._C on CPU; Triton or CUDA C++ on CUDA
+(mucs_fast/ops/_backend.py), all adding in ascending m. Scores are not differentiated, so the op
+has no autograd formula.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from .. import reference
 from . import _backend
 from ._checks import acc_dtype, check_tensor
 
-_lib = torch.library.Library("mucs_fast", "FRAGMENT")
-_lib.define(
+_SCHEMA = (
     "skew_accumulate(Tensor loss_u, Tensor loss_t, float eps=0.001, bool use_ratio=True) -> Tensor"
 )
+_lib = torch.library.Library("mucs_fast", "FRAGMENT")
+_lib.define(_SCHEMA)
+_cuda_lib = torch.library.Library(_backend.CUDA_NAMESPACE, "FRAGMENT")
+_cuda_lib.define(_SCHEMA)
 
 
 def skew_accumulate(
@@ -53,7 +57,13 @@ def _skew_accumulate_default(loss_u, loss_t, eps=1e-3, use_ratio=True):
     return reference.skew_accumulate(loss_u, loss_t, eps, use_ratio)
 
 
+def _skew_accumulate_triton(loss_u, loss_t, eps=1e-3, use_ratio=True):
+    _check_args(loss_u, loss_t)
+    return _backend.triton_module("skew_accumulate").skew_accumulate(loss_u, loss_t, eps, use_ratio)
+
+
 _lib.impl("skew_accumulate", _skew_accumulate_default, "CompositeExplicitAutograd")
+_backend.add_triton_kernel("skew_accumulate", _skew_accumulate_triton, _lib)
 
 
 @torch.library.register_fake("mucs_fast::skew_accumulate", lib=_lib)

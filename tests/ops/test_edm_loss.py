@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mucs_fast import ops, reference
 
-from .conftest import DEVICES
+from .conftest import ACCELERATOR, DEVICES, GPU_KERNELS, gpu_kernel, interpreted_triton
 
 # The module (mucs_fast.ops.edm_loss is also the name of the op's function).
 edm_loss_module = importlib.import_module("mucs_fast.ops.edm_loss")
@@ -366,3 +366,88 @@ def test_bad_grad_raises(device, backend):
     else:
         with pytest.raises(RuntimeError, match="grad"):
             fn(grad, *args)
+
+
+# Triton under the interpreter (CI) and both accelerator kernels (GPU): the CPU kernel's lanes and
+# tree, so the same bits.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1), (2, 300)], ids=str)
+def test_triton_interpreted(shape, form, dtype):
+    args = make_inputs(shape, form, dtype)
+    grad = torch.rand(shape[0], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    forward, backward = interpreted_triton("edm_loss"), interpreted_triton("edm_loss_backward")
+    assert torch.equal(forward(*args), ops.edm_loss(*args))
+    assert torch.equal(backward(grad, *args), ops.edm_loss_backward(grad, *args))
+
+
+def test_triton_interpreted_mixed_dtypes_and_strides():
+    out, x, target, c_skip, c_out, weight = make_inputs(
+        (3, 2, 5, 7), "f_form", torch.bfloat16, in_dtype=torch.float32
+    )
+    args = (
+        out[::2],
+        x[::2].transpose(2, 3).contiguous().transpose(2, 3),
+        target[::2],
+        c_skip[::2].double(),
+        c_out[::2],
+        weight[::2],
+    )
+    grad = torch.rand(2)
+    assert torch.equal(interpreted_triton("edm_loss")(*args), ops.edm_loss(*args))
+    assert torch.equal(
+        interpreted_triton("edm_loss_backward")(grad, *args), ops.edm_loss_backward(grad, *args)
+    )
+
+
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("form", FORMS)
+def test_gpu_kernels_match_cpu_bits(kernel, form, dtype):
+    forward = gpu_kernel("edm_loss", kernel)
+    backward = gpu_kernel("edm_loss_backward", kernel)
+    args = make_inputs((5, 3, 61, 67), form, dtype)
+    dev = _to_device(args, ACCELERATOR)
+    grad = torch.rand(5, dtype=args[-1].dtype)
+    assert torch.equal(forward(*dev).cpu(), ops.edm_loss(*args))
+    assert torch.equal(
+        backward(grad.to(ACCELERATOR), *dev).cpu(), ops.edm_loss_backward(grad, *args)
+    )
+    torch.testing.assert_close(
+        forward(*dev).cpu(), reference.edm_loss(*args), **_tol(args[-1].dtype)
+    )
+
+
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+def test_gpu_kernels_mixed_dtypes_and_strides(kernel):
+    forward = gpu_kernel("edm_loss", kernel)
+    backward = gpu_kernel("edm_loss_backward", kernel)
+    out, x, target, c_skip, c_out, weight = make_inputs(
+        (6, 3, 9, 9), "f_form", torch.bfloat16, in_dtype=torch.float32
+    )
+    args = (
+        out[::2],
+        x[::2].transpose(2, 3).contiguous().transpose(2, 3),
+        target[::2],
+        c_skip[::2].double(),
+        c_out[::2],
+        weight[::2],
+    )
+    grad = torch.rand(3)
+    dev = _to_device(args, ACCELERATOR)
+    assert torch.equal(forward(*dev).cpu(), ops.edm_loss(*args))
+    assert torch.equal(
+        backward(grad.to(ACCELERATOR), *dev).cpu(), ops.edm_loss_backward(grad, *args)
+    )
+
+
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+def test_gpu_kernels_bad_args_raise(kernel):
+    forward = gpu_kernel("edm_loss", kernel)
+    backward = gpu_kernel("edm_loss_backward", kernel)
+    grad = torch.rand(3, device=ACCELERATOR)
+    for args, name in _bad_cases(ACCELERATOR).values():
+        with pytest.raises(RuntimeError, match=name):
+            forward(*args)
+        with pytest.raises(RuntimeError, match=name):
+            backward(grad, *args)

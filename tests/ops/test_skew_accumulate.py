@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mucs_fast import ops, reference
 
-from .conftest import DEVICES
+from .conftest import ACCELERATOR, DEVICES, GPU_KERNELS, gpu_kernel, interpreted_triton
 
 # The module (mucs_fast.ops.skew_accumulate is also the name of the op's function).
 skew_module = importlib.import_module("mucs_fast.ops.skew_accumulate")
@@ -200,3 +200,50 @@ def test_bad_args_raise(device, backend, case):
         args = tuple(mode.from_tensor(a) for a in args)
     with mode, pytest.raises(RuntimeError, match=name):
         fn(*args)
+
+
+# Triton under the interpreter (CI) and both accelerator kernels (GPU): ascending m, the same bits.
+@pytest.mark.parametrize("use_ratio", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 7), (1, 130, 5)], ids=str)
+def test_triton_interpreted(shape, dtype, use_ratio):
+    loss_u, loss_t = make_losses(shape, dtype)
+    S = interpreted_triton("skew_accumulate")(loss_u, loss_t, 1e-3, use_ratio)
+    assert torch.equal(S, ops.skew_accumulate(loss_u, loss_t, 1e-3, use_ratio))
+
+
+def test_triton_interpreted_mixed_dtypes_and_strides():
+    loss_u, loss_t = make_losses((3, 7, 9), torch.bfloat16, t_dtype=torch.float32)
+    nk = loss_u.transpose(0, 1).contiguous().transpose(0, 1)
+    strided_m = torch.stack([loss_t, loss_t], -1)[..., 1]
+    S = interpreted_triton("skew_accumulate")(nk, strided_m, 0.25, True)
+    assert torch.equal(S, ops.skew_accumulate(loss_u, loss_t, 0.25, True))
+
+
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("use_ratio", [True, False])
+def test_gpu_kernels_match_cpu_bits(kernel, dtype, use_ratio):
+    fn = gpu_kernel("skew_accumulate", kernel)
+    loss_u, loss_t = make_losses((5, 277, 100), dtype)
+    S = fn(loss_u.to(ACCELERATOR), loss_t.to(ACCELERATOR), 1e-3, use_ratio).cpu()
+    assert torch.equal(S, ops.skew_accumulate(loss_u, loss_t, 1e-3, use_ratio))
+
+
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+def test_gpu_kernels_mixed_dtypes_and_strides(kernel):
+    fn = gpu_kernel("skew_accumulate", kernel)
+    loss_u, loss_t = make_losses((3, 70, 33), torch.bfloat16, t_dtype=torch.float32)
+    nk = loss_u.to(ACCELERATOR).transpose(0, 1).contiguous().transpose(0, 1)
+    strided_m = torch.stack([loss_t, loss_t], -1)[..., 1].to(ACCELERATOR)
+    assert torch.equal(
+        fn(nk, strided_m, 0.25, True).cpu(), ops.skew_accumulate(loss_u, loss_t, 0.25, True)
+    )
+
+
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+def test_gpu_kernels_bad_args_raise(kernel):
+    fn = gpu_kernel("skew_accumulate", kernel)
+    for args, name in _bad_cases(ACCELERATOR).values():
+        with pytest.raises(RuntimeError, match=name):
+            fn(*args)
