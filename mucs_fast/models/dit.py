@@ -224,13 +224,18 @@ class DiT(nn.Module):
     extra_tokens: learned register tokens prepended to the patch tokens.
     sigma_data, P_mean, P_std: EDM σ_d and the log-normal training σ distribution.
 
+    The defaults are the demo model for 16×16 digits (patch 4 → 16 tokens, 334 k parameters with
+    10 classes): on 2 CPU cores it trains to recognizable class-conditional samples in ~3000 steps
+    and scores ~4 k (image, noise) pairs per second. The reference CIFAR-10 DiT is patch 2, width 768,
+    depth 12, heads 12, cond_width 256, extra_tokens 32 (behind a conv frontend not built here).
+
     `args` holds the constructor arguments as plain Python values: `type(net)(*net.args)` builds a
     fresh, untrained copy (used for loss_null="auto" and by checkpoints).
     """
 
     def __init__(self, image_size: Sequence[int] = (1, 16, 16), label_dim: int = 0,
-                 patch_size: Union[int, Sequence[int]] = 2, width: int = 128, depth: int = 4,
-                 heads: int = 4, mlp_ratio: float = 4, cond_width: int = 128, extra_tokens: int = 0,
+                 patch_size: Union[int, Sequence[int]] = 4, width: int = 64, depth: int = 4,
+                 heads: int = 4, mlp_ratio: float = 4, cond_width: int = 64, extra_tokens: int = 0,
                  sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2):
         super().__init__()
         image_size = tuple(int(v) for v in image_size)
