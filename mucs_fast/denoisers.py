@@ -19,7 +19,7 @@ import torch
 
 from . import noise as _noise
 from .config import REFERENCE_FROZEN, FrozenSpec
-from .ops import edm_loss
+from .ops import edm_loss, noisy_inputs
 
 
 class Denoiser:
@@ -53,6 +53,18 @@ class Denoiser:
     def loss(self, x, eps, level, y=None, net: Optional[Callable] = None) -> torch.Tensor:
         """Per-sample loss [B] (fp32 accumulation) of images x under noise (ε, level)."""
         raise NotImplementedError
+
+    def grid_loss(self, x, eps, level, y=None, net: Optional[Callable] = None) -> torch.Tensor:
+        """Loss [M, n] of every (noise m, image j) pair: the scoring pass's unit of work.
+
+        x [n, C, H, W]; eps [M, C, H, W] (one noise per sample, shared by all images: the bank) or
+        [M, n, C, H, W]; level [M]; y: labels of the n images. The batch is noise-major, (m n), as
+        in the reference. Subclasses build it with the fused `noisy_inputs` op.
+        """
+        M, n = level.shape[0], x.shape[0]
+        xx = _rows(x, M)
+        ee = _rows(eps, n, per_sample=True) if eps.dim() == x.dim() else eps.reshape(M * n, *x.shape[1:])
+        return self.loss(xx, ee, level.repeat_interleave(n), _label_rows(y, M), net=net).view(M, n)
 
     # -- model facts ----------------------------------------------------------------------------
     def fresh_net(self) -> torch.nn.Module:
@@ -96,6 +108,18 @@ class Denoiser:
 
     def _fingerprint_extra(self):
         return ()
+
+
+def _rows(t: torch.Tensor, reps: int, per_sample: bool = False) -> torch.Tensor:
+    """Noise-major rows: images x [n, ...] → [reps·n, ...] (x repeated per noise); per_sample:
+    noises ε [M, ...] → [M·reps, ...] (each noise repeated for the reps images)."""
+    if per_sample:
+        return t.unsqueeze(1).expand(t.shape[0], reps, *t.shape[1:]).reshape(-1, *t.shape[1:])
+    return t.unsqueeze(0).expand(reps, *t.shape).reshape(-1, *t.shape[1:])
+
+
+def _label_rows(y: Optional[torch.Tensor], M: int) -> Optional[torch.Tensor]:
+    return None if y is None else y.repeat(M, *([1] * (y.dim() - 1)))
 
 
 def _is_class_ids(y: torch.Tensor) -> bool:
@@ -198,6 +222,24 @@ class EDMDenoiser(Denoiser):
         D = net(x_noisy, sigma, y=y)
         # D-form: the net applies c_skip/c_out itself, so the op sees c_skip = 0, c_out = 1.
         return edm_loss(D, None, x, None, None, self.weight(sigma))
+
+    def grid_loss(self, x, eps, level, y=None, net=None):
+        net = self.net if net is None else net
+        M, n = level.shape[0], x.shape[0]
+        sigma = level
+        per_row = lambda v: v.repeat_interleave(n)  # noqa: E731 — [M] per-noise → [M·n] per-row
+        target = _rows(x, M)
+        yy = _label_rows(y, M)
+        if self.raw:  # x_in = c_in·(x + σε) in one pass; c_skip·x_noisy = (c_skip/c_in)·x_in in the loss
+            c_skip, c_out, c_in, c_noise = self.precond(sigma)
+            x_in = noisy_inputs(x, eps, torch.ones_like(sigma), sigma, c_in)
+            F = net.network(x_in, per_row(c_noise), yy)
+            L = edm_loss(F, x_in, target, per_row(c_skip / c_in), per_row(c_out), per_row(self.weight(sigma)))
+        else:
+            x_noisy = noisy_inputs(x, eps, torch.ones_like(sigma), sigma, None)
+            D = net(x_noisy, per_row(sigma), y=yy)
+            L = edm_loss(D, None, target, None, None, per_row(self.weight(sigma)))
+        return L.view(M, n)
 
     # labels / models ---------------------------------------------------------------------------
     def _convert_labels(self, y, what):
@@ -305,9 +347,16 @@ class DiffusersDenoiser(Denoiser):
         net = self.net if net is None else net
         x_t = self.noisy(x, eps, level)
         out = net(x_t, level, class_labels=y)
-        eps_hat = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
-        ones = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
-        return edm_loss(eps_hat, None, eps, None, None, ones)
+        return edm_loss(_sample(out), None, eps, None, None, torch.ones(x.shape[0], device=x.device))
+
+    def grid_loss(self, x, eps, level, y=None, net=None):
+        net = self.net if net is None else net
+        M, n = level.shape[0], x.shape[0]
+        acp = self._alphas(x.device)[level]
+        x_t = noisy_inputs(x, eps, acp.sqrt(), (1 - acp).sqrt(), None)
+        out = net(x_t, level.repeat_interleave(n), class_labels=_label_rows(y, M))
+        target = _rows(eps, n, per_sample=True) if eps.dim() == x.dim() else eps.reshape(M * n, *x.shape[1:])
+        return edm_loss(_sample(out), None, target, None, None, torch.ones(M * n, device=x.device)).view(M, n)
 
     def _convert_labels(self, y, what):
         if not _is_class_ids(y):
@@ -328,6 +377,11 @@ class DiffusersDenoiser(Denoiser):
 
     def _fingerprint_extra(self):
         return (self.T, float(self.alphas_cumprod.sum()))
+
+
+def _sample(out):
+    """diffusers models return an output object (`.sample`) or a tuple; plain nets a tensor."""
+    return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
 
 
 def diffusers_default_frozen(name: str, p: torch.nn.Parameter) -> bool:

@@ -42,20 +42,8 @@ def autocast_for(device: torch.device, precision: str):
 
 def chunk_losses(den: Denoiser, net, x: torch.Tensor, y: Optional[torch.Tensor], eps: torch.Tensor,
                  level: torch.Tensor) -> torch.Tensor:
-    """Losses [n, M] of n images x under M noises.
-
-    eps: [M, C, H, W] (shared by all images) or [M, n, C, H, W] (one draw per image); level: [M].
-    """
-    n, M = x.shape[0], level.shape[0]
-    shape = x.shape[1:]
-    xx = x.unsqueeze(0).expand(M, *x.shape).reshape(M * n, *shape)
-    if eps.dim() == x.dim():
-        ee = eps.unsqueeze(1).expand(M, n, *shape).reshape(M * n, *shape)
-    else:
-        ee = eps.reshape(M * n, *shape)
-    ll = level.repeat_interleave(n)
-    yy = None if y is None else y.repeat(M, *([1] * (y.dim() - 1)))
-    return den.loss(xx, ee, ll, yy, net=net).view(M, n).t()
+    """Losses [n, M] of n images x under M noises (eps [M, ...] shared, or [M, n, ...])."""
+    return den.grid_loss(x, eps, level, y, net=net).t()
 
 
 @torch.inference_mode()
@@ -130,18 +118,15 @@ def score_stacked(den: Denoiser, stack, x: torch.Tensor, y: Optional[torch.Tenso
         for n0 in range(0, N, images_per_batch):
             n1 = min(N, n0 + images_per_batch)
             n = n1 - n0
-            xc = x[n0:n1]
-            xx = xc.unsqueeze(0).expand(M, *xc.shape).reshape(M * n, *xc.shape[1:])
-            ll = bank.level.repeat_interleave(n)
-            yy = None if y is None else y[n0:n1].repeat(M, *([1] * (y.dim() - 1)))
-            if generators is None:
-                ee = bank.eps.unsqueeze(1).expand(M, n, *xc.shape[1:]).reshape(M * n, *xc.shape[1:])
-                L = stack.loss(den, xx, ee, ll, yy, in_dims=(None, None, None, None))
+            xc, yc = x[n0:n1], None if y is None else y[n0:n1]
+            if generators is None:  # the shared bank: one input batch for all K models
+                L = stack.vmap(lambda net, e: den.grid_loss(xc, e, bank.level, yc, net=net), bank.eps,
+                               in_dims=(None,))
             else:
                 ee = torch.stack([torch.randn((M, n, *xc.shape[1:]), generator=g, device=x.device)
-                                  for g in generators]).reshape(K, M * n, *xc.shape[1:])
-                L = stack.loss(den, xx, ee, ll, yy, in_dims=(None, 0, None, None))
-            loss_u = L.view(K, M, n).transpose(1, 2)  # [K, n, M]
+                                  for g in generators])
+                L = stack.vmap(lambda net, e: den.grid_loss(xc, e, bank.level, yc, net=net), ee, in_dims=(0,))
+            loss_u = L.transpose(1, 2)  # [K, M, n] → [K, n, M]
             scores[:, n0:n1] = skew_scores(loss_u, loss_t[n0:n1], eps=eps, use_loss_ratio=use_loss_ratio,
                                            use_same_noise_infer=use_same_noise_infer)
             if progress is not None:
