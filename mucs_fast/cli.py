@@ -185,6 +185,12 @@ def cmd_attribute(args) -> int:
     from .engine import attribute
     from .report import write_report
 
+    from .compat.cli import cmd_attribute_reference, uses_reference_files
+
+    if uses_reference_files(args):  # the reference implementation's samples.pt / dataset folder
+        return cmd_attribute_reference(args)
+    if not (args.train and args.targets):
+        raise ValueError("--train and --targets are required (or --reference-samples and --reference-data)")
     # Read and check every input before any compute.
     train, ids = load_images(args.train)
     targets, _ = load_images(args.targets)
@@ -229,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("attribute", help="attribute generated images to training images")
     a.add_argument("--model", required=True, help="diffusers model directory, mucs_fast checkpoint, or saved nn.Module")
-    a.add_argument("--train", required=True, help="training images: .pt/.npy/.safetensors [N,C,H,W] or an image folder")
-    a.add_argument("--targets", required=True, help="generated images (same formats)")
+    a.add_argument("--train", help="training images: .pt/.npy/.safetensors [N,C,H,W] or an image folder")
+    a.add_argument("--targets", help="generated images (same formats)")
     a.add_argument("--out", required=True, help="result/run directory")
     a.add_argument("--train-labels", default=None)
     a.add_argument("--target-labels", default=None)
@@ -245,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default=None)
     a.add_argument("--resume", action="store_true")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .compat.cli import add_reference_arguments  # --reference-samples / --reference-data
+
+    add_reference_arguments(a)
     a.set_defaults(func=cmd_attribute)
     return p
 

@@ -207,6 +207,55 @@ def _probe_batched(den, names, x, y) -> str | None:
     return None
 
 
+def load_reference_model(checkpoint, code_dir=None, metadata=None, which: str = "ema"):
+    """An EDMDenoiser for one of the reference's checkpoints: `configuration.yaml` beside it names
+    `models.<conf.model.name>.Model(conf.model, metadata)`, imported from the reference checkout
+    `code_dir` (default: already importable); weights `which` ("ema", else "model") of the
+    checkpoint, read with `load_checkpoint` (omegaconf-safe, weights_only=True). The denoiser knows
+    the sampler's σ range, the training lr (unlearning lr = lr / 10) and how to build a fresh model."""
+    import sys
+
+    from ..denoisers import EDMDenoiser
+
+    fn = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "configuration.yaml")
+    if not os.path.isfile(fn):
+        raise FileNotFoundError(
+            f"{checkpoint}: no configuration.yaml beside it (a reference run folder has one)"
+        )
+    try:
+        from omegaconf import OmegaConf
+    except ImportError as e:
+        raise ImportError(
+            "reading a reference checkpoint needs omegaconf (the reference's dependency): "
+            "pip install omegaconf"
+        ) from e
+    conf = OmegaConf.load(fn)
+    if code_dir is not None and os.path.abspath(code_dir) not in sys.path:
+        sys.path.insert(0, os.path.abspath(code_dir))
+    if metadata is None:
+        raise ValueError(
+            "load_reference_model: the dataset metadata (metadata.pt) is needed to build the model"
+        )
+    Model = importlib.import_module("models." + conf.model.name).Model
+    net = Model(conf.model, metadata)
+    state = load_checkpoint(checkpoint)
+    sd = state.get(which) if isinstance(state, dict) else None
+    if sd is None:
+        sd = state["model"]
+    sd = {k.removeprefix("_forward_module.").removeprefix("module."): v for k, v in sd.items()}
+    net.load_state_dict(sd)
+    net.eval()
+    sm = conf.model.sampler
+    return EDMDenoiser(
+        net,
+        sigma_min=float(sm.sigma_min),
+        sigma_max=float(sm.sigma_max),
+        rho=float(sm.rho),
+        train_lr=float(conf.training.optim.lr),
+        null_factory=lambda: Model(conf.model, metadata),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Attributor
 # --------------------------------------------------------------------------------------------

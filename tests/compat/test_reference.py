@@ -536,3 +536,59 @@ def test_loss_null_auto_from_pre_run_configuration(tmp_path, monkeypatch, data):
         warnings.simplefilter("ignore")
         lnull = att.estimate_null_loss(ResidentLoader(ds, ids, x, y, B, True, True))
     assert lnull > 0
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def test_cli_attribute_on_reference_files(tmp_path):
+    from mucs_fast import cli
+
+    ids, x, y = toy_data(N=24, C=1, H=4, label_dim=3)
+    ref.save_dataset(tmp_path / "data", x, y, ids=ids)
+    ref.save_samples(tmp_path / "samples.pt", torch.arange(5), x[:5], y[:5], x[:5] * 0.9, {})
+    torch.manual_seed(0)
+    torch.save(TinyEDMNet(C=1, label_dim=3, width=8), tmp_path / "model.pt")
+    out = tmp_path / "out"
+    argv = [
+        "attribute",
+        "--model",
+        str(tmp_path / "model.pt"),
+        "--reference-samples",
+        str(tmp_path / "samples.pt"),
+        "--reference-data",
+        str(tmp_path / "data"),
+        "--num-attrib",
+        "2",
+        "--out",
+        str(out),
+        "--num-noises",
+        "4",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--loss-null",
+        "1.0",
+        "--lr",
+        "1e-4",
+        "--top-k",
+        "5",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert cli.main(argv) == 0
+    res = mf.Attribution.load(out)
+    assert res.scores.shape == (2, 24) and torch.equal(
+        res.train_ids, ref.load_dataset(tmp_path / "data").ids
+    )
+    top, all_idx, scores = ref.load_attrib_ids(out / "attrib-ids.pt", with_all=True)
+    assert (
+        torch.equal(top, res.topk(5))
+        and torch.equal(all_idx, res.train_ids)
+        and torch.equal(scores, res.scores)
+    )
+    assert torch.equal(ref.load_attrib_ids(out / "attrib-ids.pt"), top)
+    assert (
+        cli.main(["attribute", "--model", "m", "--out", str(out), "--reference-samples", "s.pt"])
+        == 2
+    )
