@@ -10,12 +10,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from torch.nn import functional as F
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TENSOR_EXTENSIONS = (".pt", ".pth", ".npy", ".safetensors")
@@ -47,7 +46,7 @@ def load_digits(size: int = 16, mode: str = "resize") -> tuple[torch.Tensor, tor
             raise ValueError(f'load_digits(mode="pad"): size must be >= 8, got {size}')
         lo = (size - 8) // 2
         canvas = torch.full((x.shape[0], 1, size, size), -1.0)
-        canvas[:, :, lo:lo + 8, lo:lo + 8] = x
+        canvas[:, :, lo : lo + 8, lo : lo + 8] = x
         x = canvas
     else:
         raise ValueError(f'load_digits: mode must be "resize" or "pad", got {mode!r}')
@@ -55,7 +54,7 @@ def load_digits(size: int = 16, mode: str = "resize") -> tuple[torch.Tensor, tor
 
 
 # -- tensor files ---------------------------------------------------------------------------------
-def _split_key(path: PathLike) -> tuple[Path, Optional[str]]:
+def _split_key(path: PathLike) -> tuple[Path, str | None]:
     """`file` or `file:key` (the key selects one tensor of a .safetensors / dict-holding .pt)."""
     s = os.fspath(path)
     if os.path.exists(s):
@@ -66,14 +65,16 @@ def _split_key(path: PathLike) -> tuple[Path, Optional[str]]:
     raise FileNotFoundError(f"{s}: no such file")
 
 
-def _pick(tensors: dict, path: Path, key: Optional[str]) -> torch.Tensor:
+def _pick(tensors: dict, path: Path, key: str | None) -> torch.Tensor:
     if key is not None:
         if key not in tensors:
             raise ValueError(f"{path}: no tensor named {key!r}; found {sorted(tensors)}")
         return tensors[key]
     if len(tensors) != 1:
-        raise ValueError(f"{path}: expected exactly one tensor (or name one as '{path}:<key>'), "
-                         f"found {len(tensors)}: {sorted(tensors)}")
+        raise ValueError(
+            f"{path}: expected exactly one tensor (or name one as '{path}:<key>'), "
+            f"found {len(tensors)}: {sorted(tensors)}"
+        )
     return next(iter(tensors.values()))
 
 
@@ -84,8 +85,10 @@ def load_tensor_file(path: PathLike) -> torch.Tensor:
     p, key = _split_key(path)
     ext = p.suffix.lower()
     if ext not in TENSOR_EXTENSIONS:
-        raise ValueError(f"{p}: unknown tensor file extension {ext!r}; expected one of "
-                         f"{', '.join(TENSOR_EXTENSIONS)} (or a folder of images)")
+        raise ValueError(
+            f"{p}: unknown tensor file extension {ext!r}; expected one of "
+            f"{', '.join(TENSOR_EXTENSIONS)} (or a folder of images)"
+        )
     try:
         if ext == ".safetensors":
             from safetensors.torch import load_file
@@ -101,9 +104,13 @@ def load_tensor_file(path: PathLike) -> torch.Tensor:
     except ValueError as e:
         if str(p) in str(e):
             raise
-        raise ValueError(f"{p}: cannot read it as a {ext} tensor file ({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{p}: cannot read it as a {ext} tensor file ({type(e).__name__}: {e})"
+        ) from e
     except Exception as e:  # corrupt files raise anything from pickle/zip/safetensors errors
-        raise ValueError(f"{p}: cannot read it as a {ext} tensor file ({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{p}: cannot read it as a {ext} tensor file ({type(e).__name__}: {e})"
+        ) from e
     if isinstance(obj, torch.Tensor):
         if key is not None:
             raise ValueError(f"{p}: holds a single tensor; a ':{key}' key is not allowed")
@@ -143,23 +150,30 @@ def load_image_folder(path: PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    files = sorted(f for f in folder.iterdir()
-                   if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(
+        f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+    )
     if not files:
-        raise ValueError(f"{folder}: expected image files ({', '.join(IMAGE_EXTENSIONS)}), found none")
+        raise ValueError(
+            f"{folder}: expected image files ({', '.join(IMAGE_EXTENSIONS)}), found none"
+        )
     arrays = []
     first = None
     for f in files:
         im = _read_image(f)
         if im.mode not in _MODES:
-            raise ValueError(f"{f}: unsupported image mode {im.mode!r}; expected one of "
-                             f"{', '.join(_MODES)} (8 bits per band)")
+            raise ValueError(
+                f"{f}: unsupported image mode {im.mode!r}; expected one of "
+                f"{', '.join(_MODES)} (8 bits per band)"
+            )
         if first is None:
             first = (f, im.size, im.mode)
         elif (im.size, im.mode) != first[1:]:
-            raise ValueError(f"{f}: expected {first[1][0]}×{first[1][1]} {first[2]} like {first[0].name}, "
-                             f"found {im.size[0]}×{im.size[1]} {im.mode}; all images must share size "
-                             "and mode")
+            raise ValueError(
+                f"{f}: expected {first[1][0]}×{first[1][1]} {first[2]} like {first[0].name}, "
+                f"found {im.size[0]}×{im.size[1]} {im.mode}; all images must share size "
+                "and mode"
+            )
         a = np.asarray(im, dtype=np.uint8)
         arrays.append(a[:, :, None] if a.ndim == 2 else a)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -177,13 +191,15 @@ def load_image_folder(path: PathLike) -> tuple[torch.Tensor, torch.Tensor]:
 # -- dispatch -------------------------------------------------------------------------------------
 def _as_images(x: torch.Tensor, where: str) -> torch.Tensor:
     if x.ndim != 4:
-        raise ValueError(f"{where}: expected images [N, C, H, W], found a tensor of shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"{where}: expected images [N, C, H, W], found a tensor of shape {tuple(x.shape)}"
+        )
     if x.dtype == torch.uint8:  # the reference's storage format: 0..255
         return x.float() / 127.5 - 1
     if not torch.is_floating_point(x):
-        raise ValueError(f"{where}: expected float images in [-1, 1] (or uint8 0..255), found dtype "
-                         f"{x.dtype}")
+        raise ValueError(
+            f"{where}: expected float images in [-1, 1] (or uint8 0..255), found dtype {x.dtype}"
+        )
     if not torch.isfinite(x).all():
         raise ValueError(f"{where}: images contain NaN or Inf")
     return x.float().contiguous()
@@ -200,15 +216,17 @@ def load_images(path: PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.arange(x.shape[0], dtype=torch.int64)
 
 
-def load_labels(path: PathLike, n: Optional[int] = None) -> torch.Tensor:
+def load_labels(path: PathLike, n: int | None = None) -> torch.Tensor:
     """Labels from a tensor file: class ids int64 [N] or label vectors float32 [N, D] (e.g.
     one-hot). n: the number of images they belong to (checked when given)."""
     s = os.fspath(path)
     y = load_tensor_file(s)
     if y.ndim == 1:
         if torch.is_floating_point(y) or y.dtype == torch.bool or y.is_complex():
-            raise ValueError(f"{s}: expected integer class ids [N] (or float label vectors [N, D]), "
-                             f"found dtype {y.dtype} of shape {tuple(y.shape)}")
+            raise ValueError(
+                f"{s}: expected integer class ids [N] (or float label vectors [N, D]), "
+                f"found dtype {y.dtype} of shape {tuple(y.shape)}"
+            )
         y = y.long()
     elif y.ndim == 2:
         if y.dtype == torch.bool or y.is_complex():
@@ -217,8 +235,9 @@ def load_labels(path: PathLike, n: Optional[int] = None) -> torch.Tensor:
         if not torch.isfinite(y).all():
             raise ValueError(f"{s}: labels contain NaN or Inf")
     else:
-        raise ValueError(f"{s}: expected class ids [N] or label vectors [N, D], found shape "
-                         f"{tuple(y.shape)}")
+        raise ValueError(
+            f"{s}: expected class ids [N] or label vectors [N, D], found shape {tuple(y.shape)}"
+        )
     if n is not None and y.shape[0] != n:
         raise ValueError(f"{s}: expected {n} labels (one per image), found {y.shape[0]}")
     return y.contiguous()

@@ -8,14 +8,14 @@ floating-point reduction order.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from . import noise as _noise
 
-Seeds = Union[int, Sequence[int], torch.Tensor]
+Seeds = int | Sequence[int] | torch.Tensor
 
 
 def _seeds(n_or_seeds: Seeds) -> list[int]:
@@ -65,10 +65,19 @@ def _eval(net):
 
 
 @torch.inference_mode()
-def sample_edm(den, n_or_seeds: Seeds, labels: Optional[torch.Tensor] = None, num_steps: int = 32,
-               batch_size: int = 256, progress: bool = True, device=None,
-               sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
-               rho: Optional[float] = None, shape=None) -> torch.Tensor:
+def sample_edm(
+    den,
+    n_or_seeds: Seeds,
+    labels: torch.Tensor | None = None,
+    num_steps: int = 32,
+    batch_size: int = 256,
+    progress: bool = True,
+    device=None,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float | None = None,
+    shape=None,
+) -> torch.Tensor:
     """EDM Heun sampler (Algorithm 1 of Karras et al. 2022 with S_churn = 0, i.e. deterministic after
     the initial noise), as the reference samples (num_steps = 32).
 
@@ -86,7 +95,9 @@ def sample_edm(den, n_or_seeds: Seeds, labels: Optional[torch.Tensor] = None, nu
     sigma_min = den.sigma_min if sigma_min is None else sigma_min
     sigma_max = den.sigma_max if sigma_max is None else sigma_max
     rho = den.rho if rho is None else rho
-    t_steps = torch.cat([_noise.karras_sigmas(num_steps, sigma_min, sigma_max, rho), torch.zeros(1)])
+    t_steps = torch.cat(
+        [_noise.karras_sigmas(num_steps, sigma_min, sigma_max, rho), torch.zeros(1)]
+    )
     t_steps = t_steps.to(device)
     net = den.net
     out = torch.empty(n, C, H, W)
@@ -118,9 +129,18 @@ def sample_edm(den, n_or_seeds: Seeds, labels: Optional[torch.Tensor] = None, nu
 
 
 @torch.inference_mode()
-def sample_vp(den, n_or_seeds: Seeds, labels: Optional[torch.Tensor] = None, num_steps: int = 50,
-              eta: float = 0.0, batch_size: int = 256, progress: bool = True, device=None,
-              shape=None, clip: Optional[bool] = None) -> torch.Tensor:
+def sample_vp(
+    den,
+    n_or_seeds: Seeds,
+    labels: torch.Tensor | None = None,
+    num_steps: int = 50,
+    eta: float = 0.0,
+    batch_size: int = 256,
+    progress: bool = True,
+    device=None,
+    shape=None,
+    clip: bool | None = None,
+) -> torch.Tensor:
     """DDIM sampler for ε-prediction VP models (`DiffusersDenoiser`).
 
     Timesteps: num_steps values evenly spaced from T−1 down to 0 (rounded), then ᾱ = 1.
@@ -162,11 +182,11 @@ def sample_vp(den, n_or_seeds: Seeds, labels: Optional[torch.Tensor] = None, num
                 o = net(x, t, class_labels=y)
                 eps = o.sample if hasattr(o, "sample") else (o[0] if isinstance(o, tuple) else o)
                 at, as_ = float(a_t[i]), float(a_s[i])
-                x0 = (x - (1 - at) ** 0.5 * eps) / at ** 0.5
+                x0 = (x - (1 - at) ** 0.5 * eps) / at**0.5
                 if clip:
                     x0 = x0.clamp(-clip_range, clip_range)
                 sigma = eta * ((1 - as_) / (1 - at)) ** 0.5 * (1 - at / as_) ** 0.5
-                x = as_ ** 0.5 * x0 + max(1 - as_ - sigma ** 2, 0.0) ** 0.5 * eps
+                x = as_**0.5 * x0 + max(1 - as_ - sigma**2, 0.0) ** 0.5 * eps
                 if sigma > 0:
                     x = x + sigma * _noise_from(gens, shape).to(device)
                 bar.update(1)

@@ -12,7 +12,7 @@ import copy
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -33,9 +33,19 @@ def _resolve_device(den, device) -> torch.device:
 def _rewrap(den, net: torch.nn.Module, train_lr: float):
     """A new denoiser of den's kind around `net`, with `train_lr` recorded."""
     if isinstance(den, EDMDenoiser):
-        return EDMDenoiser(net, sigma_data=den.sigma_data, P_mean=den.P_mean, P_std=den.P_std,
-                           sigma_min=den.sigma_min, sigma_max=den.sigma_max, rho=den.rho,
-                           label_dim=den.label_dim, null_factory=den.null_factory, train_lr=train_lr)
+        return EDMDenoiser(
+            net,
+            sigma_data=den.sigma_data,
+            P_mean=den.P_mean,
+            P_std=den.P_std,
+            sigma_min=den.sigma_min,
+            sigma_max=den.sigma_max,
+            rho=den.rho,
+            label_dim=den.label_dim,
+            null_factory=den.null_factory,
+            train_lr=train_lr,
+            **({"raw": den.raw} if hasattr(den, "raw") else {}),
+        )
     if isinstance(den, DiffusersDenoiser):
         return DiffusersDenoiser(net, den.scheduler, train_lr=train_lr, num_classes=den.label_dim)
     new = copy.copy(den)
@@ -43,10 +53,21 @@ def _rewrap(den, net: torch.nn.Module, train_lr: float):
     return new
 
 
-def train(den, images: torch.Tensor, labels: Optional[torch.Tensor] = None, steps: int = 2000,
-          batch_size: int = 128, lr: float = 2e-3, ema_decay: float = 0.999,
-          weight_decay: float = 0.01, seed: int = 0, progress: bool = True, device=None,
-          warmup: int = 100, ema_warmup: bool = True):
+def train(
+    den,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    steps: int = 2000,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    ema_decay: float = 0.999,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    progress: bool = True,
+    device=None,
+    warmup: int = 100,
+    ema_warmup: bool = True,
+):
     """Train `den.net` in place; return (a new denoiser wrapping a deep copy of the EMA weights,
     info dict).
 
@@ -75,8 +96,10 @@ def train(den, images: torch.Tensor, labels: Optional[torch.Tensor] = None, step
         raise ValueError(f"train: ema_decay must lie in [0, 1), got {ema_decay!r}")
     images = torch.as_tensor(images)
     if images.ndim != 4 or not torch.is_floating_point(images):
-        raise ValueError(f"train: images must be a float tensor [N, C, H, W], got "
-                         f"{images.dtype} of shape {tuple(images.shape)}")
+        raise ValueError(
+            f"train: images must be a float tensor [N, C, H, W], got "
+            f"{images.dtype} of shape {tuple(images.shape)}"
+        )
     N = images.shape[0]
     if N == 0:
         raise ValueError("train: no images")
@@ -99,15 +122,16 @@ def train(den, images: torch.Tensor, labels: Optional[torch.Tensor] = None, step
     net.train()
     t0 = time.perf_counter()
     accel = device.type != "cpu"
-    with torch.random.fork_rng(devices=[device] if accel else [],
-                               device_type=device.type if accel else None):
+    with torch.random.fork_rng(
+        devices=[device] if accel else [], device_type=device.type if accel else None
+    ):
         torch.manual_seed(seed)
         perm, pos = None, N
         bar = tqdm(range(steps), desc="train", disable=not progress, leave=False)
         for step in bar:
             if pos + B > N:
                 perm, pos = torch.randperm(N, generator=gen, device=device), 0
-            idx = perm[pos:pos + B]
+            idx = perm[pos : pos + B]
             pos += B
             x = x_all[idx]
             y = None if y_all is None else y_all[idx]
@@ -128,10 +152,19 @@ def train(den, images: torch.Tensor, labels: Optional[torch.Tensor] = None, step
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         bar.close()
     net.train(was_training)
-    info = {"steps": steps, "batch_size": B, "lr": lr, "ema_decay": ema_decay,
-            "weight_decay": weight_decay, "seed": seed, "warmup": warmup, "ema_warmup": ema_warmup,
-            "loss": losses, "time_s": time.perf_counter() - t0,
-            "num_params": sum(p.numel() for p in net.parameters())}
+    info = {
+        "steps": steps,
+        "batch_size": B,
+        "lr": lr,
+        "ema_decay": ema_decay,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "warmup": warmup,
+        "ema_warmup": ema_warmup,
+        "loss": losses,
+        "time_s": time.perf_counter() - t0,
+        "num_params": sum(p.numel() for p in net.parameters()),
+    }
     return _rewrap(den, ema, lr), info
 
 
@@ -149,30 +182,41 @@ def _check_plain(obj: Any, where: str) -> None:
         for i, v in enumerate(obj):
             _check_plain(v, f"{where}[{i}]")
     elif not isinstance(obj, _PLAIN):
-        raise TypeError(f"{where}: only str/int/float/bool/None/tensors and dicts/lists of them can "
-                        f"be stored (torch.load(weights_only=True)), got {type(obj).__name__}")
+        raise TypeError(
+            f"{where}: only str/int/float/bool/None/tensors and dicts/lists of them can "
+            f"be stored (torch.load(weights_only=True)), got {type(obj).__name__}"
+        )
 
 
-def save_checkpoint(path, den: EDMDenoiser, extra: Optional[dict] = None) -> None:
+def save_checkpoint(path, den: EDMDenoiser, extra: dict | None = None) -> None:
     """Write our DiT (constructor args + state dict), its EDM settings and train_lr to one file,
     atomically (a temporary file in the same folder, then os.replace). `extra`: plain values only
     (str/int/float/bool/None/tensors, dicts and lists of them), returned by load_checkpoint."""
     from .models.dit import DiT
 
     if not isinstance(den, EDMDenoiser) or not isinstance(den.net, DiT):
-        raise TypeError(f"save_checkpoint: expected an EDMDenoiser around mucs_fast.models.DiT, got "
-                        f"{type(den).__name__} around {type(getattr(den, 'net', None)).__name__}")
+        raise TypeError(
+            f"save_checkpoint: expected an EDMDenoiser around mucs_fast.models.DiT, got "
+            f"{type(den).__name__} around {type(getattr(den, 'net', None)).__name__}"
+        )
     extra = {} if extra is None else extra
     _check_plain(extra, "save_checkpoint: extra")
     net = den.net
     args = [list(a) if isinstance(a, tuple) else a for a in net.args]
     payload = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
         "args": args,
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         "train_lr": None if den.train_lr is None else float(den.train_lr),
-        "edm": {"sigma_data": den.sigma_data, "P_mean": den.P_mean, "P_std": den.P_std,
-                "sigma_min": den.sigma_min, "sigma_max": den.sigma_max, "rho": den.rho},
+        "edm": {
+            "sigma_data": den.sigma_data,
+            "P_mean": den.P_mean,
+            "P_std": den.P_std,
+            "sigma_min": den.sigma_min,
+            "sigma_max": den.sigma_max,
+            "rho": den.rho,
+        },
         "extra": extra,
     }
     path = os.fspath(path)
@@ -200,18 +244,29 @@ def load_checkpoint(path, device=None, with_extra: bool = False):
     except Exception as e:
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: expected a {CHECKPOINT_FORMAT} checkpoint (save_checkpoint), "
-                         f"found {type(ck).__name__} without that format tag")
+        raise ValueError(
+            f"{path}: expected a {CHECKPOINT_FORMAT} checkpoint (save_checkpoint), "
+            f"found {type(ck).__name__} without that format tag"
+        )
     if ck.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {ck.get('version')!r}, this mucs_fast reads "
-                         f"version {CHECKPOINT_VERSION}")
+        raise ValueError(
+            f"{path}: checkpoint version {ck.get('version')!r}, this mucs_fast reads "
+            f"version {CHECKPOINT_VERSION}"
+        )
     net = DiT(*ck["args"])
     net.load_state_dict(ck["state_dict"])
     net.eval()
     if device is not None:
         net.to(device)
     edm = ck["edm"]
-    den = EDMDenoiser(net, sigma_data=edm["sigma_data"], P_mean=edm["P_mean"], P_std=edm["P_std"],
-                      sigma_min=edm["sigma_min"], sigma_max=edm["sigma_max"], rho=edm["rho"],
-                      train_lr=ck["train_lr"])
+    den = EDMDenoiser(
+        net,
+        sigma_data=edm["sigma_data"],
+        P_mean=edm["P_mean"],
+        P_std=edm["P_std"],
+        sigma_min=edm["sigma_min"],
+        sigma_max=edm["sigma_max"],
+        rho=edm["rho"],
+        train_lr=ck["train_lr"],
+    )
     return (den, ck["extra"]) if with_extra else den

@@ -5,8 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mucs_fast.data import (load_digits, load_image_folder, load_images, load_labels,
-                            load_tensor_file)
+from mucs_fast.data import (
+    load_digits,
+    load_image_folder,
+    load_images,
+    load_labels,
+    load_tensor_file,
+)
 
 
 @pytest.mark.parametrize("mode", ["resize", "pad"])
@@ -42,7 +47,9 @@ def test_tensor_files_roundtrip(tmp_path):
     save_file({"images": x, "labels": torch.arange(5)}, str(tmp_path / "two.safetensors"))
     torch.save({"x": x, "y": torch.arange(5)}, tmp_path / "d.pt")
     for p in ["a.pt", "a.npy", "one.safetensors", "two.safetensors:images", "d.pt:x"]:
-        torch.testing.assert_close(load_tensor_file(tmp_path / p if ":" not in p else f"{tmp_path}/{p}"), x)
+        torch.testing.assert_close(
+            load_tensor_file(tmp_path / p if ":" not in p else f"{tmp_path}/{p}"), x
+        )
     imgs, ids = load_images(tmp_path / "one.safetensors")
     torch.testing.assert_close(imgs, x)
     assert ids.tolist() == [0, 1, 2, 3, 4]

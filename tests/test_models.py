@@ -10,10 +10,20 @@ from mucs_fast.models import DiT
 try:
     from mucs_fast.params import trainable_names
 except ImportError:  # the engine's helper is not there yet: the reference's substring rule
+
     def trainable_names(net, frozen):
         return [n for n, _ in net.named_parameters() if not any(p in n for p in frozen)]
 
-SMALL = dict(patch_size=4, width=32, depth=2, heads=2, mlp_ratio=4, cond_width=32, extra_tokens=2)
+
+SMALL = {
+    "patch_size": 4,
+    "width": 32,
+    "depth": 2,
+    "heads": 2,
+    "mlp_ratio": 4,
+    "cond_width": 32,
+    "extra_tokens": 2,
+}
 
 
 def make(label_dim=10, image_size=(1, 16, 16), **kw):
@@ -43,15 +53,25 @@ def test_trainable_set_under_reference_frozen(label_dim):
         expected = ["y_embedder.emb_mlp.0.weight", "y_embedder.emb_mlp.3.weight"] + expected
     assert names == expected
     all_names = {n for n, _ in net.named_parameters()}
-    for n in ["x_embedder.proj.weight", "pos_enc.extra", "s_embedder.mlp.0.weight",
-              "a_embedder.emb.weight", "dit_backbone.0.attention.qkv.weight",
-              "dit_backbone.0.attention.proj.weight", "dit_backbone.0.adapter.adapter.1.weight",
-              "dit_final.adapter.adapter.1.weight", "unpatchify.proj.weight", "last.proj.weight"]:
+    for n in [
+        "x_embedder.proj.weight",
+        "pos_enc.extra",
+        "s_embedder.mlp.0.weight",
+        "a_embedder.emb.weight",
+        "dit_backbone.0.attention.qkv.weight",
+        "dit_backbone.0.attention.proj.weight",
+        "dit_backbone.0.adapter.adapter.1.weight",
+        "dit_final.adapter.adapter.1.weight",
+        "unpatchify.proj.weight",
+        "last.proj.weight",
+    ]:
         assert n in all_names
     assert ("y_embedder.xdrop" in all_names) == bool(label_dim)
 
 
-@pytest.mark.parametrize("image_size,patch", [((1, 16, 16), 4), ((3, 10, 14), 4), ((2, 8, 8), (2, 4))])
+@pytest.mark.parametrize(
+    "image_size,patch", [((1, 16, 16), 4), ((3, 10, 14), 4), ((2, 8, 8), (2, 4))]
+)
 def test_forward_shapes_and_attributes(image_size, patch):
     net = randomize(make(5, image_size, patch_size=patch))
     x = torch.randn(3, *image_size)
@@ -68,7 +88,7 @@ def test_fresh_model_outputs_c_skip_x():
     x = torch.randn(4, 1, 16, 16)
     sigma = torch.tensor([0.002, 0.3, 2.0, 80.0])
     assert torch.equal(net.network(x, sigma.log() / 4, one_hot([1, 2, 3, 4])), torch.zeros_like(x))
-    c_skip = (0.25 / (sigma ** 2 + 0.25)).view(-1, 1, 1, 1)
+    c_skip = (0.25 / (sigma**2 + 0.25)).view(-1, 1, 1, 1)
     torch.testing.assert_close(net(x, sigma, y=one_hot([1, 2, 3, 4])), c_skip * x)
 
 
@@ -103,8 +123,12 @@ def test_vmap_over_stacked_trainable_weights_equals_separate_forwards():
     frozen = {n: p for n, p in base.items() if n not in names}
     g = torch.Generator().manual_seed(2)
     K = 3
-    stacked = {n: torch.stack([base[n].detach() + 0.05 * torch.randn(base[n].shape, generator=g)
-                               for _ in range(K)]) for n in names}
+    stacked = {
+        n: torch.stack(
+            [base[n].detach() + 0.05 * torch.randn(base[n].shape, generator=g) for _ in range(K)]
+        )
+        for n in names
+    }
     x = torch.randn(5, 1, 16, 16, generator=g)
     sigma = torch.tensor([0.01, 0.3, 1.0, 5.0, 80.0])
     y = one_hot([0, 1, 2, 3, 9])
@@ -115,19 +139,23 @@ def test_vmap_over_stacked_trainable_weights_equals_separate_forwards():
 
     with torch.no_grad():
         batched = vmap(D, in_dims=(0, None, None, None))(stacked, x, sigma, y)
-        separate = torch.stack([D({n: w[k] for n, w in stacked.items()}, x, sigma, y) for k in range(K)])
+        separate = torch.stack(
+            [D({n: w[k] for n, w in stacked.items()}, x, sigma, y) for k in range(K)]
+        )
         xb = x.expand(K, -1, -1, -1, -1) + 0.1 * torch.randn(K, *x.shape, generator=g)
         batched_x = vmap(D, in_dims=(0, 0, None, None))(stacked, xb, sigma, y)
-        separate_x = torch.stack([D({n: w[k] for n, w in stacked.items()}, xb[k], sigma, y)
-                                  for k in range(K)])
+        separate_x = torch.stack(
+            [D({n: w[k] for n, w in stacked.items()}, xb[k], sigma, y) for k in range(K)]
+        )
     assert batched.shape == (K, 5, 1, 16, 16)
     torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched_x, separate_x, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(separate[0], separate[1])
 
     # gradients through the vmapped call (what unlearning K targets together needs)
-    grads = torch.func.grad(lambda p: vmap(D, in_dims=(0, None, None, None))(p, x, sigma, y)
-                            .square().sum())(stacked)
+    grads = torch.func.grad(
+        lambda p: vmap(D, in_dims=(0, None, None, None))(p, x, sigma, y).square().sum()
+    )(stacked)
     assert set(grads) == set(names) and all(grads[n].shape == stacked[n].shape for n in names)
 
 
@@ -150,8 +178,11 @@ def test_tiny_diffusers_models():
     assert sched.config.num_train_timesteps == 100
     x = torch.randn(2, 1, 8, 8)
     t = torch.tensor([3, 70])
-    for model, labels in [(tiny_unet(1, 8), None), (tiny_unet(1, 8, 10), torch.tensor([1, 9])),
-                          (tiny_dit(1, 8, 10), torch.tensor([0, 5]))]:
+    for model, labels in [
+        (tiny_unet(1, 8), None),
+        (tiny_unet(1, 8, 10), torch.tensor([1, 9])),
+        (tiny_dit(1, 8, 10), torch.tensor([0, 5])),
+    ]:
         assert sum(p.numel() for p in model.parameters()) < 200_000
         assert model(x, t, class_labels=labels).sample.shape == x.shape
         den = DiffusersDenoiser(model, sched)

@@ -3,4 +3,4 @@
 from .dit import DiT
 from .unet import ddpm_scheduler, tiny_dit, tiny_unet
 
-__all__ = ["DiT", "tiny_unet", "tiny_dit", "ddpm_scheduler"]
+__all__ = ["DiT", "ddpm_scheduler", "tiny_dit", "tiny_unet"]

@@ -16,14 +16,14 @@ so the engine can `vmap` a `functional_call` over K stacked weight sets.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 
-def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(v, int):
         return (v, v)
     v = tuple(int(u) for u in v)
@@ -39,8 +39,11 @@ def sincos_2d(num_cha: int, grid: tuple[int, int]) -> Tensor:
         raise ValueError(f"sincos2d position code needs width divisible by 4, got {num_cha}")
     quarter = num_cha // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
-                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float64),
+        torch.arange(grid[1], dtype=torch.float64),
+        indexing="ij",
+    )
 
     def code(pos: Tensor) -> Tensor:
         ang = pos.reshape(-1, 1) * omega
@@ -68,8 +71,13 @@ class PatchEmbedder(nn.Module):
 class PatchRecoverer(nn.Module):
     """[B, T, width] → [B, C, H, W] (transposed patch projection, padding cropped)."""
 
-    def __init__(self, width: int, patch: tuple[int, int], grid_size: tuple[int, int],
-                 image_size: Sequence[int]):
+    def __init__(
+        self,
+        width: int,
+        patch: tuple[int, int],
+        grid_size: tuple[int, int],
+        image_size: Sequence[int],
+    ):
         super().__init__()
         self.grid_size = grid_size
         self.image_size = tuple(image_size)
@@ -78,7 +86,7 @@ class PatchRecoverer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *self.grid_size)
         x = self.proj(x)
-        return x[:, :, :self.image_size[1], :self.image_size[2]]
+        return x[:, :, : self.image_size[1], : self.image_size[2]]
 
 
 class PosEncoder(nn.Module):
@@ -104,8 +112,9 @@ class SigmaEmbedder(nn.Module):
         super().__init__()
         u = torch.linspace(0, 1, num_fourier // 2 + 1)[1:]
         self.register_buffer("freq", 2 * math.pi * (u.exp() - 1) / (math.e - 1))
-        self.mlp = nn.Sequential(nn.Linear(num_fourier, cond_width), nn.SiLU(),
-                                 nn.Linear(cond_width, cond_width))
+        self.mlp = nn.Sequential(
+            nn.Linear(num_fourier, cond_width), nn.SiLU(), nn.Linear(cond_width, cond_width)
+        )
 
     def forward(self, c_noise: Tensor) -> Tensor:
         ang = c_noise[:, None] * self.freq
@@ -123,8 +132,12 @@ class VectorEmbedder(nn.Module):
         self.eps = eps
         if not unconditional:
             self.xdrop = nn.Parameter(torch.zeros(label_dim))
-            self.emb_mlp = nn.Sequential(nn.Linear(label_dim, cond_width), nn.SiLU(),
-                                         nn.Dropout(0.0), nn.Linear(cond_width, cond_width))
+            self.emb_mlp = nn.Sequential(
+                nn.Linear(label_dim, cond_width),
+                nn.SiLU(),
+                nn.Dropout(0.0),
+                nn.Linear(cond_width, cond_width),
+            )
 
     def forward(self, y: Tensor):
         if self.unconditional:
@@ -183,8 +196,12 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attention = SelfAttention(width, heads)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"),
-                                 nn.Dropout(0.0), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Dropout(0.0),
+            nn.Linear(hidden, width),
+        )
         self.adapter = ConditionAdapter(cond_width, width, expand=6)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
@@ -233,18 +250,40 @@ class DiT(nn.Module):
     fresh, untrained copy (used for loss_null="auto" and by checkpoints).
     """
 
-    def __init__(self, image_size: Sequence[int] = (1, 16, 16), label_dim: int = 0,
-                 patch_size: Union[int, Sequence[int]] = 4, width: int = 64, depth: int = 4,
-                 heads: int = 4, mlp_ratio: float = 4, cond_width: int = 64, extra_tokens: int = 0,
-                 sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2):
+    def __init__(
+        self,
+        image_size: Sequence[int] = (1, 16, 16),
+        label_dim: int = 0,
+        patch_size: int | Sequence[int] = 4,
+        width: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4,
+        cond_width: int = 64,
+        extra_tokens: int = 0,
+        sigma_data: float = 0.5,
+        P_mean: float = -1.2,
+        P_std: float = 1.2,
+    ):
         super().__init__()
         image_size = tuple(int(v) for v in image_size)
         if len(image_size) != 3:
             raise ValueError(f"DiT: image_size must be (C, H, W), got {image_size!r}")
         patch = _pair(patch_size)
-        self.args = (image_size, int(label_dim), patch if patch[0] != patch[1] else patch[0],
-                     int(width), int(depth), int(heads), float(mlp_ratio), int(cond_width),
-                     int(extra_tokens), float(sigma_data), float(P_mean), float(P_std))
+        self.args = (
+            image_size,
+            int(label_dim),
+            patch if patch[0] != patch[1] else patch[0],
+            int(width),
+            int(depth),
+            int(heads),
+            float(mlp_ratio),
+            int(cond_width),
+            int(extra_tokens),
+            float(sigma_data),
+            float(P_mean),
+            float(P_std),
+        )
         self.image_size = image_size
         self.cond_dim = int(label_dim)
         self.unconditional = self.cond_dim == 0
@@ -260,24 +299,27 @@ class DiT(nn.Module):
         self.y_embedder = VectorEmbedder(max(self.cond_dim, 1), cond_width, self.unconditional)
         self.a_embedder = LabelEmbedder(2, cond_width)
         self.dit_backbone = nn.ModuleList(
-            DiTBlock(width, heads, mlp_ratio, cond_width) for _ in range(depth))
+            DiTBlock(width, heads, mlp_ratio, cond_width) for _ in range(depth)
+        )
         self.dit_final = DiTFinal(width, cond_width)
         self.unpatchify = PatchRecoverer(width, patch, self.x_embedder.grid_size, image_size)
 
-    def forward(self, x: Tensor, sigma: Tensor, y: Optional[Tensor] = None,
-                a: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, sigma: Tensor, y: Tensor | None = None, a: Tensor | None = None
+    ) -> Tensor:
         if sigma.ndim != 1:
             raise ValueError(f"DiT: sigma must be [B], got shape {tuple(sigma.shape)}")
         sd = self.sigma_data
         s = sigma.to(x.dtype).reshape(-1, 1, 1, 1)
-        c_skip = sd ** 2 / (s ** 2 + sd ** 2)
-        c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + s ** 2).sqrt()
+        c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / (s**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + s**2).sqrt()
         c_noise = (s + 1e-6).log().reshape(-1) / 4
         return c_skip * x + c_out * self.network(c_in * x, c_noise, y, a)
 
-    def network(self, x: Tensor, c_noise: Tensor, y: Optional[Tensor] = None,
-                a: Optional[Tensor] = None) -> Tensor:
+    def network(
+        self, x: Tensor, c_noise: Tensor, y: Tensor | None = None, a: Tensor | None = None
+    ) -> Tensor:
         """F(c_in·x, c_noise, y): the raw network output [B, C, H, W]."""
         B = x.shape[0]
         if y is None:
@@ -290,5 +332,5 @@ class DiT(nn.Module):
         h = self.pos_enc(self.x_embedder(x))
         for block in self.dit_backbone:
             h = block(h, c)
-        h = self.dit_final(h, c)[:, self.extra_tokens:]
+        h = self.dit_final(h, c)[:, self.extra_tokens :]
         return self.last(self.unpatchify(h))

@@ -5,19 +5,24 @@ diffusers is an optional dependency: it is imported when a helper is called, not
 
 from __future__ import annotations
 
-from typing import Optional
 
-
-def tiny_unet(C: int, H: int, num_classes: Optional[int] = None):
+def tiny_unet(C: int, H: int, num_classes: int | None = None):
     """A 2-level `UNet2DModel` (16/32 channels, one resnet per level, no attention) for C×H×H
     images; class-conditional through `num_class_embeds` when num_classes is given."""
     from diffusers import UNet2DModel
 
     return UNet2DModel(
-        sample_size=H, in_channels=C, out_channels=C,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-        mid_block_type=None, num_class_embeds=num_classes)
+        sample_size=H,
+        in_channels=C,
+        out_channels=C,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        mid_block_type=None,
+        num_class_embeds=num_classes,
+    )
 
 
 def tiny_dit(C: int, H: int, num_classes: int):
@@ -28,8 +33,15 @@ def tiny_dit(C: int, H: int, num_classes: int):
     if not num_classes:
         raise ValueError("tiny_dit: diffusers' DiT is class-conditional; pass num_classes >= 1")
     return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=C, out_channels=C, num_layers=2,
-        sample_size=H, patch_size=2, num_embeds_ada_norm=num_classes)
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=C,
+        out_channels=C,
+        num_layers=2,
+        sample_size=H,
+        patch_size=2,
+        num_embeds_ada_norm=num_classes,
+    )
 
 
 def ddpm_scheduler(T: int = 1000):
