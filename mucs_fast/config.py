@@ -87,6 +87,10 @@ class MUCSConfig:
     """K targets unlearned and scored together."""
     score_batch: Optional[int] = None
     """Image·noise pairs per scoring forward; None: a device-dependent default."""
+    compile: Union[bool, str] = "auto"
+    """torch.compile the batched scoring pass (targets_per_batch > 1) and the original model's pass:
+    "auto" = when the pass has ≥ 100,000 image·noise pairs (where the one-off compile pays; see
+    BENCHMARKS.md); the plain one-target path (targets_per_batch = 1) always runs eagerly."""
 
     def __post_init__(self) -> None:
         def bad(field: str, expected: str) -> None:
@@ -120,6 +124,8 @@ class MUCSConfig:
             bad("tolerance", "a float in [0, 1)")
         if not self.eps >= 0:
             bad("eps", "a float >= 0")
+        if self.compile not in (True, False, "auto"):
+            bad("compile", 'True, False or "auto"')
         if self.precision not in ("auto", "fp32", "bf16"):
             bad("precision", '"auto", "fp32" or "bf16"')
         if isinstance(self.frozen, str):
@@ -142,6 +148,6 @@ class MUCSConfig:
     # Fields that change the unlearned models or the scores: the cache/resume key.
     def score_fields(self) -> dict:
         d = self.to_dict()
-        for k in ("targets_per_batch", "score_batch"):
+        for k in ("targets_per_batch", "score_batch", "compile"):
             d.pop(k)
         return d

@@ -30,7 +30,7 @@ from .denoisers import Denoiser
 from .noise import NoiseBank, estimate_t_sched
 from .params import set_trainable, trainable_names
 from .result import Attribution
-from .score import inference_losses, score_batch_images, score_target
+from .score import inference_losses, score_batch_images, score_target, use_compile
 from .unlearn import RetainStream, UnlearnInfo, unlearn
 
 RUN_FILE = "run.json"
@@ -296,6 +296,7 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
         bank = make_bank(den, chw, run_cfg, t_sched_infer).to(device)
         per_batch = score_batch_images(cfg.score_batch, bank.M, device)
         score_kw = dict(images_per_batch=per_batch, precision=cfg.precision)
+        compile_on = use_compile(cfg.compile, N * bank.M)
         t0 = time.perf_counter()
         cache = LossCache(cache_dir)
         lt_key = tensor_digest({"model": torch.tensor(0), "fp": f"{fingerprints['model']}{fingerprints['train']}"
@@ -309,7 +310,7 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
                 gen_t = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "infer", "original"))
             with _pbar(N, "L_t (original)", progress) as bar:
                 loss_t = inference_losses(den, den.net, train_d, y_train, bank, generator=gen_t,
-                                          progress=bar.update, **score_kw)
+                                          compile=compile_on, progress=bar.update, **score_kw)
             cache.put(lt_key, loss_t)
         loss_t = loss_t.to(device)
         timings["loss_t"] = time.perf_counter() - t0
@@ -332,7 +333,10 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
             args = (den, names, train_d, y_train, targets_d[block],
                     None if y_targets is None else y_targets[block], [fingerprints["targets"][k] for k in block],
                     run_cfg, loss_null, lr, bank, loss_t, score_kw, device, progress)
-            rows, block_infos = _attribute_one(*args) if len(block) == 1 else _attribute_block(*args)
+            if len(block) == 1 and Kb == 1:
+                rows, block_infos = _attribute_one(*args)
+            else:
+                rows, block_infos = _attribute_block(*args, compile=compile_on)
             for k, row, info in zip(block, rows, block_infos):
                 timings["unlearn"] += info["unlearn_seconds"]
                 timings["score"] += info["score_seconds"]
@@ -358,6 +362,7 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
         "flagged": flagged,
         "timings": timings,
         "device": str(device),
+        "compiled": compile_on,
         "backend": backends(),
         "torch": torch.__version__,
         "N": N, "K": K, "M": cfg.num_noises,
@@ -414,7 +419,7 @@ def _attribute_one(den, names, train_d, y_train, x_hat, y_hat, target_fps, cfg, 
 
 
 def _attribute_block(den, names, train_d, y_train, x_hats, y_hats, target_fps, cfg, loss_null, lr, bank, loss_t,
-                     score_kw, device, progress):
+                     score_kw, device, progress, compile=False):
     """K targets together: batched unlearning (torch.func), then one scoring pass for all K."""
     from .functional import StackedNet
     from .score import score_stacked
@@ -443,7 +448,7 @@ def _attribute_block(den, names, train_d, y_train, x_hats, y_hats, target_fps, c
         with _pbar(train_d.shape[0], f"score ×{len(ok)}", progress) as bar:
             S = score_stacked(den, stack, train_d, y_train, bank, loss_t, eps=cfg.eps,
                               use_loss_ratio=cfg.use_loss_ratio, use_same_noise_infer=cfg.use_same_noise_infer,
-                              generators=gens, progress=bar.update, **score_kw)
+                              generators=gens, compile=compile, progress=bar.update, **score_kw)
         for i, k in enumerate(ok):
             rows[k] = S[i]
     score_s = time.perf_counter() - t0

@@ -21,6 +21,14 @@ from .noise import NoiseBank
 from .ops import skew_accumulate
 
 DEFAULT_SCORE_BATCH = {"cpu": 1600, "cuda": 8192}
+# compile="auto" compiles scoring passes of at least this many image·noise pairs: on 2 CPU cores the
+# one-off compile of the demo DiT (~30 s) is repaid by the ≥ 1.5× (single model) to ~10× (K-stacked,
+# vmapped) faster per-chunk work within one demo-scale pass (1797 × 100 pairs); see BENCHMARKS.md.
+COMPILE_MIN_PAIRS = 100_000
+
+
+def use_compile(setting, pairs: int) -> bool:
+    return bool(setting) if isinstance(setting, bool) else pairs >= COMPILE_MIN_PAIRS
 
 
 def score_batch_images(score_batch: Optional[int], M: int, device: torch.device) -> int:
@@ -46,22 +54,44 @@ def chunk_losses(den: Denoiser, net, x: torch.Tensor, y: Optional[torch.Tensor],
     return den.grid_loss(x, eps, level, y, net=net).t()
 
 
+def _pad_rows(t: Optional[torch.Tensor], n: int, dim: int = 0) -> Optional[torch.Tensor]:
+    """Pad dim `dim` to n by repeating its last slice (real values: no NaN/Inf can appear)."""
+    if t is None or t.shape[dim] == n:
+        return t
+    last = t.narrow(dim, t.shape[dim] - 1, 1)
+    reps = [1] * t.dim()
+    reps[dim] = n - t.shape[dim]
+    return torch.cat([t, last.repeat(*reps)], dim)
+
+
+def fixed_shape(fn: Callable, compile: bool) -> Callable:
+    """`fn` as called per chunk, optionally torch.compile'd for the fixed chunk shape (callers pad
+    the last chunk to the full size, so the graph is traced once per run, not twice)."""
+    return torch.compile(fn, dynamic=False) if compile else fn
+
+
 @torch.inference_mode()
 def inference_losses(den: Denoiser, net, x: torch.Tensor, y: Optional[torch.Tensor], bank: NoiseBank,
                      *, images_per_batch: int, precision: str = "auto",
-                     generator: Optional[torch.Generator] = None,
+                     generator: Optional[torch.Generator] = None, compile: bool = False,
                      progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """L [N, M] float32 of every training image under the bank (or, with `generator`, under
     independent ε per image drawn from it, same levels)."""
-    N = x.shape[0]
+    N, per = x.shape[0], images_per_batch
     out = torch.empty(N, bank.M, dtype=torch.float32, device=x.device)
+    run = fixed_shape(lambda xc, yc, e: chunk_losses(den, net, xc, yc, e, bank.level), compile)
     with autocast_for(x.device, precision):
-        for n0 in range(0, N, images_per_batch):
-            n1 = min(N, n0 + images_per_batch)
+        for n0 in range(0, N, per):
+            n1 = min(N, n0 + per)
             eps = bank.eps
             if generator is not None:
                 eps = torch.randn((bank.M, n1 - n0, *x.shape[1:]), generator=generator, device=x.device)
-            out[n0:n1] = chunk_losses(den, net, x[n0:n1], None if y is None else y[n0:n1], eps, bank.level)
+            pad = compile and N > per
+            xc, yc = x[n0:n1], None if y is None else y[n0:n1]
+            if pad:
+                xc, yc = _pad_rows(xc, per), _pad_rows(yc, per)
+                eps = eps if generator is None else _pad_rows(eps, per, dim=1)
+            out[n0:n1] = run(xc, yc, eps)[:n1 - n0]
             if progress is not None:
                 progress(n1 - n0)
     return out
@@ -104,28 +134,37 @@ def score_target(den: Denoiser, net, x: torch.Tensor, y: Optional[torch.Tensor],
 def score_stacked(den: Denoiser, stack, x: torch.Tensor, y: Optional[torch.Tensor], bank: NoiseBank,
                   loss_t: torch.Tensor, *, eps: float, use_loss_ratio: bool, use_same_noise_infer: bool,
                   images_per_batch: int, precision: str = "auto", generators: Optional[list] = None,
-                  progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                  compile: bool = False, progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """Scores [K, N] of the K models of `stack` (a StackedNet) in one pass over the training set.
 
     Per chunk of n images the noisy batch [(m n)] is built once and shared by all K models (vmap
     with unbatched inputs: the frozen prefix runs once); the losses [K, n, M] are reduced to skew
     sums on the spot. No [K, N, M] tensor and no host sync inside the loop.
     With use_same_noise_infer=False, `generators[k]` draws model k's own ε per chunk.
+    compile: torch.compile the per-chunk function once (weights are its inputs, so every block of
+    K targets reuses the graph).
     """
-    N, K, M = x.shape[0], stack.K, bank.M
+    N, K, M, per = x.shape[0], stack.K, bank.M, images_per_batch
     scores = torch.empty(K, N, dtype=torch.float32, device=x.device)
+
+    def chunk(weights, xc, yc, e):  # losses [K, M, n]; e: the bank [M, ...] or per-model ε [K, M, n, ...]
+        return stack.vmap(lambda net, e_: den.grid_loss(xc, e_, bank.level, yc, net=net), e,
+                          in_dims=(None if generators is None else 0,), weights=weights)
+
+    run = fixed_shape(chunk, compile)
     with autocast_for(x.device, precision):
-        for n0 in range(0, N, images_per_batch):
-            n1 = min(N, n0 + images_per_batch)
+        for n0 in range(0, N, per):
+            n1 = min(N, n0 + per)
             n = n1 - n0
             xc, yc = x[n0:n1], None if y is None else y[n0:n1]
-            if generators is None:  # the shared bank: one input batch for all K models
-                L = stack.vmap(lambda net, e: den.grid_loss(xc, e, bank.level, yc, net=net), bank.eps,
-                               in_dims=(None,))
-            else:
-                ee = torch.stack([torch.randn((M, n, *xc.shape[1:]), generator=g, device=x.device)
-                                  for g in generators])
-                L = stack.vmap(lambda net, e: den.grid_loss(xc, e, bank.level, yc, net=net), ee, in_dims=(0,))
+            e = bank.eps  # the shared bank: one input batch for all K models
+            if generators is not None:
+                e = torch.stack([torch.randn((M, n, *xc.shape[1:]), generator=g, device=x.device)
+                                 for g in generators])
+            if compile and N > per:
+                xc, yc = _pad_rows(xc, per), _pad_rows(yc, per)
+                e = e if generators is None else _pad_rows(e, per, dim=2)
+            L = run(stack.weights, xc, yc, e)[:, :, :n]
             loss_u = L.transpose(1, 2)  # [K, M, n] → [K, n, M]
             scores[:, n0:n1] = skew_scores(loss_u, loss_t[n0:n1], eps=eps, use_loss_ratio=use_loss_ratio,
                                            use_same_noise_infer=use_same_noise_infer)
