@@ -1,15 +1,17 @@
-"""edm_loss forward and backward: reference vs torch.compile(reference) vs the op (memory-bound).
+"""edm_loss forward and backward: reference vs torch.compile(reference) vs the op, and on a GPU its
+Triton and CUDA C++ kernels (memory-bound).
 
-pytest benches/bench_edm_loss.py [--benchmark-disable]
+pytest benches/bench_edm_loss.py [--benchmark-enable | --benchmark-disable]
 """
 
 import pytest
 import torch
+from conftest import ACCELERATOR_PROVIDERS, accelerator_kernel
 from shapes import EDM_LOSS_CPU, EDM_LOSS_GPU
 
 from mucs_fast import ops, reference
 
-PROVIDERS = ["reference", "compiled", "op"]
+PROVIDERS = ["reference", "compiled", "op", *ACCELERATOR_PROVIDERS]
 _FNS = {
     ("forward", "reference"): reference.edm_loss,
     ("backward", "reference"): reference.edm_loss_backward,
@@ -18,7 +20,10 @@ _FNS = {
 }
 
 
-def _fn(direction, provider):
+def _fn(direction, provider, device):
+    if provider in ACCELERATOR_PROVIDERS:
+        op = "edm_loss" if direction == "forward" else "edm_loss_backward"
+        return accelerator_kernel(op, provider, device)
     if provider == "compiled":
         return torch.compile(_FNS[(direction, "reference")])
     return _FNS[(direction, provider)]
@@ -45,7 +50,7 @@ def test_edm_loss(benchmark, measure, device, shape_name, dtype, direction, prov
     args = _inputs(EDM_LOSS_GPU[shape_name], dtype, device)
     if direction == "backward":
         args = (torch.rand(args[0].shape[0], device=device), *args)
-    fn = _fn(direction, provider)
+    fn = _fn(direction, provider, device)
     expected = _FNS[(direction, "reference")](*args)
     torch.testing.assert_close(
         fn(*args), expected, rtol=1e-2 if dtype == torch.bfloat16 else 2e-5, atol=1e-5

@@ -1,18 +1,22 @@
-"""skew_accumulate: reference vs torch.compile(reference) vs the op (memory-bound).
+"""skew_accumulate: reference vs torch.compile(reference) vs the op, and on a GPU its Triton and
+CUDA C++ kernels (memory-bound).
 
-pytest benches/bench_skew_accumulate.py [--benchmark-disable]
+pytest benches/bench_skew_accumulate.py [--benchmark-enable | --benchmark-disable]
 """
 
 import pytest
 import torch
+from conftest import ACCELERATOR_PROVIDERS, accelerator_kernel
 from shapes import SKEW_ACCUMULATE_CPU, SKEW_ACCUMULATE_GPU
 
 from mucs_fast import ops, reference
 
-PROVIDERS = ["reference", "compiled", "op"]
+PROVIDERS = ["reference", "compiled", "op", *ACCELERATOR_PROVIDERS]
 
 
-def _fn(provider):
+def _fn(provider, device):
+    if provider in ACCELERATOR_PROVIDERS:
+        return accelerator_kernel("skew_accumulate", provider, device)
     return {
         "reference": reference.skew_accumulate,
         "compiled": torch.compile(reference.skew_accumulate),
@@ -29,7 +33,7 @@ def test_skew_accumulate(benchmark, measure, device, shape_name, provider):
     g = torch.Generator().manual_seed(0)
     loss_t = (torch.rand(n, M, generator=g) + 0.1).to(device)
     loss_u = loss_t * (1 + 0.1 * torch.randn(K, n, M, generator=g).to(device))
-    fn = _fn(provider)
+    fn = _fn(provider, device)
     torch.testing.assert_close(
         fn(loss_u, loss_t), reference.skew_accumulate(loss_u, loss_t), rtol=1e-5, atol=1e-4
     )

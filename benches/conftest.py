@@ -5,8 +5,32 @@ import subprocess
 import pytest
 import torch
 
-# Peak memory bandwidth (bytes/s) of the machines the benches are reported on.
+# Peak memory bandwidth (bytes/s) of the machines the benches are reported on (matched as a prefix
+# of the device name: "NVIDIA H200", "NVIDIA H200 NVL").
 PEAK_BYTES_PER_S = {"NVIDIA H200": 4.8e12}
+
+
+def peak_bytes_per_s(name: str):
+    return next((v for k, v in PEAK_BYTES_PER_S.items() if name.startswith(k)), None)
+
+
+ACCELERATOR_PROVIDERS = ("triton", "cuda")
+
+
+def accelerator_kernel(op: str, provider: str, device: str):
+    """The Triton or CUDA C++ kernel of op for the triton/cuda providers; skips where absent."""
+    from mucs_fast.ops import _backend
+
+    if device == "cpu":
+        pytest.skip("accelerator provider")
+    if provider == "triton":
+        if not _backend.triton_available():
+            pytest.skip("triton is not installed")
+        return _backend.triton_kernel(op)
+    fn = _backend.cuda_kernel(op)
+    if fn is None:
+        pytest.skip("mucs_fast._C was built without CUDA")
+    return fn
 
 
 def bench_device() -> str:
@@ -64,7 +88,7 @@ def measure(benchmark, device, machine):
         if benchmark.stats is not None:  # None under --benchmark-disable
             gb_s = bytes_moved / benchmark.stats.stats.median / 1e9
             benchmark.extra_info["GB/s"] = round(gb_s, 2)
-            peak = PEAK_BYTES_PER_S.get(machine["device"])
+            peak = peak_bytes_per_s(machine["device"])
             if peak:
                 benchmark.extra_info["pct_of_peak_bandwidth"] = round(100 * gb_s * 1e9 / peak, 1)
 
