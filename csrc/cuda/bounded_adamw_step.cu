@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "../checks.h"
+#include "../registry.h"
 #include "kernels.cuh"
 
 namespace mucs_fast {
@@ -62,10 +63,13 @@ void bounded_adamw_step_cuda(at::Tensor& param, const at::Tensor& grad, at::Tens
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mucs_fast_cuda, CUDA, m) {
+void register_bounded_adamw_step(torch::Library& m) {
   m.impl("bounded_adamw_step_", &bounded_adamw_step_cuda);
 }
+const AddCudaRegistrar add_bounded_adamw_step("bounded_adamw_step_", &register_bounded_adamw_step);
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mucs_fast_cuda, CUDA, m) { register_bounded_adamw_step(m); }
 
 }  // namespace mucs_fast

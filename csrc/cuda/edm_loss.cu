@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "../checks.h"
+#include "../registry.h"
 #include "kernels.cuh"
 
 namespace mucs_fast {
@@ -80,11 +81,18 @@ at::Tensor edm_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& out,
   return grad_out;
 }
 
+void register_edm_loss(torch::Library& m) { m.impl("edm_loss", &edm_loss_cuda); }
+void register_edm_loss_backward(torch::Library& m) {
+  m.impl("edm_loss_backward", &edm_loss_backward_cuda);
+}
+const AddCudaRegistrar add_edm_loss("edm_loss", &register_edm_loss);
+const AddCudaRegistrar add_edm_loss_backward("edm_loss_backward", &register_edm_loss_backward);
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mucs_fast_cuda, CUDA, m) {
-  m.impl("edm_loss", &edm_loss_cuda);
-  m.impl("edm_loss_backward", &edm_loss_backward_cuda);
+  register_edm_loss(m);
+  register_edm_loss_backward(m);
 }
 
 }  // namespace mucs_fast

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../registry.h"
 #include "kernels.cuh"
 
 namespace mucs_fast {
@@ -47,8 +48,11 @@ at::Tensor noisy_inputs_cuda(const at::Tensor& x, const at::Tensor& eps, const a
   return out;
 }
 
+void register_noisy_inputs(torch::Library& m) { m.impl("noisy_inputs", &noisy_inputs_cuda); }
+const AddCudaRegistrar add_noisy_inputs("noisy_inputs", &register_noisy_inputs);
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mucs_fast_cuda, CUDA, m) { m.impl("noisy_inputs", &noisy_inputs_cuda); }
+TORCH_LIBRARY_IMPL(mucs_fast_cuda, CUDA, m) { register_noisy_inputs(m); }
 
 }  // namespace mucs_fast

@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "../checks.h"
+#include "../registry.h"
 #include "kernels.cuh"
 
 namespace mucs_fast {
@@ -40,8 +41,11 @@ at::Tensor skew_accumulate_cuda(const at::Tensor& loss_u, const at::Tensor& loss
   return S;
 }
 
+void register_skew_accumulate(torch::Library& m) { m.impl("skew_accumulate", &skew_accumulate_cuda); }
+const AddCudaRegistrar add_skew_accumulate("skew_accumulate", &register_skew_accumulate);
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mucs_fast_cuda, CUDA, m) { m.impl("skew_accumulate", &skew_accumulate_cuda); }
+TORCH_LIBRARY_IMPL(mucs_fast_cuda, CUDA, m) { register_skew_accumulate(m); }
 
 }  // namespace mucs_fast
