@@ -9,20 +9,10 @@ import mucs_fast as mf
 from mucs_fast.denoisers import DiffusersDenoiser, EDMDenoiser
 from mucs_fast.engine import make_bank
 from mucs_fast.functional import StackedNet, group_norm, sdpa_math, vmap_safe
+from mucs_fast.models.unet import ddpm_scheduler, tiny_dit, tiny_unet
 from mucs_fast.params import set_trainable, trainable_names
 from mucs_fast.score import inference_losses, score_stacked, score_target
 from mucs_fast.unlearn import RetainStream, unlearn, unlearn_batched
-
-
-def _unet_with_mid_block(num_classes=None):
-    """A tiny UNet2DModel with an attention down block and the default mid block: the layout in
-    which vmap over stacked weights hits the GroupNorm failure that `vmap_safe` works around."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                       num_class_embeds=num_classes)
 
 
 def _family(name):
@@ -34,10 +24,9 @@ def _family(name):
         for p in net.parameters():  # a "trained" model: zero-initialized outputs would give zero gradients
             torch.nn.init.normal_(p, std=0.05)
         return EDMDenoiser(net), 3
-    from mucs_fast.models.unet import ddpm_scheduler, tiny_dit
 
     if name == "unet":
-        return DiffusersDenoiser(_unet_with_mid_block(num_classes=3).eval(), ddpm_scheduler(100)), 3
+        return DiffusersDenoiser(tiny_unet(1, 8, num_classes=3).eval(), ddpm_scheduler(100)), 3
     return DiffusersDenoiser(tiny_dit(1, 8, num_classes=3).eval(), ddpm_scheduler(100)), 3
 
 
@@ -158,7 +147,7 @@ def test_vmap_safe_reroutes_match_the_native_ops():
     torch.testing.assert_close(sdpa_math(q, k, v, is_causal=True),
                                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
     # the failure this works around: a diffusers UNet (GroupNorm after batched convs) under vmap
-    net = _unet_with_mid_block().eval()
+    net = tiny_unet(1, 8).eval()
     names = [n for n, _ in net.named_parameters() if n.endswith("weight") and "norm" not in n]
     stack = StackedNet.replicate(net, names, 2)
     for w in stack.weights.values():

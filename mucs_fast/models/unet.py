@@ -7,20 +7,21 @@ from __future__ import annotations
 
 
 def tiny_unet(C: int, H: int, num_classes: int | None = None):
-    """A 2-level `UNet2DModel` (16/32 channels, one resnet per level, no attention) for C×H×H
-    images; class-conditional through `num_class_embeds` when num_classes is given."""
+    """A 2-level `UNet2DModel` (16/32 channels, one resnet per level, self-attention at the low
+    resolution, diffusers' default mid block) for C×H×H images; class-conditional through
+    `num_class_embeds` when num_classes is given. The attention + mid-block layout is the one in
+    which vmap over stacked weights meets diffusers' GroupNorm (mucs_fast.functional.vmap_safe)."""
     from diffusers import UNet2DModel
 
     return UNet2DModel(
         sample_size=H,
         in_channels=C,
         out_channels=C,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(16, 32),
         layers_per_block=1,
         norm_num_groups=8,
-        mid_block_type=None,
         num_class_embeds=num_classes,
     )
 
