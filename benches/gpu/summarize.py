@@ -1,0 +1,56 @@
+"""One markdown table from a GPU check's results folder (gpu.json, ops.json): what BENCHMARKS.md quotes."""
+
+import json
+import os
+import sys
+
+
+def main(out: str) -> None:
+    gpu_path, ops_path = os.path.join(out, "gpu.json"), os.path.join(out, "ops.json")
+    if os.path.isfile(gpu_path):
+        g = json.load(open(gpu_path))
+        print(f"### {g['device']} — torch {g['torch']} (CUDA {g['cuda']}), triton {g['triton']}, git {g['git']}, "
+              f"{g['date']}{' (DRY RUN)' if g.get('dry_run') else ''}\n")
+        s = g.get("scoring")
+        if s:
+            print(f"Scoring pass, DiT {s['model']['width']}×{s['model']['depth']} on {tuple(s['model']['image_size'])}: "
+                  f"{s['flops_per_image'] / 1e9:.2f} GFLOP/image, N={s['N']}, M={s['M']}, "
+                  f"{s['pairs_per_forward']} pairs/forward\n")
+            print("| mode | images·noises/s | TFLOP/s | MFU (790) | CIFAR-10 exact scoring, min/target (floor 5.2) |")
+            print("|---|---|---|---|---|")
+            for mode in ("eager", "compiled", "raw"):
+                if mode in s:
+                    r = s[mode]
+                    print(f"| {mode} | {r['pairs_per_s']:,.0f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f} % | "
+                          f"{r['scoring_minutes_per_target_cifar']:.2f} |")
+            print()
+        k = g.get("ktargets")
+        if k:
+            print(f"K targets, DiT {k['model']['width']}×{k['model']['depth']} on {tuple(k['model']['image_size'])}, "
+                  f"B={k['B']}, {k['steps']} steps, {k['trainable']:,} trainable weights per target\n")
+            print("| run | target·steps/s | × K=1 |")
+            print("|---|---|---|")
+            print(f"| plain loop K=1 | {k['plain_K1']['target_steps_per_s']:.1f} | |")
+            for key, r in k.items():
+                if key.startswith("batched_K"):
+                    print(f"| unlearn_batched K={key[9:]} | {r['target_steps_per_s']:.1f} | {r['speedup_vs_K1']:.2f} |")
+            print("\n| stacked scoring | images·noises·models/s | × K=1 |")
+            print("|---|---|---|")
+            for key, r in k.items():
+                if key.startswith("score_K"):
+                    print(f"| K={key[7:]} | {r['pairs_models_per_s']:,.0f} | {r['speedup_vs_K1']:.2f} |")
+            print()
+    if os.path.isfile(ops_path):
+        o = json.load(open(ops_path))
+        print("| op bench | median µs | GB/s | % of peak |")
+        print("|---|---|---|---|")
+        for b in o.get("benchmarks", []):
+            ei = b.get("extra_info", {})
+            gbs = ei.get("GB/s", ei.get("gb_per_s", ""))
+            pk = ei.get("pct_of_peak_bandwidth", "")
+            fmt = (lambda v: f"{v:.1f}" if isinstance(v, (int, float)) else str(v))
+            print(f"| {b['name']} | {b['stats']['median'] * 1e6:.1f} | {fmt(gbs)} | {fmt(pk)} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else ".")
