@@ -82,6 +82,11 @@ def tensor_digest(x: Union[torch.Tensor, Mapping[str, torch.Tensor], None]) -> s
     return h.hexdigest()[:32]
 
 
+def key_digest(*parts) -> str:
+    """sha256 of a JSON-able key (dicts sorted): names cache entries and runs."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=_json_default).encode()).hexdigest()[:32]
+
+
 def file_digest(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

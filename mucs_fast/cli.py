@@ -50,7 +50,7 @@ def demo_model(args, images, labels, device):
 
     spec = {"model": DEMO_MODEL, "train": {**DEMO_TRAIN, "steps": args.train_steps, "seed": args.seed},
             "data": _io.tensor_digest({"x": images, "y": labels}), "format": 1}
-    key = _io.tensor_digest({"spec": torch.tensor(0), "json": json.dumps(spec, sort_keys=True)})[:16]
+    key = _io.key_digest(spec)[:16]
     path = os.path.join(_cache_dir(args.cache_dir), f"demo-dit-{key}.pt")
     if os.path.isfile(path) and not args.no_cache:
         _print(f"model: cached {path}")

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from . import __version__
-from ._io import atomic_write, atomic_write_json, derive_seed, tensor_digest
+from ._io import atomic_write, atomic_write_json, derive_seed, key_digest, tensor_digest
 from .cache import LossCache
 from .config import MUCSConfig
 from .denoisers import Denoiser
@@ -158,7 +158,7 @@ class RunDir:
     def __init__(self, path, key: dict, resume: bool):
         self.path = os.fspath(path)
         self.key = key
-        self.digest = tensor_digest({"key": torch.tensor(0), "json": json.dumps(key, sort_keys=True)})
+        self.digest = key_digest(key)
         run_file = os.path.join(self.path, RUN_FILE)
         if os.path.isdir(self.path) and os.listdir(self.path):
             if not os.path.isfile(run_file):
@@ -299,9 +299,9 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
         compile_on = use_compile(cfg.compile, N * bank.M)
         t0 = time.perf_counter()
         cache = LossCache(cache_dir)
-        lt_key = tensor_digest({"model": torch.tensor(0), "fp": f"{fingerprints['model']}{fingerprints['train']}"
-                                f"{bank.fingerprint()}{cfg.use_same_noise_infer}{cfg.precision}{device.type}"
-                                f"{cfg.seed}{type(den).__name__}{getattr(den, 'raw', '')}"})
+        # L_t depends on the model, the data and the bank (and how it is evaluated), not on targets
+        lt_key = key_digest(fingerprints["model"], fingerprints["train"], bank.fingerprint(),
+                            cfg.use_same_noise_infer, cfg.precision, device.type, cfg.seed)
         loss_t = cache.get(lt_key)
         timings["loss_t_cached"] = loss_t is not None
         if loss_t is None:
