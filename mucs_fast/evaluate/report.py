@@ -58,7 +58,7 @@ def results_markdown(results: dict) -> str:
     lines = [f"# Counterfactual evaluation: {cfg.get('data_description') or cfg['data']}", "",
              f"N = {cfg['N']} training images, top-k = {cfg['top_k']} per target (union removed), "
              f"{cfg['num_targets']} targets + {cfg['num_controls']} controls per seed, seeds "
-             f"{cfg['seeds']} (pooled: n = {cfg['num_targets'] * len(cfg['seeds'])} targets). "
+             f"{', '.join(map(str, cfg['seeds']))} (pooled: n = {cfg['num_targets'] * len(cfg['seeds'])} targets). "
              "Every method is compared with random removal.", ""]
 
     def table(title, grp, field, fmt, with_ci=False):
