@@ -105,21 +105,26 @@ def _ssim01(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # feature cosine: a small CNN classifier trained on the evaluation's training set
 # --------------------------------------------------------------------------------------------
 class FeatureNet(nn.Module):
-    """conv3×3(w) → conv3×3/2(2w) → conv3×3/2(4w) → global mean → 4w-d features → linear classes
-    (GELU between the convolutions; w = width, 16 by default). Any image size and channel count."""
+    """conv3×3(w) → conv3×3/2(2w) → conv3×3/2(4w) → flatten → linear(feat) = the features → linear
+    classes (GELU after every hidden layer; w = width, 16 by default, feat = 128). The flatten keeps
+    where strokes are, which a global pooling would discard. image_size: (C, H, W)."""
 
-    def __init__(self, channels: int = 1, classes: int = 10, width: int = 16):
+    def __init__(self, image_size=(1, 16, 16), classes: int = 10, width: int = 16, feat: int = 128):
         super().__init__()
-        self.args = (channels, classes, width)
+        C, H, W = (int(v) for v in image_size)
+        self.args = ((C, H, W), classes, width, feat)
         self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(C, width, 3, padding=1), nn.GELU(),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.GELU(),
+            nn.Flatten(),
         )
-        self.head = nn.Linear(4 * width, classes)
+        h, w = (math.ceil(math.ceil(v / 2) / 2) for v in (H, W))  # after two stride-2 convolutions
+        self.proj = nn.Sequential(nn.Linear(4 * width * h * w, feat), nn.GELU())
+        self.head = nn.Linear(feat, classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).mean((2, 3))
+        return self.proj(self.body(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -144,7 +149,7 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor, steps: int = 5
     classes = int(labels.max()) + 1
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        net = FeatureNet(images.shape[1], classes, width)
+        net = FeatureNet(tuple(images.shape[1:]), classes, width)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     x_fit, y_fit = images[fit].float(), labels[fit]
     B = min(batch_size, x_fit.shape[0])

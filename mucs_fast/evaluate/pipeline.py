@@ -278,14 +278,14 @@ def _classifier(store: Store, cfg: EvalConfig, x, y, data_key: str, progress: bo
     if os.path.isfile(path):
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
-            net = FeatureNet(*ck["args"])
+            net = FeatureNet(tuple(ck["args"][0]), *ck["args"][1:])
             net.load_state_dict(ck["state_dict"])
             store.note(name, False)
             return net.eval(), json.loads(ck["info"])
         except Exception:
             pass
     net, info = train_feature_net(x, y, progress=progress, **cfg.classifier)
-    payload = {"args": list(net.args), "state_dict": net.state_dict(), "info": json.dumps(info)}
+    payload = {"args": [list(net.args[0]), *net.args[1:]], "state_dict": net.state_dict(), "info": json.dumps(info)}
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
     store.note(name, True)
     return net, info

@@ -86,3 +86,11 @@ def test_feature_classifier_learns_and_gives_feature_cosine():
     assert torch.allclose(m, torch.ones(4), atol=1e-5)
     across = compute_metrics(x[y == 0][:5], x[y == 1][:5], ("feat",), feature_net=net)["feat"]
     assert across.mean() < 0.99
+
+
+@pytest.mark.parametrize("chw", [(1, 9, 7), (3, 16, 16), (1, 5, 5)])
+def test_feature_net_any_image_size(chw):
+    from mucs_fast.evaluate.metrics import FeatureNet
+
+    net = FeatureNet(chw, classes=3, width=2, feat=8)
+    assert net(torch.zeros(2, *chw)).shape == (2, 3) and net.features(torch.zeros(2, *chw)).shape == (2, 8)
