@@ -272,7 +272,7 @@ def _classifier(store: Store, cfg: EvalConfig, x, y, data_key: str, progress: bo
 
     if y is None or "feat" not in cfg.metrics:
         return None, None
-    key = _digest({"data": data_key, "classifier": cfg.classifier, "format": FORMAT})
+    key = _digest({"data": data_key, "classifier": cfg.classifier, "format": FORMAT, "feature_net": 2})
     name = f"classifier-{key}.pt"
     path = store.path(name)
     if os.path.isfile(path):
