@@ -10,8 +10,9 @@ Methods: `METHODS` (name → fn(ctx, targets, target_labels) -> scores [K, N]), 
 
 from .methods import METHODS, MethodContext, check_method, get_method, register_method
 from .metrics import DEFAULT_METRICS, METRICS, compute_metrics, ssim
-from .pipeline import PHASES, QUICK, EvalConfig, StopEvaluation, evaluate, quick_config, summarize, topk_of
+from .pipeline import (PHASES, QUICK, EvalConfig, StopEvaluation, evaluate, quick_config, summarize,
+                       topk_of)
 
-__all__ = ["evaluate", "EvalConfig", "QUICK", "quick_config", "StopEvaluation", "PHASES", "summarize", "topk_of",
-           "METHODS", "MethodContext", "get_method", "check_method", "register_method",
-           "METRICS", "DEFAULT_METRICS", "compute_metrics", "ssim"]
+__all__ = ["DEFAULT_METRICS", "METHODS", "METRICS", "PHASES", "QUICK", "EvalConfig", "MethodContext",
+           "StopEvaluation", "check_method", "compute_metrics", "evaluate", "get_method", "quick_config",
+           "register_method", "ssim", "summarize", "topk_of"]

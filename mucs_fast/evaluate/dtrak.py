@@ -6,8 +6,9 @@ diffusion loss (the denoiser's, λ-weighted for EDM nets) averaged over S fixed 
 the Karras grid from σ_max down to σ_min (D-TRAK: S timesteps spread over [0, T)), ε_s ~ N(0, I)
 drawn once from a fixed seed and shared by every image.
 
-Features: φ(x) = Pᵀ ∇_θ f(x) ∈ R^d (per-sample gradients through `torch.func.vmap`), P ∈ R^{|θ|×d} a random projection with i.i.d. Rademacher (±1/√d) or Gaussian (N(0, 1/d))
-entries from a fixed seed, generated block by block (never held whole).
+Features: φ(x) = Pᵀ ∇_θ f(x) ∈ R^d (per-sample gradients through `torch.func.vmap`), with
+P ∈ R^{|θ|×d} a random projection with i.i.d. Rademacher (±1/√d) or Gaussian (N(0, 1/d)) entries
+from a fixed seed, applied block by block of rows.
 Scores: score[k, j] = φ(x̂_k)ᵀ (ΦᵀΦ + λI)⁻¹ φ(x_j), Φ = [φ(x_1) … φ(x_N)]ᵀ, λ = lamb·tr(ΦᵀΦ)/d,
 all in float64. Higher = training image j lowers the target's loss more (more influential).
 

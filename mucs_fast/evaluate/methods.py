@@ -25,7 +25,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 

@@ -28,15 +28,16 @@ import os
 import platform
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
 from .. import __version__
 from .._io import atomic_write, atomic_write_json, derive_seed, tensor_digest
+from . import stats
 from .methods import MethodContext, check_method, get_method, method_key
 from .metrics import DEFAULT_METRICS, METRICS, compute_metrics, train_feature_net
-from . import stats
 
 FORMAT = 1
 PHASES = ("pre", "generate", "attribute", "post", "regenerate")

@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from mucs_fast.evaluate.metrics import (METRICS, compute_metrics, correlation, gaussian_window, neg_euclidean,
-                                        neg_mae, pixel_cosine, ssim, train_feature_net)
+from mucs_fast.evaluate.metrics import (
+    METRICS,
+    compute_metrics,
+    correlation,
+    gaussian_window,
+    neg_euclidean,
+    neg_mae,
+    pixel_cosine,
+    ssim,
+    train_feature_net,
+)
 
 
 def ssim_loop(x, y, L=1.0, size=7, sigma=1.5):
