@@ -22,7 +22,6 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
-from torch.nn.utils.stateless import _reparametrize_module  # what functional_call itself uses
 from torch.overrides import TorchFunctionMode
 
 
@@ -85,6 +84,7 @@ class StackedNet:
         for n in self.names:
             shared.pop(n)
         self.shared = {n: t.detach() for n, t in shared.items()}
+        self._methods: dict = {}
 
     @classmethod
     def replicate(cls, net: torch.nn.Module, names: Sequence[str], K: int) -> "StackedNet":
@@ -108,13 +108,16 @@ class StackedNet:
         """fn(net_k, *args_k) for the K copies, stacked on dim 0. `net_k` is called like the
         module (and exposes its methods); in_dims per arg: 0 = one slice per copy, None = shared."""
         weights = self.weights if weights is None else weights
-        shared = self.shared
+        shared, methods = self.shared, self._methods
 
         def one(w, *a):
-            return fn(_Call(self.net, {**shared, **w}), *a)
+            return fn(_Call(self.net, {**shared, **w}, methods), *a)
 
+        # randomness="different": a model that draws random numbers in forward (the reference's
+        # conditional embedders draw a label-dropout mask even in eval mode) gets independent draws
+        # per copy, as K separate runs would; models without randomness are unaffected.
         with vmap_safe():
-            return vmap(one, in_dims=(0, *in_dims), randomness="error")(weights, *args)
+            return vmap(one, in_dims=(0, *in_dims), randomness="different")(weights, *args)
 
     def loss(self, den, x, eps, level, y=None, weights: Optional[dict] = None,
              in_dims=(0, 0, 0, 0)) -> torch.Tensor:
@@ -136,23 +139,48 @@ def flat_views(flat: torch.Tensor, shapes: dict) -> dict:
     return out
 
 
+class _MethodAsForward(torch.nn.Module):
+    """`net.<name>` as a module's forward. functional_call substitutes parameters in a way that
+    torch.compile traces faithfully; a bare `_reparametrize_module` around a method call is not
+    (dynamo kept the module's own weights: the K compiled copies all scored as the original)."""
+
+    def __init__(self, net: torch.nn.Module, name: str):
+        super().__init__()
+        self.net, self.name = net, name
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.net, self.name)(*args, **kwargs)
+
+
 class _Call:
     """`net` with substituted parameters, callable like `net`; its methods (e.g. `network`, the
-    raw F of EDM nets) run with the substituted parameters too."""
+    raw F of EDM nets) run with the substituted parameters too. `methods` caches one
+    `_MethodAsForward` per method name.
 
-    def __init__(self, net, params):
-        self._net, self._params = net, params
+    `network` is an explicit method on purpose: torch.compile (dynamo) mistraces a method
+    returned from `__getattr__` and kept the module's own weights, so the compiled K-stacked
+    scoring pass scored every copy as the original (all scores 0). `__getattr__` still serves
+    other attributes and methods in eager code."""
+
+    def __init__(self, net, params, methods: dict):
+        self._net, self._params, self._methods = net, params, methods
 
     def __call__(self, *args, **kwargs):
         return functional_call(self._net, self._params, args, kwargs, strict=False)
+
+    def call_method(self, name: str, *args, **kwargs):
+        """net.<name>(*args, **kwargs) with the substituted parameters."""
+        wrapper = self._methods.get(name)
+        if wrapper is None:
+            wrapper = self._methods[name] = _MethodAsForward(self._net, name)
+        params = {f"net.{n}": t for n, t in self._params.items()}
+        return functional_call(wrapper, params, args, kwargs, strict=False)
+
+    def network(self, *args, **kwargs):
+        return self.call_method("network", *args, **kwargs)
 
     def __getattr__(self, name):
         attr = getattr(self._net, name)
         if not (callable(attr) and getattr(attr, "__self__", None) is self._net):
             return attr
-
-        def method(*args, **kwargs):
-            with _reparametrize_module(self._net, self._params, strict=False):
-                return attr(*args, **kwargs)
-
-        return method
+        return lambda *args, **kwargs: self.call_method(name, *args, **kwargs)

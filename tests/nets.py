@@ -41,3 +41,24 @@ class TinyEDMNet(torch.nn.Module):
         h = h + self.dit_backbone[0].mlp(h)
         F = self.last(h).permute(0, 3, 1, 2)
         return c_skip * x + c_out * F
+
+
+class TinyRawEDMNet(TinyEDMNet):
+    """TinyEDMNet that also exposes its raw F as `network(c_in·x, c_noise, y)`, like mucs_fast's DiT:
+    EDMDenoiser then evaluates F directly (the raw path) and K-stacked copies call a method."""
+
+    def network(self, x_in, c_noise, y=None, a=None):
+        h = self.x_embedder(x_in.permute(0, 2, 3, 1))
+        h = h + self.s_embedder(c_noise.view(-1, 1)).view(-1, 1, 1, h.shape[-1])
+        if not self.unconditional:
+            h = h + self.y_embedder(y).view(-1, 1, 1, h.shape[-1])
+        h = h + self.dit_backbone[0].mlp(h)
+        return self.last(h).permute(0, 3, 1, 2)
+
+    def forward(self, x, sigma, y=None, a=None):
+        sd = self.sigma_data
+        s = sigma.view(-1, 1, 1, 1)
+        c_skip = sd ** 2 / (s ** 2 + sd ** 2)
+        c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sd ** 2 + s ** 2).sqrt()
+        return c_skip * x + c_out * self.network(c_in * x, ((1e-6 + s).log() / 4).view(-1), y, a)

@@ -165,12 +165,16 @@ def test_vmap_safe_reroutes_match_the_native_ops():
                                rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_scoring_equals_eager():
-    """compile=True: one torch.compile'd chunk function (weights as inputs, last chunk padded)."""
-    from nets import TinyEDMNet
+@pytest.mark.parametrize("raw", [False, True], ids=["D", "raw-F"])
+def test_compiled_scoring_equals_eager(raw):
+    """compile=True: one torch.compile'd chunk function (weights as inputs, last chunk padded).
+    raw-F: the stacked copies call the net's `network` method (a compiled pass once scored every
+    copy as the original: all scores 0), so the scores must also be nonzero."""
+    from nets import TinyEDMNet, TinyRawEDMNet
 
     torch.manual_seed(0)
-    net = TinyEDMNet(C=1, label_dim=3)
+    net = (TinyRawEDMNet if raw else TinyEDMNet)(C=1, label_dim=3)
+    assert EDMDenoiser(net).raw == raw
     g = torch.Generator().manual_seed(0)
     train = torch.rand(22, 1, 4, 4, generator=g) * 2 - 1  # 22 images, 8 per chunk: a padded last chunk
     targets = torch.rand(3, 1, 4, 4, generator=g) * 2 - 1
@@ -182,3 +186,4 @@ def test_compiled_scoring_equals_eager():
                      progress=False, cache_dir=None)
     assert b.meta["compiled"] and not a.meta["compiled"]
     assert (a.scores - b.scores).abs().max().item() <= 1e-6
+    assert a.scores.abs().max().item() > 1e-3

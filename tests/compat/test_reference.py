@@ -306,14 +306,20 @@ class RandCondNet(TinyEDMNet):
         return super().forward(x, sigma, y=torch.where(keep, y, torch.zeros_like(y)), a=a)
 
 
-def test_unvmappable_model_falls_back_to_one_target(data):
+def test_model_with_forward_randomness_runs_batched(data):
+    """vmap(randomness="different"): a model drawing random numbers in forward is batched, not
+    refused, and (its mask being probability-0) scores equal one target at a time."""
     _ids, x, y, ds = data
     torch.manual_seed(2)
     net = RandCondNet(C=1, label_dim=3, width=8)
-    att = make(net, loss_null=1.2, max_steps=1, batch_size=B, targets_per_batch=4)
-    with pytest.warns(UserWarning, match="one at a time"):
-        _top, _, scores = att.run(torch.utils.data.DataLoader(ds), x[:2], y[:2], {}, 3)
-    assert torch.isfinite(scores).all()
+    scores = {}
+    for K in (1, 4):
+        att = make(net, loss_null=1.2, max_steps=2, batch_size=B, targets_per_batch=K)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "one at a time" fallback warning
+            _top, _, scores[K] = att.run(torch.utils.data.DataLoader(ds), x[:3], y[:3], {}, 3)
+    assert torch.isfinite(scores[4]).all()
+    assert (scores[4] - scores[1]).abs().max().item() <= 1e-6
 
 
 def test_loss_null_auto_rebuilds_from_args(data):
