@@ -104,6 +104,11 @@ class StackedNet:
                 p[n].copy_(self.weights[n][k])
         return m
 
+    def module(self, weights: dict) -> "_Call":
+        """The net with trainable parameters `weights` ({name: tensor of the parameter's shape},
+        e.g. one copy's slices), callable like the module; frozen parameters are shared."""
+        return _Call(self.net, {**self.shared, **weights}, self._methods)
+
     def vmap(self, fn, *args, in_dims, weights: Optional[dict] = None):
         """fn(net_k, *args_k) for the K copies, stacked on dim 0. `net_k` is called like the
         module (and exposes its methods); in_dims per arg: 0 = one slice per copy, None = shared."""

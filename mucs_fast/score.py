@@ -134,7 +134,8 @@ def score_target(den: Denoiser, net, x: torch.Tensor, y: Optional[torch.Tensor],
 def score_stacked(den: Denoiser, stack, x: torch.Tensor, y: Optional[torch.Tensor], bank: NoiseBank,
                   loss_t: torch.Tensor, *, eps: float, use_loss_ratio: bool, use_same_noise_infer: bool,
                   images_per_batch: int, precision: str = "auto", generators: Optional[list] = None,
-                  compile: bool = False, progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                  compile: bool = False, mode: str = "auto",
+                  progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """Scores [K, N] of the K models of `stack` (a StackedNet) in one pass over the training set.
 
     Per chunk of n images the noisy batch [(m n)] is built once and shared by all K models (vmap
@@ -142,16 +143,35 @@ def score_stacked(den: Denoiser, stack, x: torch.Tensor, y: Optional[torch.Tenso
     sums on the spot. No [K, N, M] tensor and no host sync inside the loop.
     With use_same_noise_infer=False, `generators[k]` draws model k's own ε per chunk.
     compile: torch.compile the per-chunk function once (weights are its inputs, so every block of
-    K targets reuses the graph).
+    K targets, and in "loop" mode every model, reuses the graph).
+    mode: "vmap" evaluates the K models as one batched call (fewest launches: the GPU path);
+    "loop" evaluates them one after another on the same chunk (each a plain, optionally compiled,
+    functional call): on CPU the vmapped K-batched DiT ran 2-3x slower per model than K single
+    calls, eager or compiled (BENCHMARKS.md). "auto": "vmap" on CUDA, "loop" elsewhere.
+    Either way the chunk is read once and reduced straight into the [K, N] sums.
     """
     N, K, M, per = x.shape[0], stack.K, bank.M, images_per_batch
     scores = torch.empty(K, N, dtype=torch.float32, device=x.device)
+    if mode == "auto":
+        mode = "vmap" if x.device.type == "cuda" else "loop"
+    if mode not in ("vmap", "loop"):
+        raise ValueError(f"mode must be 'auto', 'vmap' or 'loop', got {mode!r}")
 
-    def chunk(weights, xc, yc, e):  # losses [K, M, n]; e: the bank [M, ...] or per-model ε [K, M, n, ...]
-        return stack.vmap(lambda net, e_: den.grid_loss(xc, e_, bank.level, yc, net=net), e,
-                          in_dims=(None if generators is None else 0,), weights=weights)
+    if mode == "vmap":
+        def chunk(weights, xc, yc, e):  # losses [K, M, n]; e: the bank [M, ...] or per-model ε [K, M, n, ...]
+            return stack.vmap(lambda net, e_: den.grid_loss(xc, e_, bank.level, yc, net=net), e,
+                              in_dims=(None if generators is None else 0,), weights=weights)
+    else:
+        def one(w, xc, yc, e_):  # losses [M, n] of the model with trainable weights w
+            return den.grid_loss(xc, e_, bank.level, yc, net=stack.module(w))
 
-    run = fixed_shape(chunk, compile)
+        run_one = fixed_shape(one, compile)
+
+        def chunk(weights, xc, yc, e):
+            return torch.stack([run_one({n: t[k] for n, t in weights.items()}, xc, yc,
+                                        e if generators is None else e[k]) for k in range(K)])
+
+    run = fixed_shape(chunk, compile and mode == "vmap")
     with autocast_for(x.device, precision):
         for n0 in range(0, N, per):
             n1 = min(N, n0 + per)

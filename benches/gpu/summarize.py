@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 
@@ -41,16 +42,33 @@ def main(out: str) -> None:
                     print(f"| K={key[7:]} | {r['pairs_models_per_s']:,.0f} | {r['speedup_vs_K1']:.2f} |")
             print()
     if os.path.isfile(ops_path):
-        o = json.load(open(ops_path))
-        print("| op bench | median µs | GB/s | % of peak |")
-        print("|---|---|---|---|")
-        for b in o.get("benchmarks", []):
-            ei = b.get("extra_info", {})
-            gbs = ei.get("GB/s", ei.get("gb_per_s", ""))
-            pk = ei.get("pct_of_peak_bandwidth", "")
-            fmt = (lambda v: f"{v:.1f}" if isinstance(v, (int, float)) else str(v))
-            print(f"| {b['name']} | {b['stats']['median'] * 1e6:.1f} | {fmt(gbs)} | {fmt(pk)} |")
+        print(op_table(json.load(open(ops_path)).get("benchmarks", [])))
 
+
+PROVIDER_ORDER = ("reference", "compiled", "op", "triton", "cuda")
+
+
+def op_table(benchmarks: list) -> str:
+    """One row per (op, case), one column per provider: median µs, and GB/s / % of peak of the fastest."""
+    rows: dict = {}
+    for b in benchmarks:
+        m = re.match(r"test_(\w+)\[(.*)\]$", b["name"])
+        if not m:
+            continue
+        parts = m.group(2).split("-")
+        provider, case = parts[-1], "-".join(p.replace("torch.", "") for p in parts[:-1])
+        rows.setdefault((m.group(1), case), {})[provider] = b
+    present = [p for p in PROVIDER_ORDER if any(p in r for r in rows.values())]
+    out = ["| op | case | " + " | ".join(f"{p} µs" for p in present) + " | best GB/s | % of peak |",
+           "|---|---|" + "---|" * (len(present) + 2)]
+    for (op, case), r in rows.items():
+        med = {p: r[p]["stats"]["median"] * 1e6 for p in present if p in r}
+        best = min(med, key=med.get)
+        ei = r[best].get("extra_info", {})
+        cells = [f"{med[p]:.1f}" if p in med else "" for p in present]
+        out.append(f"| {op} | {case} | " + " | ".join(cells) +
+                   f" | {ei.get('GB/s', '')} ({best}) | {ei.get('pct_of_peak_bandwidth', '')} |")
+    return "\n".join(out)
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else ".")
