@@ -22,8 +22,9 @@ from .ops import skew_accumulate
 
 DEFAULT_SCORE_BATCH = {"cpu": 1600, "cuda": 8192}
 # compile="auto" compiles scoring passes of at least this many image·noise pairs: on 2 CPU cores the
-# one-off compile of the demo DiT (~30 s) is repaid by the ≥ 1.5× (single model) to ~10× (K-stacked,
-# vmapped) faster per-chunk work within one demo-scale pass (1797 × 100 pairs); see BENCHMARKS.md.
+# one-off compile of the demo DiT (~15-20 s) is repaid by the ≈ 1.5× faster forward within one
+# demo-scale pass (1797 × 100 pairs); below it (e.g. 300 × 100 for a tiny model) it is not; see
+# BENCHMARKS.md.
 COMPILE_MIN_PAIRS = 100_000
 
 
