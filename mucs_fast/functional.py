@@ -145,9 +145,8 @@ def flat_views(flat: torch.Tensor, shapes: dict) -> dict:
 
 
 class _MethodAsForward(torch.nn.Module):
-    """`net.<name>` as a module's forward. functional_call substitutes parameters in a way that
-    torch.compile traces faithfully; a bare `_reparametrize_module` around a method call is not
-    (dynamo kept the module's own weights: the K compiled copies all scored as the original)."""
+    """`net.<name>` as a module's forward: `functional_call` only runs `forward`, so a method
+    with substituted parameters is a functional call of this wrapper (parameters `net.<...>`)."""
 
     def __init__(self, net: torch.nn.Module, name: str):
         super().__init__()
