@@ -274,6 +274,7 @@ class Attributor:
       cache_dir=None        cache of the original model's losses (e.g. "auto"); rank 0 only
       run_dir=None, resume=False   persist per-target results / continue an interrupted run
       precision="auto"      scoring precision ("auto": bf16 autocast on CUDA, fp32 elsewhere)
+      compile="auto"        torch.compile the scoring passes (MUCSConfig.compile)
       load_threads=8        threads that read the training set once
       progress=None         progress bars (None: on global rank zero)
     """
@@ -311,6 +312,7 @@ class Attributor:
         run_dir=None,
         resume=False,
         precision="auto",
+        compile="auto",
         load_threads=8,
         progress=None,
     ):
@@ -346,6 +348,7 @@ class Attributor:
         self.run_dir = run_dir
         self.resume = resume
         self.precision = precision
+        self.compile = compile
         self.load_threads = int(load_threads)
         self.progress = (
             bool(getattr(fabric, "is_global_zero", True)) if progress is None else bool(progress)
@@ -470,6 +473,7 @@ class Attributor:
             frozen=tuple(self.frozen_params),
             seed=self.seed,
             precision=self.precision,
+            compile=self.compile,
             targets_per_batch=self.targets_per_batch
             if targets_per_batch is None
             else targets_per_batch,

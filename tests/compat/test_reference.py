@@ -598,3 +598,11 @@ def test_cli_attribute_on_reference_files(tmp_path):
         cli.main(["attribute", "--model", "m", "--out", str(out), "--reference-samples", "s.pt"])
         == 2
     )
+
+
+def test_acceleration_keywords_reach_the_engine_config():
+    """Extra keywords only accelerate: they land in MUCSConfig, reference fields keep their defaults."""
+    att = make(targets_per_batch=3, score_batch=64, compile=False, precision="fp32")
+    cfg = att.config()
+    assert (cfg.targets_per_batch, cfg.score_batch, cfg.compile, cfg.precision) == (3, 64, False, "fp32")
+    assert make().config().compile == "auto"
