@@ -23,13 +23,9 @@ def accelerator_kernel(op: str, provider: str, device: str):
 
     if device == "cpu":
         pytest.skip("accelerator provider")
-    if provider == "triton":
-        if not _backend.triton_available():
-            pytest.skip("triton is not installed")
-        return _backend.triton_kernel(op)
-    fn = _backend.cuda_kernel(op)
+    fn, why = _backend.accelerator_kernel(op, provider)
     if fn is None:
-        pytest.skip("mucs_fast._C was built without CUDA")
+        pytest.skip(why)
     return fn
 
 

@@ -34,13 +34,16 @@ class TinyEDMNet(torch.nn.Module):
         c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
         c_in = 1 / (sd ** 2 + s ** 2).sqrt()
         c_noise = (1e-6 + s).log() / 4
-        h = self.x_embedder((c_in * x).permute(0, 2, 3, 1))  # [B, H, W, width]
-        h = h + self.s_embedder(c_noise.view(-1, 1)).view(-1, 1, 1, h.shape[-1])
+        return c_skip * x + c_out * self._raw(c_in * x, c_noise, y)
+
+    def _raw(self, x_in, c_noise, y=None, a=None):
+        """F(c_in·x, c_noise, y) [B, C, H, W]."""
+        h = self.x_embedder(x_in.permute(0, 2, 3, 1))  # [B, H, W, width]
+        h = h + self.s_embedder(c_noise.reshape(-1, 1)).view(-1, 1, 1, h.shape[-1])
         if not self.unconditional:
             h = h + self.y_embedder(y).view(-1, 1, 1, h.shape[-1])
         h = h + self.dit_backbone[0].mlp(h)
-        F = self.last(h).permute(0, 3, 1, 2)
-        return c_skip * x + c_out * F
+        return self.last(h).permute(0, 3, 1, 2)
 
 
 class TinyRawEDMNet(TinyEDMNet):
@@ -48,17 +51,4 @@ class TinyRawEDMNet(TinyEDMNet):
     EDMDenoiser then evaluates F directly (the raw path) and K-stacked copies call a method."""
 
     def network(self, x_in, c_noise, y=None, a=None):
-        h = self.x_embedder(x_in.permute(0, 2, 3, 1))
-        h = h + self.s_embedder(c_noise.view(-1, 1)).view(-1, 1, 1, h.shape[-1])
-        if not self.unconditional:
-            h = h + self.y_embedder(y).view(-1, 1, 1, h.shape[-1])
-        h = h + self.dit_backbone[0].mlp(h)
-        return self.last(h).permute(0, 3, 1, 2)
-
-    def forward(self, x, sigma, y=None, a=None):
-        sd = self.sigma_data
-        s = sigma.view(-1, 1, 1, 1)
-        c_skip = sd ** 2 / (s ** 2 + sd ** 2)
-        c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + s ** 2).sqrt()
-        return c_skip * x + c_out * self.network(c_in * x, ((1e-6 + s).log() / 4).view(-1), y, a)
+        return self._raw(x_in, c_noise, y, a)

@@ -67,6 +67,16 @@ def cuda_kernel(op: str) -> Optional[Callable]:
     return getattr(getattr(torch.ops, CUDA_NAMESPACE), op).default
 
 
+def accelerator_kernel(op: str, provider: str) -> tuple[Optional[Callable], Optional[str]]:
+    """(kernel, None) for provider "triton" or "cuda", or (None, why it is absent here)."""
+    if provider == "triton":
+        if not triton_available():
+            return None, "triton is not installed"
+        return triton_kernel(op), None
+    fn = cuda_kernel(op)
+    return (fn, None) if fn is not None else (None, "mucs_fast._C was built without CUDA")
+
+
 def triton_module(op: str) -> ModuleType:
     """mucs_fast.kernels.<op> (imports triton)."""
     return importlib.import_module(f"mucs_fast.kernels.{op}")

@@ -45,13 +45,9 @@ def gpu_kernel(op: str, name: str):
     """The accelerator kernel `name` ("triton" or "cuda") of op; skips when it is absent here."""
     if ACCELERATOR is None:
         pytest.skip("needs an accelerator")
-    if name == "triton":
-        if not _backend.triton_available():
-            pytest.skip("triton is not installed")
-        return _backend.triton_kernel(op)
-    fn = _backend.cuda_kernel(op)
+    fn, why = _backend.accelerator_kernel(op, name)
     if fn is None:
-        pytest.skip("mucs_fast._C was built without CUDA")
+        pytest.skip(why)
     return fn
 
 
