@@ -148,7 +148,8 @@ def _pbar(total, desc, progress, unit="img"):
 # --------------------------------------------------------------------------------------------
 def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config: Optional[MUCSConfig] = None,
               train_labels=None, target_labels=None, train_ids=None, device=None, progress: bool = True,
-              run_dir=None, resume: bool = False, cache_dir="auto") -> Attribution:
+              run_dir=None, resume: bool = False, cache_dir="auto", top_k: int = 100,
+              meta: Optional[dict] = None) -> Attribution:
     """Score every training image for every target with MUCS.
 
     den: an `EDMDenoiser` or `DiffusersDenoiser`; train [N, C, H, W] and targets [K, C, H, W]: float
@@ -156,7 +157,8 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
     models); train_ids: int64 [N] (default 0..N−1); device: default CUDA when available;
     run_dir: persist per-target results there; resume: continue an interrupted run in run_dir;
     cache_dir: where the original model's losses are cached ("auto": $MUCS_FAST_CACHE or
-    ~/.cache/mucs_fast; None: no cache).
+    ~/.cache/mucs_fast; None: no cache); top_k, meta: with run_dir, the result written there keeps
+    the top min(top_k, N) ids per target and `meta` merged into its metadata.
     Returns an `Attribution` (scores float32 [K, N], higher = more influential).
     """
     t_start = time.perf_counter()
@@ -292,7 +294,7 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
     from .ops import backends
 
     flagged = [k for k in range(K) if infos[k]["stop"] in ("nan", "cap")]
-    meta = {
+    meta_out = {
         "mucs_fast": __version__,
         "config": cfg.to_dict(),
         "resolved": {"t_sched_infer": t_sched_infer, "t_sched_train": t_sched_train, "loss_null": loss_null,
@@ -308,9 +310,12 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
         "torch": torch.__version__,
         "N": N, "K": K, "M": cfg.num_noises,
     }
-    res = Attribution(scores, ids, meta)
+    if meta is not None:
+        meta_out.update(meta)
+    res = Attribution(scores, ids, meta_out)
     if run is not None:
-        res.save(run.path, top_k=min(100, N))
+        res.save(run.path, top_k=min(top_k, N))
+        run.close()
     return res
 
 

@@ -64,3 +64,6 @@ class RunDir:
         t = {"scores": scores.detach().float().cpu().contiguous()}
         meta = {"run": self.digest, "info": json.dumps(info)}
         atomic_write(self._target_file(k), lambda tmp: save_file(t, tmp, metadata=meta))
+
+    def close(self) -> None:
+        """Release the run directory (the engine calls it when the run ends, however it ends)."""

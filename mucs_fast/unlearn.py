@@ -76,6 +76,18 @@ def stop_reason(step: int, loss_f: float, loss_null: float, cfg: MUCSConfig) -> 
     return None
 
 
+def mirrored_objective(loss_r: torch.Tensor, loss_f: torch.Tensor, loss_null: float, lamb: float,
+                       bounded: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_r, L_f, objective) from per-sample losses [..., B] of the retain and forget batches.
+
+    L_r = mean L(x_r), L_f = mean min(L(x̂), L_null) (no clamp when not `bounded`: the ablation),
+    objective = L_r − λ·L_f: descending it keeps the data and pushes the target's loss up to the bound.
+    """
+    loss_f = loss_f.clamp(max=loss_null) if bounded else loss_f
+    L_r, L_f = loss_r.mean(-1), loss_f.mean(-1)
+    return L_r, L_f, L_r - lamb * L_f
+
+
 def unlearn(den: Denoiser, net: torch.nn.Module, params: list, train_x: torch.Tensor,
             train_y: Optional[torch.Tensor], x_hat: torch.Tensor, y_hat: Optional[torch.Tensor], *,
             cfg: MUCSConfig, loss_null: float, lr: float, retain: Iterator[torch.Tensor],
