@@ -9,6 +9,8 @@
   and one `pt_files/<last 3 digits of the zero-padded idx>/<idx>.pt` per image holding
   `[idx, x uint8 [C, H, W], y, caption]`. Images enter the model as (x/255 − 0.5)/0.5, center
   cropped to min(H, W); a y with several rows (several captions) contributes its first row.
+- a dataset object of the reference (its `filenames`, `meta`) as resident tensors
+  (`dataset_tensors`), read from its files once instead of item by item.
 
 Every reader uses `torch.load(weights_only=True)` inside `omegaconf_safe_globals` (checkpoints and
 metadata of the reference may hold omegaconf containers). Every writer is atomic.
@@ -261,6 +263,42 @@ def load_dataset(path, split: str = "train", threads: int = 8, seed: int = 44) -
             f"{path}: {len(missing)} image files of split {split!r} are missing, e.g. {missing[0]}"
         )
     return load_files(fns, threads)
+
+
+def dataset_tensors(ds, threads: int = 8) -> ReferenceData:
+    """All items of a map-style dataset as tensors (ids, x, y), read once.
+
+    The reference's own dataset class (files listed in `.filenames`, `.meta`, no augmentation,
+    no z-normalization) is read straight from its files with `load_files`; any other dataset is
+    indexed item by item (threads too: `threads=1` for datasets that are not thread-safe)."""
+    fns = getattr(ds, "filenames", None)
+    if (
+        isinstance(fns, list)
+        and isinstance(getattr(ds, "meta", None), dict)
+        and not getattr(ds, "znorm", False)
+        and not getattr(ds, "augment", False)
+        and fns
+        and all(isinstance(f, str) for f in fns[:1])
+        and os.path.isfile(fns[0])
+    ):
+        return load_files(fns, threads)
+    n = len(ds)
+    if n == 0:
+        raise ValueError("the training dataset is empty")
+
+    def get(i):
+        item = ds[i]
+        return item[0], item[1], item[2]
+
+    if threads > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            items = list(pool.map(get, range(n), chunksize=64))
+    else:
+        items = [get(i) for i in range(n)]
+    ids = torch.as_tensor([int(i) for i, _, _ in items], dtype=torch.int64)
+    x = torch.stack([torch.as_tensor(x) for _, x, _ in items]).float()
+    y = torch.stack([torch.as_tensor(y) for _, _, y in items])
+    return ReferenceData(ids, x, y.float() if torch.is_floating_point(y) else y)
 
 
 def save_dataset(
