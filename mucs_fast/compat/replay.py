@@ -1,7 +1,8 @@
 """The reference's algorithm replayed on resident data (`fast=False`): its DataLoaders (stand-in
 `ResidentLoader`), its noise draws, its unlearning loop, its L_null and t_sched estimates, all
-drawing from the one global RNG stream in the reference's program order. The stop rule is the engine's
-`unlearn.stop_reason`, the score `score.skew_scores`.
+drawing from the one global RNG stream in the reference's program order. The math is the engine's:
+the objective is `unlearn.mirrored_objective`, the stop rule `unlearn.stop_reason`, the score
+`score.skew_scores`; what is the reference's own here is where every random number comes from.
 
 `ReferenceReplay` holds the reference's public methods (its signatures) and is mixed into the
 drop-in's Attributor, whose reference arguments (`self.num_noises`, `self.loss_null`, ...) it reads.
@@ -16,7 +17,7 @@ import torch
 
 from ..config import MUCSConfig
 from ..score import autocast_for, score_batch_images, skew_scores
-from ..unlearn import stop_reason
+from ..unlearn import mirrored_objective, stop_reason
 from .reference_conf import reference_optimizer, sampler_range
 from .reference_models import build_null_model
 
@@ -129,7 +130,8 @@ class ReferenceReplay:
     def compute_unlearning(self, model, dl, xgen_i, ygen_i):
         """Mirrored bounded unlearning of one target on `model` (in place; returned), batches from
         `dl`, noise from the global RNG — the reference's loop, with a safety cap when
-        max_steps=None (`self.safety_steps`, warned)."""
+        max_steps=None (`self.safety_steps`, warned). Instance weights scale the retain losses
+        per sample before the mean, as the reference."""
         if not isinstance(self.loss_null, (int, float)):
             raise ValueError(  # noqa: TRY004  ("auto" is a valid value, just not here)
                 f"compute_unlearning needs a numeric loss_null (got {self.loss_null!r}): "
@@ -166,9 +168,12 @@ class ReferenceReplay:
                     nf, sf = self.get_noise_info(xf.size(), training=True)
                 xrhat = self.get_model_pred(model, xr, nr, sr, yr, a=ar)
                 xfhat = self.get_model_pred(model, xf, nf, sf, yf, a=af)
-                lr = (wr * self.get_model_loss(xr, xrhat, sr)).mean()
-                lf = self.get_model_loss(xf, xfhat, sf).clamp(max=self.loss_null).mean()
-                loss = lr - self.lamb * lf
+                _, lf, loss = mirrored_objective(
+                    wr * self.get_model_loss(xr, xrhat, sr),
+                    self.get_model_loss(xf, xfhat, sf),
+                    self.loss_null,
+                    self.lamb,
+                )
                 reason = stop_reason(step, float(lf.detach()), self.loss_null, cfg)
                 if reason is not None:
                     self._stops = getattr(self, "_stops", []) + [reason]

@@ -187,6 +187,40 @@ def test_unlearning_equals_plain_loop(data):
     assert changed and all(not att.is_frozen_param(n) for n in changed)
 
 
+def test_replay_objective_is_the_engines(data, monkeypatch):
+    """The replay's objective is `unlearn.mirrored_objective` (instance weights times the per-sample
+    retain losses in), and its value is bit for bit the reference's order of operations."""
+    from mucs_fast.compat import replay
+
+    ids, x, y, ds = data
+    batches = ResidentLoader(ds, ids, x, y, B, False, True)
+    net = TinyEDMNet(C=1, label_dim=3, width=8)
+    att = make(net, loss_null=1.3, max_steps=2)
+    w = torch.linspace(0.5, 1.5, B)
+    att.use_instance_weights = True  # the reference's weights need its lib.image_metrics
+    att.get_instance_weight = lambda ds, xi, yi, xf, yf: w
+    calls = []
+
+    def spy(loss_r, loss_f, loss_null, lamb, bounded=True):
+        out = mf.unlearn.mirrored_objective(loss_r, loss_f, loss_null, lamb, bounded)
+        calls.append((loss_r.detach(), loss_f.detach(), out[2].detach()))
+        return out
+
+    monkeypatch.setattr(replay, "mirrored_objective", spy)
+    torch.manual_seed(11)
+    att.compute_unlearning(_copy(net), batches, x[5], y[5])
+    assert len(calls) == 3  # 2 steps, then the stop check
+    for weighted, loss_f, objective in calls:
+        reference = weighted.mean() - 0.2 * loss_f.clamp(max=1.3).mean()
+        assert torch.equal(objective, reference)
+    weighted = calls[0][0]
+    torch.manual_seed(11)  # the same first step without weights: the plain per-sample losses
+    att.use_instance_weights = False
+    calls.clear()
+    att.compute_unlearning(_copy(net), batches, x[5], y[5])
+    assert torch.equal(weighted, w * calls[0][0])
+
+
 def _copy(net):
     import copy
 
@@ -604,5 +638,10 @@ def test_acceleration_keywords_reach_the_engine_config():
     """Extra keywords only accelerate: they land in MUCSConfig, reference fields keep their defaults."""
     att = make(targets_per_batch=3, score_batch=64, compile=False, precision="fp32")
     cfg = att.config()
-    assert (cfg.targets_per_batch, cfg.score_batch, cfg.compile, cfg.precision) == (3, 64, False, "fp32")
+    assert (cfg.targets_per_batch, cfg.score_batch, cfg.compile, cfg.precision) == (
+        3,
+        64,
+        False,
+        "fp32",
+    )
     assert make().config().compile == "auto"
