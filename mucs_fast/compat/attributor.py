@@ -38,14 +38,17 @@ def get_topk(topk: int, all_idx: torch.Tensor, scores: torch.Tensor) -> torch.Te
 def _probe_batched(den, names, x, y) -> str | None:
     """None when the engine's batched (vmapped) unlearning runs on this model, else the error.
 
-    A forward and backward for two stacked copies of two images (expanded views: no weight copy).
-    Models whose forward calls a random function (e.g. the reference's conditional embedders draw
-    a dropout mask even when its probability is 0) cannot be vmapped."""
+    A forward and backward for two stacked copies of two images (expanded views: no weight copy),
+    with respect to every trainable weight (some may be unused, e.g. an unconditional model's label
+    embedder). Models whose forward calls a random function (e.g. the reference's conditional
+    embedders draw a dropout mask even when its probability is 0) cannot be vmapped."""
     from ..functional import StackedNet
 
     params = dict(den.net.named_parameters())
-    w = {n: params[n].detach().unsqueeze(0).expand(2, *params[n].shape) for n in names}
-    w[names[0]] = w[names[0]].clone().requires_grad_(True)
+    w = {
+        n: params[n].detach().unsqueeze(0).expand(2, *params[n].shape).requires_grad_(True)
+        for n in names
+    }
     n = min(2, x.shape[0])
     xb = x[:n].unsqueeze(0).expand(2, *x[:n].shape)
     g = torch.Generator().manual_seed(0)
@@ -54,7 +57,7 @@ def _probe_batched(den, names, x, y) -> str | None:
     try:
         stack = StackedNet(den.net, w)
         L = stack.loss(den, xb, eps.expand(2, *eps.shape), sigma.expand(2, n), yb)
-        torch.autograd.grad(L.sum(), [w[names[0]]])
+        torch.autograd.grad(L.sum(), list(w.values()), allow_unused=True)
     except Exception as e:  # noqa: BLE001  (any failure: run the targets one at a time)
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
@@ -274,6 +277,8 @@ class Attributor(ReferenceReplay):
         den = self.denoiser(dataset)
         ids, x, y = data
         xgen = xgen.detach().float().cpu()
+        if not den.conditional:  # the reference's datasets carry y for every model
+            y = ygen = None
         ygen = None if ygen is None else ygen.detach().cpu()
         y_train = den.prepare_labels(y, x.shape[0], "dataset labels")
         if cfg.targets_per_batch > 1 and xgen.shape[0] > 1:

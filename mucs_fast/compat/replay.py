@@ -1,6 +1,7 @@
 """The reference's algorithm replayed on resident data (`fast=False`): its DataLoaders (stand-in
 `ResidentLoader`), its noise draws, its unlearning loop, its L_null and t_sched estimates, all
-drawing from the one global RNG stream in the reference's program order. The math is the engine's:
+drawing from the one global RNG stream in the reference's program order, so that for a given
+seed a run reproduces the reference's stream bit for bit. The math is the engine's:
 the objective is `unlearn.mirrored_objective`, the stop rule `unlearn.stop_reason`, the score
 `score.skew_scores`; what is the reference's own here is where every random number comes from.
 
@@ -16,10 +17,16 @@ import math
 import torch
 
 from ..config import MUCSConfig
-from ..score import autocast_for, score_batch_images, skew_scores
+from ..score import autocast_for, skew_scores
 from ..unlearn import mirrored_objective, stop_reason
 from .reference_conf import reference_optimizer, sampler_range
 from .reference_models import build_null_model
+
+
+def inference_images(batch_size: int, num_noises: int) -> int:
+    """Training images per inference batch of the reference: 16·B // M (at least 1), B the
+    unlearning batch size and M the number of noises: 16·B (image, noise) pairs per forward."""
+    return max(1, 16 * int(batch_size) // int(num_noises))
 
 
 class ResidentLoader:
@@ -67,7 +74,7 @@ class ReferenceReplay:
         """The reference's run() on resident data, same global RNG draws in the same order:
         (all ids [Nt], scores [Ng, Nt], stop reason per target)."""
         ids, x, y = data
-        n_infer = score_batch_images(self.score_batch, self.num_noises, self._dev)
+        n_infer = inference_images(self.batch_size, self.num_noises)
         dl_inference = ResidentLoader(dataset, ids, x, y, n_infer, False, False, self._dev)
         dl_unlearn = ResidentLoader(dataset, ids, x, y, self.batch_size, True, True, self._dev)
         if self.t_sched_train == "auto" or self.t_sched_infer == "auto":

@@ -332,6 +332,35 @@ def test_run_reference_algorithm_and_fixes(data):
     assert isinstance(att.t_sched_train, float)
 
 
+def test_replay_inference_batches_as_the_reference(data):
+    """fast=False batches inference as the reference, 16·B // M images, on every device and
+    whatever score_batch says (the engine's knob)."""
+    from mucs_fast.compat.replay import inference_images
+
+    assert inference_images(100, 100) == 16 and inference_images(4, 8) == 8
+    assert inference_images(5, 100) == 1 and inference_images(64, 100) == 10
+    _ids, x, y, ds = data
+    net = TinyEDMNet(C=1, label_dim=3, width=8)
+    for batch_size, expect in [(B, 16), (6, 24)]:
+        att = make(
+            net, loss_null=1.2, max_steps=1, batch_size=batch_size, fast=False, score_batch=3
+        )
+        seen = _record_inference_batch_sizes(att)
+        att.run(torch.utils.data.DataLoader(ds), x[:1], y[:1], {}, 3)
+        assert seen == [expect, expect]  # the original model, the unlearned one
+
+
+def _record_inference_batch_sizes(att) -> list:
+    seen, inner = [], att.compute_inference_losses
+
+    def spy(model, dl, **kw):
+        seen.append(dl.batch_size)
+        return inner(model, dl, **kw)
+
+    att.compute_inference_losses = spy
+    return seen
+
+
 class RandCondNet(TinyEDMNet):
     """Draws a (probability-0) dropout mask in forward, like the reference's conditional embedders."""
 
