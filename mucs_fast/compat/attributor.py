@@ -73,7 +73,9 @@ class Attributor(ReferenceReplay):
                             use_instance_weights and non-Adam optimizers, which the engine lacks)
       targets_per_batch=8   K targets unlearned and scored together (1 = one at a time; models
                             that cannot be vmapped fall back to 1, with a warning)
-      score_batch=None      image·noise pairs per scoring forward (None: engine default)
+      score_batch=None      image·noise pairs per scoring forward (None: engine default); the
+                            engine only: fast=False batches inference as the reference does,
+                            16·batch_size // num_noises images per batch
       safety_steps=1000     cap on unlearning steps when max_steps=None (warned when hit)
       cache_dir=None        cache of the original model's losses (e.g. "auto"); rank 0 only
       run_dir=None, resume=False   persist per-target results / continue an interrupted run

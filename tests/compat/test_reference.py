@@ -361,6 +361,36 @@ def _record_inference_batch_sizes(att) -> list:
     return seen
 
 
+def test_unconditional_model_gets_no_labels(data, monkeypatch):
+    """The reference's datasets carry y for every model; the engine path passes none to an
+    unconditional one (the engine refuses labels there) and scores as the engine does without."""
+    from mucs_fast import engine
+
+    _ids, x, y, ds = data
+    torch.manual_seed(4)
+    net = TinyEDMNet(C=1, label_dim=0, width=8)
+    att = make(net, loss_null=1.2, max_steps=2, batch_size=B, targets_per_batch=2)
+    seen = []
+    attribute = engine.attribute
+
+    def spy(*a, **kw):
+        seen.append((kw["train_labels"], kw["target_labels"]))
+        return attribute(*a, **kw)
+
+    monkeypatch.setattr(engine, "attribute", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the batched probe runs without labels too
+        _top, _, scores = att.run(torch.utils.data.DataLoader(ds), x[:3] * 0.8, y[:3], {}, 3)
+    assert seen == [(None, None)]
+    expect = attribute(
+        mf.EDMDenoiser(net), x, x[:3] * 0.8, att.config(), device="cpu", progress=False
+    ).scores
+    torch.testing.assert_close(scores, expect, rtol=0, atol=0)
+    att = make(net, loss_null=1.2, max_steps=1, batch_size=B, fast=False)  # the reference: y as is
+    _top, _, scores = att.run(torch.utils.data.DataLoader(ds), x[:1], y[:1], {}, 3)
+    assert torch.isfinite(scores).all()
+
+
 class RandCondNet(TinyEDMNet):
     """Draws a (probability-0) dropout mask in forward, like the reference's conditional embedders."""
 
