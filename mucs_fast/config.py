@@ -88,9 +88,9 @@ class MUCSConfig:
     score_batch: Optional[int] = None
     """Image·noise pairs per scoring forward; None: a device-dependent default."""
     compile: Union[bool, str] = "auto"
-    """torch.compile the batched scoring pass (targets_per_batch > 1) and the original model's pass:
-    "auto" = when the pass has ≥ 100,000 image·noise pairs (where the one-off compile pays; see
-    BENCHMARKS.md); the plain one-target path (targets_per_batch = 1) always runs eagerly."""
+    """torch.compile the scoring passes (the original model's and the unlearned copies', one graph):
+    "auto" = when a pass has ≥ 100,000 image·noise pairs (where the one-off compile pays; see
+    BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         def bad(field: str, expected: str) -> None:
@@ -110,8 +110,9 @@ class MUCSConfig:
             bad("loss_null", '"auto" or a positive number')
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             bad("lr", "a positive number or None")
-        if self.max_steps is not None and not (isinstance(self.max_steps, int) and self.max_steps >= 0):
-            bad("max_steps", "None or an int >= 0")
+        if self.max_steps is not None and not (isinstance(self.max_steps, int) and self.max_steps >= 1):
+            # 0 steps would score the original model against itself: all scores 0
+            bad("max_steps", "None or an int >= 1")
         if not (isinstance(self.safety_steps, int) and self.safety_steps >= 1):
             bad("safety_steps", "an int >= 1")
         if self.batch_size is not None and not (isinstance(self.batch_size, int) and self.batch_size >= 1):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 from typing import Callable, Optional
 
 import torch
@@ -54,17 +53,25 @@ class Denoiser:
         """Per-sample loss [B] (fp32 accumulation) of images x under noise (ε, level)."""
         raise NotImplementedError
 
-    def grid_loss(self, x, eps, level, y=None, net: Optional[Callable] = None) -> torch.Tensor:
+    def grid_terms(self, eps: torch.Tensor, level: torch.Tensor, n: int) -> dict:
+        """What `grid_loss` needs of the noise alone, for chunks of n images: the same for every
+        chunk of a fixed bank, so a scoring pass builds it once (per-row preconditioning, levels)."""
+        return {"level": level.repeat_interleave(n)}
+
+    def grid_loss(self, x, eps, level, y=None, net: Optional[Callable] = None,
+                  terms: Optional[dict] = None) -> torch.Tensor:
         """Loss [M, n] of every (noise m, image j) pair: the scoring pass's unit of work.
 
         x [n, C, H, W]; eps [M, C, H, W] (one noise per sample, shared by all images: the bank) or
-        [M, n, C, H, W]; level [M]; y: labels of the n images. The batch is noise-major, (m n), as
-        in the reference. Subclasses build it with the fused `noisy_inputs` op.
+        [M, n, C, H, W]; level [M]; y: labels of the n images; terms: `grid_terms(eps, level, n)`
+        (computed here when not given). The batch is noise-major, (m n), as in the reference.
+        Subclasses build it with the fused `noisy_inputs` op.
         """
         M, n = level.shape[0], x.shape[0]
+        terms = self.grid_terms(eps, level, n) if terms is None else terms
         xx = _rows(x, M)
         ee = _rows(eps, n, per_sample=True) if eps.dim() == x.dim() else eps.reshape(M * n, *x.shape[1:])
-        return self.loss(xx, ee, level.repeat_interleave(n), _label_rows(y, M), net=net).view(M, n)
+        return self.loss(xx, ee, terms["level"], _label_rows(y, M), net=net).view(M, n)
 
     # -- model facts ----------------------------------------------------------------------------
     def fresh_net(self) -> torch.nn.Module:
@@ -79,15 +86,18 @@ class Denoiser:
         return REFERENCE_FROZEN
 
     def prepare_labels(self, y: Optional[torch.Tensor], n: int, what: str) -> Optional[torch.Tensor]:
-        """Validate labels for `n` images and convert them to what the net takes; None when the
-        model is unconditional. Raises ValueError naming `what` (e.g. "train_labels")."""
+        """Validate labels for `n` images and convert them to what the net takes (None for an
+        unconditional model). Raises ValueError naming `what` (e.g. "train_labels")."""
         if not self.conditional:
+            if y is not None:  # silently dropping them would hide a wrong model or a wrong file
+                raise ValueError(f"{what}: labels were given, but the model is unconditional; "
+                                 "pass no labels (or a class-conditional model)")
             return None
         if y is None:
             raise ValueError(
                 f"{what}: the model is class-conditional (label_dim={self.label_dim}) but no labels "
                 f"were given; pass {what}=<tensor [{n}] of class ids or [{n}, {self.label_dim}]>")
-        y = torch.as_tensor(y)
+        y = torch.as_tensor(y).detach()
         if y.shape[0] != n:
             raise ValueError(f"{what}: expected {n} labels (one per image), got shape {tuple(y.shape)}")
         return self._convert_labels(y, what)
@@ -223,22 +233,32 @@ class EDMDenoiser(Denoiser):
         # D-form: the net applies c_skip/c_out itself, so the op sees c_skip = 0, c_out = 1.
         return edm_loss(D, None, x, None, None, self.weight(sigma))
 
-    def grid_loss(self, x, eps, level, y=None, net=None):
-        net = self.net if net is None else net
-        M, n = level.shape[0], x.shape[0]
+    def grid_terms(self, eps, level, n):
         sigma = level
         per_row = lambda v: v.repeat_interleave(n)  # noqa: E731 — [M] per-noise → [M·n] per-row
-        target = _rows(x, M)
-        yy = _label_rows(y, M)
+        terms = {"ones": torch.ones_like(sigma), "sigma": sigma, "weight": per_row(self.weight(sigma))}
         if self.raw:  # x_in = c_in·(x + σε) in one pass; c_skip·x_noisy = (c_skip/c_in)·x_in in the loss
             c_skip, c_out, c_in, c_noise = self.precond(sigma)
-            x_in = noisy_inputs(x, eps, torch.ones_like(sigma), sigma, c_in)
-            F = net.network(x_in, per_row(c_noise), yy)
-            L = edm_loss(F, x_in, target, per_row(c_skip / c_in), per_row(c_out), per_row(self.weight(sigma)))
+            terms.update(c_in=c_in, c_noise=per_row(c_noise), c_skip_in=per_row(c_skip / c_in),
+                         c_out=per_row(c_out))
         else:
-            x_noisy = noisy_inputs(x, eps, torch.ones_like(sigma), sigma, None)
-            D = net(x_noisy, per_row(sigma), y=yy)
-            L = edm_loss(D, None, target, None, None, per_row(self.weight(sigma)))
+            terms.update(sigma_rows=per_row(sigma))
+        return terms
+
+    def grid_loss(self, x, eps, level, y=None, net=None, terms=None):
+        net = self.net if net is None else net
+        M, n = level.shape[0], x.shape[0]
+        t = self.grid_terms(eps, level, n) if terms is None else terms
+        target = _rows(x, M)
+        yy = _label_rows(y, M)
+        if self.raw:
+            x_in = noisy_inputs(x, eps, t["ones"], t["sigma"], t["c_in"])
+            F = net.network(x_in, t["c_noise"], yy)
+            L = edm_loss(F, x_in, target, t["c_skip_in"], t["c_out"], t["weight"])
+        else:
+            x_noisy = noisy_inputs(x, eps, t["ones"], t["sigma"], None)
+            D = net(x_noisy, t["sigma_rows"], y=yy)
+            L = edm_loss(D, None, target, None, None, t["weight"])
         return L.view(M, n)
 
     # labels / models ---------------------------------------------------------------------------
@@ -349,14 +369,23 @@ class DiffusersDenoiser(Denoiser):
         out = net(x_t, level, class_labels=y)
         return edm_loss(_sample(out), None, eps, None, None, torch.ones(x.shape[0], device=x.device))
 
-    def grid_loss(self, x, eps, level, y=None, net=None):
+    def grid_terms(self, eps, level, n):
+        M = level.shape[0]
+        acp = self._alphas(level.device)[level]
+        terms = {"a": acp.sqrt(), "b": (1 - acp).sqrt(), "level": level.repeat_interleave(n),
+                 "weight": torch.ones(M * n, device=level.device)}
+        if eps.dim() == 4:  # the shared bank: the regression target ε is the same for every chunk
+            terms["target"] = _rows(eps, n, per_sample=True)
+        return terms
+
+    def grid_loss(self, x, eps, level, y=None, net=None, terms=None):
         net = self.net if net is None else net
         M, n = level.shape[0], x.shape[0]
-        acp = self._alphas(x.device)[level]
-        x_t = noisy_inputs(x, eps, acp.sqrt(), (1 - acp).sqrt(), None)
-        out = net(x_t, level.repeat_interleave(n), class_labels=_label_rows(y, M))
-        target = _rows(eps, n, per_sample=True) if eps.dim() == x.dim() else eps.reshape(M * n, *x.shape[1:])
-        return edm_loss(_sample(out), None, target, None, None, torch.ones(M * n, device=x.device)).view(M, n)
+        t = self.grid_terms(eps, level, n) if terms is None else terms
+        x_t = noisy_inputs(x, eps, t["a"], t["b"], None)
+        out = net(x_t, t["level"], class_labels=_label_rows(y, M))
+        target = t["target"] if eps.dim() == x.dim() else eps.reshape(M * n, *x.shape[1:])
+        return edm_loss(_sample(out), None, target, None, None, t["weight"]).view(M, n)
 
     def _convert_labels(self, y, what):
         if not _is_class_ids(y):
@@ -373,7 +402,8 @@ class DiffusersDenoiser(Denoiser):
         return type(self.net).from_config(self.net.config)
 
     def default_frozen(self):
-        return diffusers_default_frozen
+        is_dit = any(n.startswith("transformer_blocks.") for n, _ in self.net.named_parameters())
+        return diffusers_dit_frozen if is_dit else diffusers_unet_frozen
 
     def _fingerprint_extra(self):
         return (self.T, float(self.alphas_cumprod.sum()))
@@ -384,14 +414,17 @@ def _sample(out):
     return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
 
 
-def diffusers_default_frozen(name: str, p: torch.nn.Parameter) -> bool:
-    """Default trainable set for diffusers models, the analogue of the reference's DiT choice:
-    DiT: the feed-forward weight matrices ("ff." non-bias) and the class embedding;
-    UNet: every non-bias weight except normalization layers' affine parameters.
-    """
+def diffusers_dit_frozen(name: str, p: torch.nn.Parameter) -> bool:
+    """Default trainable set of diffusers transformers (DiTTransformer2DModel), the analogue of the
+    reference's DiT choice: the feed-forward weight matrices and the class embedding; everything
+    else (patch embedding, attention, adaLN, output projections) and every bias stays frozen."""
+    return name.endswith(".bias") or not (".ff." in name or "class_embedder." in name)
+
+
+def diffusers_unet_frozen(name: str, p: torch.nn.Parameter) -> bool:
+    """Default trainable set of diffusers UNets: every non-bias weight except normalization
+    layers' affine parameters (the reference UNet's default leaves every non-bias weight)."""
     if name.endswith(".bias"):
         return True
-    if "transformer_blocks." in name:  # DiT-style transformer
-        return not (".ff." in name or "class_embedder" in name)
     parts = name.split(".")
-    return len(parts) >= 2 and "norm" in parts[-2]  # normalization layers' affine parameters
+    return len(parts) >= 2 and "norm" in parts[-2]

@@ -109,6 +109,14 @@ class StackedNet:
         e.g. one copy's slices), callable like the module; frozen parameters are shared."""
         return _Call(self.net, {**self.shared, **weights}, self._methods)
 
+    def params(self, k: int) -> dict:
+        """Every parameter and buffer of copy k ({name: tensor}): the input of `call`."""
+        return {**self.shared, **{n: w[k] for n, w in self.weights.items()}}
+
+    def call(self, params: dict) -> "_Call":
+        """The net with all of its parameters and buffers given (e.g. `params(k)`, built once)."""
+        return _Call(self.net, params, self._methods)
+
     def vmap(self, fn, *args, in_dims, weights: Optional[dict] = None):
         """fn(net_k, *args_k) for the K copies, stacked on dim 0. `net_k` is called like the
         module (and exposes its methods); in_dims per arg: 0 = one slice per copy, None = shared."""
@@ -118,6 +126,12 @@ class StackedNet:
         def one(w, *a):
             return fn(_Call(self.net, {**shared, **w}, methods), *a)
 
+        if next(iter(weights.values())).shape[0] == 1:
+            # K = 1 is the same computation without the batching transform: models that cannot be
+            # vmapped (e.g. ops without a batching rule) still run, and nothing is paid for vmap.
+            squeeze = lambda t, d: t if d is None else t.select(d, 0)  # noqa: E731
+            out = one({n: w[0] for n, w in weights.items()}, *(squeeze(a, d) for a, d in zip(args, in_dims)))
+            return out.unsqueeze(0)
         # randomness="different": a model that draws random numbers in forward (the reference's
         # conditional embedders draw a label-dropout mask even in eval mode) gets independent draws
         # per copy, as K separate runs would; models without randomness are unaffected.

@@ -1,10 +1,14 @@
-"""Scoring pass: per-(image, noise) losses under the shared bank and the noise-consistent skew.
+"""Scoring: per-(image, noise) losses under the shared bank and the noise-consistent skew.
 
 score[k, n] = (1/M) Σ_m (L_u[k, n, m] − L_t[n, m]) / (L_u[k, n, m] + L_t[n, m] + eps)
 
-(spec/MUCS.md, "Score"). Losses are computed chunk by chunk over training images; the skew is
-reduced per chunk, so no [K, N, M] tensor ever exists. With use_same_noise_infer=False every model
-sees its own independent ε (same σ levels) and the skew compares per-image mean losses.
+(spec/MUCS.md, "Score"). A `LossPass` is the one callable that evaluates every loss of a run: the
+original model's L_t and the K unlearned copies' L_u go through the same per-model function, the
+same compile setting, precision and op backends, so nothing target-independent can enter the
+difference of two nearly equal losses. Losses are computed chunk by chunk over training images and
+reduced to skew sums per chunk: no [K, N, M] tensor ever exists. With use_same_noise_infer=False
+every model sees its own independent ε (same σ levels), keyed by (model stream, image id, noise
+index), and the skew compares per-image mean losses.
 
 Batch layout is noise-major, "(m n)", as in the reference.
 """
@@ -12,11 +16,13 @@ Batch layout is noise-major, "(m n)", as in the reference.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from ._io import derive_seed
 from .denoisers import Denoiser
+from .functional import StackedNet
 from .noise import NoiseBank
 from .ops import skew_accumulate
 
@@ -49,10 +55,16 @@ def autocast_for(device: torch.device, precision: str):
     raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
 
 
-def chunk_losses(den: Denoiser, net, x: torch.Tensor, y: Optional[torch.Tensor], eps: torch.Tensor,
-                 level: torch.Tensor) -> torch.Tensor:
-    """Losses [n, M] of n images x under M noises (eps [M, ...] shared, or [M, n, ...])."""
-    return den.grid_loss(x, eps, level, y, net=net).t()
+def independent_eps(seed: int, ids: torch.Tensor, M: int, chw: Sequence[int], device) -> torch.Tensor:
+    """ε [M, n, C, H, W] of one model's independent noise stream `seed` for the images `ids`
+    (use_same_noise_infer=False): image i's M noises come from a generator seeded by (seed, i), so
+    they do not depend on the chunking, the batch size or the other images."""
+    g = torch.Generator()
+    out = torch.empty((ids.numel(), M, *chw))
+    for j, i in enumerate(ids.tolist()):
+        g.manual_seed(derive_seed(seed, int(i)))
+        out[j] = torch.randn((M, *chw), generator=g)
+    return out.transpose(0, 1).contiguous().to(device)
 
 
 def _pad_rows(t: Optional[torch.Tensor], n: int, dim: int = 0) -> Optional[torch.Tensor]:
@@ -65,34 +77,98 @@ def _pad_rows(t: Optional[torch.Tensor], n: int, dim: int = 0) -> Optional[torch
     return torch.cat([t, last.repeat(*reps)], dim)
 
 
-def fixed_shape(fn: Callable, compile: bool) -> Callable:
-    """`fn` as called per chunk, optionally torch.compile'd for the fixed chunk shape (callers pad
-    the last chunk to the full size, so the graph is traced once per run, not twice)."""
-    return torch.compile(fn, dynamic=False) if compile else fn
+class LossPass:
+    """Losses [K, M, n] of K copies of `net` (differing in the trainable weights `names`) on chunks
+    of n training images under the bank — for the original model (K = 1) and the unlearned copies.
+
+    mode: "loop" evaluates the K copies one after another on the same chunk (each one functional
+    call, optionally compiled): on CPU the vmapped K-batched DiT ran 2-3× slower per model than K
+    single calls (BENCHMARKS.md); "vmap" evaluates them as one batched call (fewest launches: the
+    GPU path; K = 1 runs unbatched, see StackedNet.vmap). "auto": "vmap" on CUDA, "loop" elsewhere.
+    compile: torch.compile the per-chunk function once; weights are its inputs, so every block of
+    targets (and in "loop" mode every copy and the original) reuses the graph, and the last chunk
+    is padded to the full size so it is traced once.
+    """
+
+    def __init__(self, den: Denoiser, net: torch.nn.Module, names: Sequence[str], bank: NoiseBank, *,
+                 images_per_batch: int, precision: str = "auto", compile: bool = False, mode: str = "auto"):
+        self.den, self.bank, self.per = den, bank, int(images_per_batch)
+        self.device = bank.eps.device
+        self.precision, self.compile = precision, bool(compile)
+        if mode == "auto":
+            mode = "vmap" if self.device.type == "cuda" else "loop"
+        if mode not in ("vmap", "loop"):
+            raise ValueError(f"mode must be 'auto', 'vmap' or 'loop', got {mode!r}")
+        self.mode = mode
+        params = dict(net.named_parameters())
+        self.original = {n: params[n].detach().unsqueeze(0) for n in names}  # {name: [1, ...]}
+        self.stack = StackedNet(net, self.original) if names else None
+        self._net = net
+        self._terms: dict = {}
+        level = bank.level
+
+        def one(p, xc, yc, e, terms):  # losses [M, n] of the model with parameters p
+            return den.grid_loss(xc, e, level, yc, net=self.stack.call(p) if self.stack else net, terms=terms)
+
+        def batched(weights, xc, yc, e, terms):  # losses [K, M, n]; e: the bank or per-model [K, M, n, ...]
+            return self.stack.vmap(lambda net_k, e_k: den.grid_loss(xc, e_k, level, yc, net=net_k, terms=terms),
+                                   e, in_dims=(None if e.dim() == xc.dim() else 0,), weights=weights)
+
+        wrap = (lambda f: torch.compile(f, dynamic=False)) if self.compile else (lambda f: f)
+        self._one = wrap(one)
+        self._batched = wrap(batched) if mode == "vmap" else None
+
+    def prepare(self, weights: Optional[dict]):
+        """The models of one pass: `weights` {name: [K, ...]} of K copies, or None for the original."""
+        weights = self.original if weights is None else weights
+        if self.mode == "vmap" and self.stack is not None and next(iter(weights.values())).shape[0] > 1:
+            return weights
+        if self.stack is None:
+            return [None]
+        stack = StackedNet(self._net, weights)
+        return [stack.params(k) for k in range(stack.K)]  # built once per pass, not per chunk
+
+    def chunks(self, x, y, ids, seeds: Optional[Sequence[int]]):
+        """(n0, n1, x, y, ε) per chunk of `per` images, padded to `per` when compiled; ε is the bank
+        or, with `seeds` (independent noise), each model's own [K, M, n, ...]."""
+        N, per, M = x.shape[0], self.per, self.bank.M
+        pad = self.compile and N > per
+        for n0 in range(0, N, per):
+            n1 = min(N, n0 + per)
+            xc, yc = x[n0:n1], None if y is None else y[n0:n1]
+            e = self.bank.eps
+            if seeds is not None:
+                e = torch.stack([independent_eps(s, ids[n0:n1], M, x.shape[1:], self.device) for s in seeds])
+            if pad:
+                xc, yc = _pad_rows(xc, per), _pad_rows(yc, per)
+                e = e if seeds is None else _pad_rows(e, per, dim=2)
+            yield n0, n1, xc, yc, e
+
+    def losses(self, models, xc, yc, e) -> torch.Tensor:
+        """Losses [K, M, n] of the prepared `models` on one chunk."""
+        n = xc.shape[0]
+        key = (n, e.dim())
+        if key not in self._terms:  # the same for every chunk of a fixed bank: built once
+            self._terms[key] = self.den.grid_terms(e if e.dim() == xc.dim() else e[0], self.bank.level, n)
+        terms = self._terms[key]
+        if isinstance(models, dict):
+            return self._batched(models, xc, yc, e, terms)
+        return torch.stack([self._one(p, xc, yc, e if e.dim() == xc.dim() else e[k], terms)
+                            for k, p in enumerate(models)])
 
 
 @torch.inference_mode()
-def inference_losses(den: Denoiser, net, x: torch.Tensor, y: Optional[torch.Tensor], bank: NoiseBank,
-                     *, images_per_batch: int, precision: str = "auto",
-                     generator: Optional[torch.Generator] = None, compile: bool = False,
-                     progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-    """L [N, M] float32 of every training image under the bank (or, with `generator`, under
-    independent ε per image drawn from it, same levels)."""
-    N, per = x.shape[0], images_per_batch
-    out = torch.empty(N, bank.M, dtype=torch.float32, device=x.device)
-    run = fixed_shape(lambda xc, yc, e: chunk_losses(den, net, xc, yc, e, bank.level), compile)
-    with autocast_for(x.device, precision):
-        for n0 in range(0, N, per):
-            n1 = min(N, n0 + per)
-            eps = bank.eps
-            if generator is not None:
-                eps = torch.randn((bank.M, n1 - n0, *x.shape[1:]), generator=generator, device=x.device)
-            pad = compile and N > per
-            xc, yc = x[n0:n1], None if y is None else y[n0:n1]
-            if pad:
-                xc, yc = _pad_rows(xc, per), _pad_rows(yc, per)
-                eps = eps if generator is None else _pad_rows(eps, per, dim=1)
-            out[n0:n1] = run(xc, yc, eps)[:n1 - n0]
+def original_losses(lp: LossPass, x: torch.Tensor, y: Optional[torch.Tensor], ids: torch.Tensor, *,
+                    infer_seed: Optional[int] = None, progress: Optional[Callable[[int], None]] = None
+                    ) -> torch.Tensor:
+    """L_t [N, M] float32 of the original model on every training image under the bank (with
+    `infer_seed`: under its own independent ε per image, same levels)."""
+    N = x.shape[0]
+    out = torch.empty(N, lp.bank.M, dtype=torch.float32, device=x.device)
+    models = lp.prepare(None)
+    with autocast_for(x.device, lp.precision):
+        for n0, n1, xc, yc, e in lp.chunks(x, y, ids, None if infer_seed is None else [infer_seed]):
+            out[n0:n1] = lp.losses(models, xc, yc, e)[0, :, :n1 - n0].t()
             if progress is not None:
                 progress(n1 - n0)
     return out
@@ -109,86 +185,33 @@ def skew_scores(loss_u: torch.Tensor, loss_t: torch.Tensor, *, eps: float, use_l
 
 
 @torch.inference_mode()
-def score_target(den: Denoiser, net, x: torch.Tensor, y: Optional[torch.Tensor], bank: NoiseBank,
-                 loss_t: torch.Tensor, *, eps: float, use_loss_ratio: bool, use_same_noise_infer: bool,
-                 images_per_batch: int, precision: str = "auto",
-                 generator: Optional[torch.Generator] = None,
-                 progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-    """Scores [N] of one unlearned model against the original's losses loss_t [N, M], streamed."""
+def score_stacked(lp: LossPass, weights: dict, x: torch.Tensor, y: Optional[torch.Tensor], ids: torch.Tensor,
+                  loss_t: torch.Tensor, *, eps: float, use_loss_ratio: bool, use_same_noise_infer: bool,
+                  infer_seeds: Optional[Sequence[int]] = None,
+                  progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """Scores [K, N] of the K copies `weights` ({name: [K, ...]}) against L_t [N, M], in one pass.
+
+    Per chunk the training images (and the bank's noisy inputs) are read once for all K copies and
+    their losses [K, n, M] are reduced to skew sums on the spot; no host sync inside the loop.
+    use_same_noise_infer=False: `infer_seeds[k]` is copy k's independent noise stream.
+    """
     N = x.shape[0]
-    scores = torch.empty(N, dtype=torch.float32, device=x.device)
-    with autocast_for(x.device, precision):
-        for n0 in range(0, N, images_per_batch):
-            n1 = min(N, n0 + images_per_batch)
-            eps_ = bank.eps
-            if generator is not None:
-                eps_ = torch.randn((bank.M, n1 - n0, *x.shape[1:]), generator=generator, device=x.device)
-            loss_u = chunk_losses(den, net, x[n0:n1], None if y is None else y[n0:n1], eps_, bank.level)
-            scores[n0:n1] = skew_scores(loss_u[None], loss_t[n0:n1], eps=eps, use_loss_ratio=use_loss_ratio,
-                                        use_same_noise_infer=use_same_noise_infer)[0]
+    models = lp.prepare(weights)
+    K = len(models) if isinstance(models, list) else next(iter(models.values())).shape[0]
+    scores = torch.empty(K, N, dtype=torch.float32, device=x.device)
+    with autocast_for(x.device, lp.precision):
+        for n0, n1, xc, yc, e in lp.chunks(x, y, ids, infer_seeds):
+            loss_u = lp.losses(models, xc, yc, e)[:, :, :n1 - n0].transpose(1, 2)  # [K, n, M]
+            scores[:, n0:n1] = skew_scores(loss_u, loss_t[n0:n1], eps=eps, use_loss_ratio=use_loss_ratio,
+                                           use_same_noise_infer=use_same_noise_infer)
             if progress is not None:
                 progress(n1 - n0)
     return scores
 
 
-@torch.inference_mode()
-def score_stacked(den: Denoiser, stack, x: torch.Tensor, y: Optional[torch.Tensor], bank: NoiseBank,
-                  loss_t: torch.Tensor, *, eps: float, use_loss_ratio: bool, use_same_noise_infer: bool,
-                  images_per_batch: int, precision: str = "auto", generators: Optional[list] = None,
-                  compile: bool = False, mode: str = "auto",
-                  progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-    """Scores [K, N] of the K models of `stack` (a StackedNet) in one pass over the training set.
-
-    Per chunk of n images the noisy batch [(m n)] is built once and shared by all K models (vmap
-    with unbatched inputs: the frozen prefix runs once); the losses [K, n, M] are reduced to skew
-    sums on the spot. No [K, N, M] tensor and no host sync inside the loop.
-    With use_same_noise_infer=False, `generators[k]` draws model k's own ε per chunk.
-    compile: torch.compile the per-chunk function once (weights are its inputs, so every block of
-    K targets, and in "loop" mode every model, reuses the graph).
-    mode: "vmap" evaluates the K models as one batched call (fewest launches: the GPU path);
-    "loop" evaluates them one after another on the same chunk (each a plain, optionally compiled,
-    functional call): on CPU the vmapped K-batched DiT ran 2-3x slower per model than K single
-    calls, eager or compiled (BENCHMARKS.md). "auto": "vmap" on CUDA, "loop" elsewhere.
-    Either way the chunk is read once and reduced straight into the [K, N] sums.
-    """
-    N, K, M, per = x.shape[0], stack.K, bank.M, images_per_batch
-    scores = torch.empty(K, N, dtype=torch.float32, device=x.device)
-    if mode == "auto":
-        mode = "vmap" if x.device.type == "cuda" else "loop"
-    if mode not in ("vmap", "loop"):
-        raise ValueError(f"mode must be 'auto', 'vmap' or 'loop', got {mode!r}")
-
-    if mode == "vmap":
-        def chunk(weights, xc, yc, e):  # losses [K, M, n]; e: the bank [M, ...] or per-model ε [K, M, n, ...]
-            return stack.vmap(lambda net, e_: den.grid_loss(xc, e_, bank.level, yc, net=net), e,
-                              in_dims=(None if generators is None else 0,), weights=weights)
-    else:
-        def one(w, xc, yc, e_):  # losses [M, n] of the model with trainable weights w
-            return den.grid_loss(xc, e_, bank.level, yc, net=stack.module(w))
-
-        run_one = fixed_shape(one, compile)
-
-        def chunk(weights, xc, yc, e):
-            return torch.stack([run_one({n: t[k] for n, t in weights.items()}, xc, yc,
-                                        e if generators is None else e[k]) for k in range(K)])
-
-    run = fixed_shape(chunk, compile and mode == "vmap")
-    with autocast_for(x.device, precision):
-        for n0 in range(0, N, per):
-            n1 = min(N, n0 + per)
-            n = n1 - n0
-            xc, yc = x[n0:n1], None if y is None else y[n0:n1]
-            e = bank.eps  # the shared bank: one input batch for all K models
-            if generators is not None:
-                e = torch.stack([torch.randn((M, n, *xc.shape[1:]), generator=g, device=x.device)
-                                 for g in generators])
-            if compile and N > per:
-                xc, yc = _pad_rows(xc, per), _pad_rows(yc, per)
-                e = e if generators is None else _pad_rows(e, per, dim=2)
-            L = run(stack.weights, xc, yc, e)[:, :, :n]
-            loss_u = L.transpose(1, 2)  # [K, M, n] → [K, n, M]
-            scores[:, n0:n1] = skew_scores(loss_u, loss_t[n0:n1], eps=eps, use_loss_ratio=use_loss_ratio,
-                                           use_same_noise_infer=use_same_noise_infer)
-            if progress is not None:
-                progress(n)
-    return scores
+def inference_losses(den: Denoiser, net: torch.nn.Module, x: torch.Tensor, y: Optional[torch.Tensor],
+                     bank: NoiseBank, *, images_per_batch: int, precision: str = "auto", compile: bool = False,
+                     progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """L [N, M] float32 of one model `net` under the bank (a one-model LossPass)."""
+    lp = LossPass(den, net, [], bank, images_per_batch=images_per_batch, precision=precision, compile=compile)
+    return original_losses(lp, x, y, torch.arange(x.shape[0]), progress=progress)

@@ -1,6 +1,6 @@
-"""Mirrored, bounded unlearning of one target x̂ (spec/MUCS.md, "Unlearning one target").
+"""Mirrored, bounded unlearning of K targets x̂_k at once (spec/MUCS.md, "Unlearning one target").
 
-Each step, with the current weights θ:
+Each step, for every target still running, with its current weights θ_k:
     L_r = mean_i L(x_r,i; ε_i, σ_i)                      retain batch: B training images
     L_f = mean_i min(L(x̂; ε'_i, σ'_i), L_null)          forget batch: x̂ repeated B times
     stop if L_f ≥ (1 − tolerance)·L_null   (or after exactly max_steps steps when given)
@@ -8,6 +8,8 @@ Each step, with the current weights θ:
 
 The clamp at L_null is the bound: once a forget sample is as badly denoised as by a model that knows
 nothing, it stops pushing. The model stays in eval mode (dropout off), as in the reference.
+K = 1 is the same loop with one copy (the plain one-model MUCS lives in tests/oracle.py, the
+hand-written check of this loop).
 """
 
 from __future__ import annotations
@@ -88,50 +90,6 @@ def mirrored_objective(loss_r: torch.Tensor, loss_f: torch.Tensor, loss_null: fl
     return L_r, L_f, L_r - lamb * L_f
 
 
-def unlearn(den: Denoiser, net: torch.nn.Module, params: list, train_x: torch.Tensor,
-            train_y: Optional[torch.Tensor], x_hat: torch.Tensor, y_hat: Optional[torch.Tensor], *,
-            cfg: MUCSConfig, loss_null: float, lr: float, retain: Iterator[torch.Tensor],
-            generator: torch.Generator, progress: Optional[Callable] = None) -> UnlearnInfo:
-    """Unlearn target x̂ [C, H, W] (label y_hat) from `net` in place; `params` are its trainable
-    parameters (requires_grad set). `retain` yields index batches into train_x; `generator` draws
-    the training noise. Returns the stop reason and loss trace."""
-    t0 = time.perf_counter()
-    net.eval()
-    opt = torch.optim.AdamW(params, lr=lr, betas=cfg.betas, eps=cfg.adam_eps,
-                            weight_decay=cfg.weight_decay)
-    info = UnlearnInfo()
-    device = train_x.device
-    while True:
-        idx = next(retain).to(device)
-        x_r = train_x[idx]
-        y_r = None if train_y is None else train_y[idx]
-        x_f = x_hat.unsqueeze(0).expand_as(x_r)
-        y_f = None if y_hat is None else y_hat.unsqueeze(0).expand(x_r.shape[0], *y_hat.shape)
-        eps_r, lev_r = den.training_noise(x_r.shape, generator, cfg.t_sched_train, device)
-        if cfg.use_same_noise_train:
-            eps_f, lev_f = eps_r, lev_r
-        else:
-            eps_f, lev_f = den.training_noise(x_f.shape, generator, cfg.t_sched_train, device)
-        loss_r = den.loss(x_r, eps_r, lev_r, y_r, net=net).mean()
-        loss_f = den.loss(x_f, eps_f, lev_f, y_f, net=net)
-        loss_f = (loss_f.clamp(max=loss_null) if cfg.bounded else loss_f).mean()
-        lr_val, lf_val = loss_r.item(), loss_f.item()  # one host sync per step (the stop rule)
-        info.loss_r, info.loss_f = lr_val, lf_val
-        info.trace.append((lr_val, lf_val))
-        if progress is not None:
-            progress(info)
-        reason = "nan" if not math.isfinite(lr_val) else stop_reason(info.steps, lf_val, loss_null, cfg)
-        if reason is not None:
-            info.stop = reason
-            break
-        opt.zero_grad(set_to_none=True)
-        (loss_r - cfg.lamb * loss_f).backward()
-        opt.step()
-        info.steps += 1
-    info.seconds = time.perf_counter() - t0
-    return info
-
-
 def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: torch.Tensor,
                     train_y: Optional[torch.Tensor], x_hats: torch.Tensor, y_hats: Optional[torch.Tensor], *,
                     cfg: MUCSConfig, loss_null: float, lr: float, retains: list, generators: list,
@@ -168,6 +126,7 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
     steps = torch.zeros(K, dtype=torch.int64)
     infos = [UnlearnInfo() for _ in range(K)]
     active = list(range(K))  # original index of each row of W, m, v
+    x_f = y_f = None
     while active:
         A = len(active)
         idx = torch.stack([next(retains[k]) for k in active]).to(device)  # [A, B]
@@ -178,19 +137,17 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
             noise_r.append(den.training_noise(x_r.shape[1:], generators[k], cfg.t_sched_train, device))
             noise_f.append(noise_r[-1] if cfg.use_same_noise_train else
                            den.training_noise(x_r.shape[1:], generators[k], cfg.t_sched_train, device))
-        x_f = x_hats[active].unsqueeze(1).expand_as(x_r)
+        if x_f is None or x_f.shape[0] != A:  # the forget batches change only when targets leave
+            x_f = x_hats[active].unsqueeze(1).expand_as(x_r)
+            y_f = None if y_hats is None else y_hats[active].unsqueeze(1).expand(A, B, *y_hats.shape[1:])
         x = torch.cat([x_r, x_f], 1)  # [A, 2B, ...]: retain then forget, one forward per step
         eps = torch.cat([torch.stack([e for e, _ in noise_r]), torch.stack([e for e, _ in noise_f])], 1)
         lev = torch.cat([torch.stack([s for _, s in noise_r]), torch.stack([s for _, s in noise_f])], 1)
-        y = None
-        if train_y is not None:
-            y_f = y_hats[active].unsqueeze(1).expand(A, B, *y_hats.shape[1:])
-            y = torch.cat([y_r, y_f], 1)
+        y = None if train_y is None else torch.cat([y_r, y_f], 1)
         W.requires_grad_(True)
         L = stack.loss(den, x, eps, lev, y, weights=flat_views(W, shapes))  # [A, 2B]
-        loss_r = L[:, :B].mean(1)
-        loss_f = (L[:, B:].clamp(max=loss_null) if cfg.bounded else L[:, B:]).mean(1)
-        vals = torch.stack([loss_r, loss_f], 1).detach().cpu()  # one host sync per step for all targets
+        loss_r, loss_f, objective = mirrored_objective(L[:, :B], L[:, B:], loss_null, cfg.lamb, cfg.bounded)
+        vals = torch.stack([loss_r, loss_f], 1).detach().cpu()  # the one host sync per step (the stop rule)
         keep = []
         for i, k in enumerate(active):
             info = infos[k]
@@ -207,8 +164,7 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
         if keep:
             cont = torch.zeros(A, dtype=torch.bool)
             cont[keep] = True
-            objective = (loss_r - cfg.lamb * loss_f)[cont.to(device)].sum()
-            (grad,) = torch.autograd.grad(objective, [W])
+            (grad,) = torch.autograd.grad(objective[cont.to(device, non_blocking=True)].sum(), [W])
             steps_a = steps[active] + cont.long()
             bounded_adamw_step([W.detach()], [grad], [m], [v], steps_a, cont, lr, cfg.betas[0], cfg.betas[1],
                                cfg.adam_eps, cfg.weight_decay)
@@ -217,7 +173,7 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
             steps[active] = steps_a
         W = W.detach()
         if len(keep) < A:  # compact: finished targets leave the stack
-            sel = torch.tensor(keep, dtype=torch.long, device=device)
+            sel = torch.tensor(keep, dtype=torch.long).to(device, non_blocking=True)
             W, m, v = W[sel], m[sel], v[sel]
             active = [active[i] for i in keep]
         if progress is not None:

@@ -1,7 +1,5 @@
 """K targets at once (torch.func) equal K sequential runs, for the three model families."""
 
-import copy
-
 import pytest
 import torch
 
@@ -10,9 +8,9 @@ from mucs_fast.denoisers import DiffusersDenoiser, EDMDenoiser
 from mucs_fast.engine import make_bank
 from mucs_fast.functional import StackedNet, group_norm, sdpa_math, vmap_safe
 from mucs_fast.models.unet import ddpm_scheduler, tiny_dit, tiny_unet
-from mucs_fast.params import set_trainable, trainable_names
-from mucs_fast.score import inference_losses, score_stacked, score_target
-from mucs_fast.unlearn import RetainStream, unlearn, unlearn_batched
+from mucs_fast.params import trainable_names
+from mucs_fast.score import LossPass, original_losses, score_stacked
+from mucs_fast.unlearn import RetainStream, unlearn_batched
 
 
 def _family(name):
@@ -31,8 +29,8 @@ def _family(name):
 
 
 def _sequential_and_batched(family, dtype=torch.float32, threads=None):
-    """Unlearn K=3 targets one at a time (plain loop, torch.optim.AdamW) and all at once
-    (unlearn_batched), with the same per-target streams; score both ways."""
+    """Unlearn K=3 targets one at a time (K = 1: the unbatched call) and all at once (vmapped), with
+    the same per-target streams; score both ways."""
     den, n_cls = _family(family)
     den.net.to(dtype)
     g = torch.Generator().manual_seed(1)
@@ -50,38 +48,37 @@ def _sequential_and_batched(family, dtype=torch.float32, threads=None):
         return (RetainStream(N, cfg.B, torch.Generator().manual_seed(10 + k)),
                 torch.Generator().manual_seed(20 + k))
 
-    seq = []
+    def run(ks):
+        ss = [streams(k) for k in ks]
+        weights, infos = unlearn_batched(den, den.net, names, x, y, x_hats[ks],
+                                         None if y_hats is None else y_hats[ks], cfg=cfg, loss_null=1.0, lr=1e-3,
+                                         retains=[r for r, _ in ss], generators=[gen for _, gen in ss])
+        assert [i.steps for i in infos] == [3] * len(ks)
+        return weights
+
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        for k in range(K):
-            net = copy.deepcopy(den.net)
-            params = set_trainable(net, names)
-            r, gen = streams(k)
-            info = unlearn(den, net, params, x, y, x_hats[k], y_hats[k] if y_hats is not None else None,
-                           cfg=cfg, loss_null=1.0, lr=1e-3, retain=r, generator=gen)
-            assert info.steps == 3
-            seq.append(net)
+        seq = [run([k]) for k in range(K)]
     finally:
         torch.set_num_threads(old_threads)
-    ss = [streams(k) for k in range(K)]
-    weights, infos = unlearn_batched(den, den.net, names, x, y, x_hats, y_hats, cfg=cfg, loss_null=1.0, lr=1e-3,
-                                     retains=[r for r, _ in ss], generators=[gen for _, gen in ss])
-    assert [i.steps for i in infos] == [3] * K
-    w_seq = {n: torch.stack([dict(seq[k].named_parameters())[n].detach() for k in range(K)]) for n in names}
+    weights = run(list(range(K)))
+    w_seq = {n: torch.cat([seq[k][n] for k in range(K)]) for n in names}
 
     bank = make_bank(den, (1, 8, 8), cfg, 0.7)
     bank.eps = bank.eps.to(dtype)
-    loss_t = inference_losses(den, den.net, x, y, bank, images_per_batch=5)
-    kw = dict(eps=1e-3, use_loss_ratio=True, use_same_noise_infer=True, images_per_batch=5)
-    s_seq = torch.stack([score_target(den, seq[k], x, y, bank, loss_t, **kw) for k in range(K)])
-    s_bat = {mode: score_stacked(den, StackedNet(den.net, weights), x, y, bank, loss_t, mode=mode, **kw)
-             for mode in ("vmap", "loop")}
+    ids = torch.arange(N)
+    kw = dict(eps=1e-3, use_loss_ratio=True, use_same_noise_infer=True)
+    s_bat = {}
+    for mode in ("vmap", "loop"):
+        lp = LossPass(den, den.net, names, bank, images_per_batch=5, mode=mode)
+        loss_t = original_losses(lp, x, y, ids)
+        if mode == "loop":
+            s_seq = torch.cat([score_stacked(lp, seq[k], x, y, ids, loss_t, **kw) for k in range(K)])
+        s_bat[mode] = score_stacked(lp, weights, x, y, ids, loss_t, **kw)
     w0 = {n: dict(den.net.named_parameters())[n].detach() for n in names}
     return w0, w_seq, weights, s_seq, s_bat
-
-
 @pytest.mark.parametrize("family, dtype", [("dit_edm", torch.float32), ("dit_diffusers", torch.float32),
                                            ("unet", torch.float64)])
 def test_batched_equals_sequential(family, dtype):
@@ -197,8 +194,11 @@ def test_compiled_scoring_equals_eager(raw):
             w.add_(0.05 * torch.randn(w.shape, generator=g))
     bank = make_bank(den, (1, 4, 4), mf.MUCSConfig(num_noises=5), 0.7)
     y = den.prepare_labels(ytr, 22, "y")
-    loss_t = inference_losses(den, den.net, train, y, bank, images_per_batch=8)
-    kw = dict(eps=1e-3, use_loss_ratio=True, use_same_noise_infer=True, images_per_batch=8, mode="vmap")
-    s_eager = score_stacked(den, stack, train, y, bank, loss_t, **kw)
-    s_comp = score_stacked(den, stack, train, y, bank, loss_t, compile=True, **kw)
+    names, ids = list(stack.weights), torch.arange(22)
+    kw = dict(eps=1e-3, use_loss_ratio=True, use_same_noise_infer=True)
+    s = {}
+    for compile in (False, True):
+        lp = LossPass(den, den.net, names, bank, images_per_batch=8, mode="vmap", compile=compile)
+        s[compile] = score_stacked(lp, stack.weights, train, y, ids, original_losses(lp, train, y, ids), **kw)
+    s_eager, s_comp = s[False], s[True]
     assert (s_eager - s_comp).abs().max().item() <= 1e-6 and s_eager.abs().max().item() > 1e-3

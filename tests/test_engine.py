@@ -11,7 +11,7 @@ from mucs_fast import noise
 from mucs_fast.config import REFERENCE_FROZEN
 from mucs_fast.params import trainable_names
 from mucs_fast.score import skew_scores
-from mucs_fast.unlearn import RetainStream, stop_reason, unlearn
+from mucs_fast.unlearn import RetainStream, stop_reason, unlearn_batched
 
 from nets import TinyEDMNet
 
@@ -79,27 +79,29 @@ def test_stop_rule_on_scripted_losses():
 
 
 class ScriptedDenoiser(mf.EDMDenoiser):
-    """Loss = scripted value per evaluation (forget batch) + a differentiable zero."""
+    """Loss of one step's [retain; forget] batch: 0.5 for the retain half, the next scripted value
+    for the forget half, plus a differentiable zero (the engine evaluates both halves in one call)."""
 
     def __init__(self, net, script):
         super().__init__(net)
         self.script, self.calls = list(script), 0
 
     def loss(self, x, eps, level, y=None, net=None):
-        zero = sum(p.sum() for p in net.parameters() if p.requires_grad) * 0
+        B = x.shape[0] // 2
+        value = self.script[self.calls]
         self.calls += 1
-        value = 0.5 if self.calls % 2 else self.script[(self.calls // 2) - 1]  # retain, forget alternate
-        return torch.full((x.shape[0],), value) + zero
+        out = torch.cat([torch.full((B,), 0.5), torch.full((B,), value)])
+        return out + 0 * net(x, level).sum()
 
 
 def test_unlearn_stops_at_the_rule_and_counts_steps():
     net = TinyEDMNet()
     den = ScriptedDenoiser(net, [0.4, 0.9, 1.3, 1.45, 0.1])
-    params = [p for p in net.parameters()]
     x = torch.randn(8, 1, 4, 4)
-    info = unlearn(den, net, params, x, None, x[0], None, cfg=mf.MUCSConfig(batch_size=4), loss_null=1.5,
-                   lr=1e-3, retain=RetainStream(8, 4, torch.Generator().manual_seed(0)),
-                   generator=torch.Generator().manual_seed(0))
+    names = [n for n, _ in net.named_parameters()]
+    _, (info,) = unlearn_batched(den, net, names, x, None, x[:1], None, cfg=mf.MUCSConfig(batch_size=4),
+                                 loss_null=1.5, lr=1e-3, retains=[RetainStream(8, 4, torch.Generator().manual_seed(0))],
+                                 generators=[torch.Generator().manual_seed(0)])
     assert info.stop == "rule" and info.steps == 3
     assert [lf for _, lf in info.trace] == pytest.approx([0.4, 0.9, 1.3, 1.45])
 

@@ -31,7 +31,7 @@ def no_heavy_compute(monkeypatch):
     """Fail loudly if validation lets a call reach the expensive phases."""
     def boom(*a, **k):
         raise AssertionError("heavy compute reached before the error")
-    monkeypatch.setattr(engine, "inference_losses", boom)
+    monkeypatch.setattr(engine, "original_losses", boom)
     monkeypatch.setattr(engine, "estimate_loss_null", boom)
 
 
@@ -98,7 +98,7 @@ def test_unknown_lr_and_unbuildable_null_model(problem, no_heavy_compute):
 
 def test_config_validation():
     for bad in ({"num_noises": 0}, {"t_sched_infer": 1.5}, {"loss_null": "zero"}, {"loss_null": -1.0},
-                {"max_steps": -1}, {"tolerance": 1.0}, {"frozen": "mlp"}, {"precision": "fp8"}):
+                {"max_steps": -1}, {"max_steps": 0}, {"tolerance": 1.0}, {"frozen": "mlp"}, {"precision": "fp8"}):
         with pytest.raises(ValueError, match="MUCSConfig"):
             mf.MUCSConfig(**bad)
 
@@ -137,7 +137,7 @@ def test_run_dir_resume_and_different_run(problem, tmp_path, monkeypatch):
 
     # a crash after the first target: resume redoes only the second one
     calls = []
-    real = engine._attribute_one
+    real = engine.run_block
 
     def crash_on_second(*a, **k):
         calls.append(1)
@@ -146,14 +146,14 @@ def test_run_dir_resume_and_different_run(problem, tmp_path, monkeypatch):
         return real(*a, **k)
 
     out2 = tmp_path / "run2"
-    monkeypatch.setattr(engine, "_attribute_one", crash_on_second)
+    monkeypatch.setattr(engine, "run_block", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         mf.attribute(den, train, targets, CFG, ytr, ytg, progress=False, run_dir=out2)
     assert not (out2 / "attribution.json").exists()
     with pytest.raises(FileNotFoundError, match="not a complete"):
         mf.Attribution.load(out2)
     calls.clear()
-    monkeypatch.setattr(engine, "_attribute_one", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(engine, "run_block", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     resumed = mf.attribute(den, train, targets, CFG, ytr, ytg, progress=False, run_dir=out2, resume=True)
     assert len(calls) == 1
     assert torch.equal(resumed.scores, full.scores)
@@ -193,8 +193,8 @@ def test_interrupted_save_is_never_loaded(tmp_path, monkeypatch):
 def test_original_losses_are_cached_across_calls(problem, tmp_path, monkeypatch):
     den, train, targets, ytr, ytg = problem
     calls = []
-    real = engine.inference_losses
-    monkeypatch.setattr(engine, "inference_losses", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = engine.original_losses
+    monkeypatch.setattr(engine, "original_losses", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     a = mf.attribute(den, train, targets, CFG, ytr, ytg, progress=False, cache_dir=tmp_path)
     b = mf.attribute(den, train, targets[:1], CFG, ytr, ytg[:1], progress=False, cache_dir=tmp_path)
     assert len(calls) == 1 and b.meta["timings"]["loss_t_cached"]
@@ -207,3 +207,57 @@ def test_original_losses_are_cached_across_calls(problem, tmp_path, monkeypatch)
         f.write_bytes(b"garbage")
     c = mf.attribute(den, train, targets[:1], CFG, ytr, ytg[:1], progress=False, cache_dir=tmp_path)
     assert len(calls) == 4 and torch.equal(c.scores, a.scores[:1])
+
+
+def test_labels_for_an_unconditional_model_are_an_error(no_heavy_compute):
+    g = torch.Generator().manual_seed(0)
+    train, targets = torch.rand(24, 1, 4, 4, generator=g), torch.rand(2, 1, 4, 4, generator=g)
+    den = mf.EDMDenoiser(TinyEDMNet(C=1, label_dim=0))
+    with pytest.raises(ValueError, match="train_labels: labels were given, but the model is unconditional"):
+        mf.attribute(den, train, targets, CFG, torch.zeros(24, dtype=torch.long), None, progress=False)
+
+
+def test_inputs_that_require_grad_are_detached(problem):
+    den, train, targets, ytr, ytg = problem
+    a = mf.attribute(den, train, targets, CFG, ytr, ytg, progress=False, cache_dir=None)
+    b = mf.attribute(den, train.clone().requires_grad_(True), targets.clone().requires_grad_(True), CFG, ytr, ytg,
+                     progress=False, cache_dir=None)
+    assert torch.equal(a.scores, b.scores) and not b.scores.requires_grad
+
+
+def test_float64_inputs_score_as_their_float32_values(problem):
+    """Fingerprints, and so every target's seeds, come from the float32 values the engine uses."""
+    den, train, targets, ytr, ytg = problem
+    a = mf.attribute(den, train, targets, CFG, ytr, ytg, progress=False, cache_dir=None)
+    b = mf.attribute(den, train.double(), targets.double(), CFG, ytr, ytg, progress=False, cache_dir=None)
+    assert torch.equal(a.scores, b.scores)
+    assert a.meta["fingerprints"] == b.meta["fingerprints"]
+
+
+def test_the_callers_objects_come_back_unchanged(problem):
+    den, train, targets, ytr, ytg = problem
+    net = den.net
+    net.train()
+    net.last.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    before = {n: t.clone() for n, t in net.state_dict().items()}
+    inputs = (train.clone(), targets.clone())
+    mf.attribute(den, train, targets, CFG, ytr, ytg, progress=False, cache_dir=None)
+    assert den.net is net and all(m.training for m in net.modules())
+    assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
+    assert all(torch.equal(before[n], t) for n, t in net.state_dict().items())
+    assert torch.equal(inputs[0], train) and torch.equal(inputs[1], targets)
+
+
+def test_a_finished_run_resumes_without_computing_anything(problem, tmp_path, monkeypatch):
+    den, train, targets, ytr, ytg = problem
+    full = mf.attribute(den, train, targets, CFG, ytr, ytg, progress=False, run_dir=tmp_path / "r", cache_dir=None)
+
+    def boom(*a, **k):
+        raise AssertionError("L_t, L_null or unlearning ran for a finished run")
+    for name in ("original_losses", "estimate_loss_null", "run_block"):
+        monkeypatch.setattr(engine, name, boom)
+    again = mf.attribute(den, train, targets, mf.MUCSConfig(num_noises=6, lr=1e-3, safety_steps=4, loss_null="auto"),
+                         ytr, ytg, progress=False, run_dir=tmp_path / "r", resume=True, cache_dir=None)
+    assert torch.equal(again.scores, full.scores)
+    assert again.meta["resolved"]["loss_null"] == full.meta["resolved"]["loss_null"]

@@ -31,7 +31,6 @@ def main(out: str) -> None:
                   f"B={k['B']}, {k['steps']} steps, {k['trainable']:,} trainable weights per target\n")
             print("| run | target·steps/s | × K=1 |")
             print("|---|---|---|")
-            print(f"| plain loop K=1 | {k['plain_K1']['target_steps_per_s']:.1f} | |")
             for key, r in k.items():
                 if key.startswith("batched_K"):
                     print(f"| unlearn_batched K={key[9:]} | {r['target_steps_per_s']:.1f} | {r['speedup_vs_K1']:.2f} |")
