@@ -202,3 +202,30 @@ def test_compiled_scoring_equals_eager(raw):
         s[compile] = score_stacked(lp, stack.weights, train, y, ids, original_losses(lp, train, y, ids), **kw)
     s_eager, s_comp = s[False], s[True]
     assert (s_eager - s_comp).abs().max().item() <= 1e-6 and s_eager.abs().max().item() > 1e-3
+
+
+def test_diffusers_dit_default_trainable_set_is_feed_forward_and_class_embedder_weights():
+    den, _ = _family("dit_diffusers")
+    names = trainable_names(den.net, den.default_frozen())
+    assert names and all(n.endswith(".weight") for n in names)
+    assert all(".ff." in n or ".class_embedder." in n for n in names), names
+    assert not any(n.startswith(("pos_embed.", "proj_out_")) for n in names)
+    assert any(".ff." in n for n in names) and any(".class_embedder." in n for n in names)
+    unet, _ = _family("unet")  # the UNet default keeps every non-bias, non-norm weight
+    assert any("conv" in n for n in trainable_names(unet.net, unet.default_frozen()))
+
+
+def test_independent_noise_does_not_depend_on_the_chunking():
+    """use_same_noise_infer=False: each image's noise is keyed by (stream, image id, noise index),
+    so the scores are the same for any score_batch (they once moved by more than their size)."""
+    den, _ = _family("dit_diffusers")
+    g = torch.Generator().manual_seed(3)
+    train = torch.rand(14, 1, 8, 8, generator=g) * 2 - 1
+    targets = torch.rand(2, 1, 8, 8, generator=g) * 2 - 1
+    ytr, ytg = torch.randint(0, 3, (14,), generator=g), torch.tensor([0, 1])
+    base = dict(num_noises=5, lr=1e-3, max_steps=2, batch_size=4, use_same_noise_infer=False, compile=False)
+    runs = [mf.attribute(den, train, targets, mf.MUCSConfig(**base, score_batch=sb), ytr, ytg, progress=False,
+                         cache_dir=None) for sb in (5, 15, 60)]
+    assert runs[0].scores.abs().max() > 1e-4
+    for r in runs[1:]:
+        torch.testing.assert_close(r.scores, runs[0].scores, rtol=1e-5, atol=1e-3 * runs[0].scores.abs().max().item())

@@ -248,7 +248,7 @@ def abu_scores(ctx: MethodContext, targets, target_labels=None):
     from ..config import MUCSConfig
     from ..engine import make_bank
     from ..params import set_trainable, trainable_names
-    from ..score import inference_losses, score_batch_images
+    from ..score import LossPass, original_losses, score_batch_images, score_stacked
 
     opts = {**ABU_DEFAULTS, **ctx.settings.get("abu", {})}
     unknown = set(opts) - set(ABU_DEFAULTS)
@@ -264,10 +264,12 @@ def abu_scores(ctx: MethodContext, targets, target_labels=None):
     yt = _labels(ctx, target_labels, K, "target_labels")
     bank_cfg = MUCSConfig(num_noises=opts["num_noises"], seed=derive_seed(ctx.seed, "abu", "bank"))
     bank = make_bank(den, tuple(ctx.train.shape[1:]), bank_cfg, bank_cfg.t_sched_infer).to(device)
-    per = score_batch_images(None, bank.M, device)
-    loss_t = inference_losses(den, net0, x, y, bank, images_per_batch=per)
     names = trainable_names(net0, den.default_frozen()) if opts["params"] == "mucs" else \
         [n for n, _ in net0.named_parameters()]
+    # the engine's loss pass and score: the raw loss increase is its plain-difference skew
+    lp = LossPass(den, net0, names, bank, images_per_batch=score_batch_images(None, bank.M, device))
+    ids = torch.arange(N)
+    loss_t = original_losses(lp, x, y, ids)
     from tqdm.auto import tqdm
 
     out = torch.empty(K, N)
@@ -293,9 +295,9 @@ def abu_scores(ctx: MethodContext, targets, target_labels=None):
             (-loss).backward()
             opt.step()
         gains.append((first, last))
-        for p in params:
-            p.requires_grad_(False)
-        loss_u = inference_losses(den, net.eval(), x, y, bank, images_per_batch=per)
-        out[k] = (loss_u - loss_t).mean(1).float().cpu()
+        trained = dict(net.named_parameters())
+        weights = {n: trained[n].detach()[None] for n in names}
+        out[k] = score_stacked(lp, weights, x, y, ids, loss_t, eps=0.0, use_loss_ratio=False,
+                               use_same_noise_infer=True)[0].cpu()
     ctx.info.update({"settings": opts, "lr": lr, "target_loss_before_after": gains})
     return out
