@@ -35,8 +35,9 @@ FrozenSpec = Union[Sequence[str], Callable[[str, torch.nn.Parameter], bool], Non
 class MUCSConfig:
     """Hyper-parameters of MUCS attribution.
 
-    Defaults reproduce the reference exactly; the fields below `seed` are engine options that do
-    not change scores (except where a docstring line says so).
+    Every default is the reference's (spec/MUCS.md; where a run still differs from the reference's,
+    e.g. its random streams, README "Differences from the reference" says). The fields below `seed`
+    are engine options that do not change scores (except where a docstring line says so).
     """
 
     num_noises: int = 100
