@@ -11,23 +11,56 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
-from typing import Callable, Iterator, Mapping, Union
+import secrets
+import stat
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+TMP_SUFFIX = ".tmp"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the `.<name>.<random>.tmp` files `atomic_path` writes (left behind only by a crash)."""
+    return name.startswith(".") and name.endswith(TMP_SUFFIX) and name.count(".") >= 3
+
+
+def _create_temp(folder: str, base: str) -> tuple[str, int]:
+    """A new empty file `.<base>.<random>.tmp` in `folder`, and the mode it got.
+
+    Created with mode 0o666, so the kernel applies the umask (and any default ACL) as to any other
+    new file: that mode is the umask read without touching it (os.umask would change it for every
+    thread while it is read). mkstemp would force 0600."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{base}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        return tmp, mode
+    raise FileExistsError(f"cannot create a temporary file for {base} in {folder}")
+
 
 @contextlib.contextmanager
-def atomic_path(path: Union[str, os.PathLike]) -> Iterator[str]:
-    """Yield a temporary path next to `path`; on success it replaces `path` atomically."""
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to `path`; on success it replaces `path` atomically.
+
+    The result gets the mode an ordinary new file would (0o666 less the umask), even when the
+    writer recreated the temporary file with its own mode (safetensors writes 0600)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp, mode = _create_temp(folder, os.path.basename(path))
     try:
         yield tmp
         with open(tmp, "rb+") as f:
+            if stat.S_IMODE(os.fstat(f.fileno()).st_mode) != mode:
+                os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
@@ -35,7 +68,7 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[str]:
             os.unlink(tmp)
 
 
-def atomic_write(path, data: Union[bytes, str, Callable[[str], None]]) -> None:
+def atomic_write(path, data: bytes | str | Callable[[str], None]) -> None:
     """Write bytes/str, or call `data(tmp_path)` to produce the file, then move it into place."""
     with atomic_path(path) as tmp:
         if callable(data):
@@ -62,7 +95,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
-def tensor_digest(x: Union[torch.Tensor, Mapping[str, torch.Tensor], None]) -> str:
+def tensor_digest(x: torch.Tensor | Mapping[str, torch.Tensor] | None) -> str:
     """sha256 over names, dtypes, shapes and bytes (order-independent for mappings)."""
     h = hashlib.sha256()
     if x is None:
