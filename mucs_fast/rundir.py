@@ -1,69 +1,208 @@
 """The run directory: per-target results persisted as they finish, so a crash loses at most the
-targets in flight, and `resume=True` continues where a run stopped."""
+targets in flight, and `resume=True` continues where a run stopped.
+
+Layout: `run.json` (the run's key and digest), `targets/NNNNNN.safetensors` (one finished target:
+its scores [N] and its unlearning info), `run.lock` (held while a run uses the folder), and, once
+the run ends, the result files (scores.safetensors, attribution.json).
+
+One run at a time: opening a RunDir takes an exclusive `flock` on run.lock (the holder's PID is
+written into it) and `close()` releases it. The kernel drops the lock when its process dies, so a
+crashed run never blocks the next one. Opening also removes the temporary files a crash can leave
+(`.<name>.<random>.tmp`, see mucs_fast/_io.py), and a damaged target file found on resume is
+recomputed, with a warning.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import warnings
 
 import torch
 
 from . import __version__
-from ._io import atomic_write, atomic_write_json, key_digest
+from ._io import atomic_write, atomic_write_json, is_temp_name, key_digest, tensor_digest
 
 RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
 TARGETS_DIR = "targets"
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locking (documented limitation)
+    fcntl = None
+
+
+def _foreign_entries(path: str) -> list:
+    """Entries of `path` that a run directory's bookkeeping does not explain (lock, crash leftovers)."""
+    return [e for e in os.listdir(path) if e != LOCK_FILE and not is_temp_name(e)]
+
+
+def _read_pid(lock_file: str) -> int | None:
+    try:
+        with open(lock_file) as f:
+            return int(f.read().strip() or "x")
+    except (OSError, ValueError):
+        return None
+
+
+def _busy_message(path: str, lock_file: str) -> str:
+    pid = _read_pid(lock_file)
+    who = "another process" if pid is None else f"process {pid}" + (" (this process)" if pid == os.getpid() else "")
+    return (f"run_dir {path} is in use by {who} (lock {lock_file}); wait for that run to finish or "
+            "use another folder")
+
+
+def check_run_dir(path) -> None:
+    """Raise ValueError unless `path` could be opened as a run directory now: a new or empty folder,
+    or one holding run.json that no running process has locked. Creates nothing (the CLI calls it
+    before loading the model; RunDir checks again when it opens)."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"run_dir {path} is a file, not a folder; give a new folder or a previous run's")
+    if not os.path.isdir(path):
+        return
+    if _foreign_entries(path) and not os.path.isfile(os.path.join(path, RUN_FILE)):
+        raise ValueError(f"run_dir {path} is not empty and holds no {RUN_FILE}: it is not a mucs_fast run "
+                         "directory; choose an empty or new folder")
+    lock_file = os.path.join(path, LOCK_FILE)
+    if fcntl is None or not os.path.isfile(lock_file):
+        return
+    try:
+        fd = os.open(lock_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise ValueError(_busy_message(path, lock_file)) from None
+    finally:
+        os.close(fd)  # closing drops the probe lock
 
 
 class RunDir:
-    """Per-target results persisted as they finish, so a crash loses at most the target in flight."""
+    """Per-target results persisted as they finish, so a crash loses at most the target in flight.
+
+    Holds the folder's lock from construction until `close()` (also a context manager)."""
 
     def __init__(self, path, key: dict, resume: bool):
+        self._lock_fd: int | None = None
         self.path = os.fspath(path)
         self.key = key
         self.digest = key_digest(key)
+        check_run_dir(self.path)
+        os.makedirs(self.path, exist_ok=True)
+        self._acquire()
+        try:
+            self._open(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _acquire(self) -> None:
+        if fcntl is None:
+            return
+        lock_file = os.path.join(self.path, LOCK_FILE)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise ValueError(_busy_message(self.path, lock_file)) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _open(self, resume: bool) -> None:
         run_file = os.path.join(self.path, RUN_FILE)
-        if os.path.isdir(self.path) and os.listdir(self.path):
-            if not os.path.isfile(run_file):
-                raise ValueError(f"run_dir {self.path!s} is not empty and holds no {RUN_FILE}: it is not a "
-                                 "mucs_fast run directory; choose an empty or new folder")
+        targets = os.path.join(self.path, TARGETS_DIR)
+        if os.path.isfile(run_file):
             try:
                 with open(run_file) as f:
                     old = json.load(f)
             except (OSError, ValueError) as e:
-                raise ValueError(f"run_dir {self.path!s}: cannot read {RUN_FILE}: {e}") from e
+                raise ValueError(f"run_dir {self.path}: cannot read {RUN_FILE}: {e}") from e
             if old.get("digest") != self.digest:
-                diff = sorted(k for k in set(old.get("key", {})) | set(key)
-                              if old.get("key", {}).get(k) != key.get(k))
-                raise ValueError(f"run_dir {self.path!s} holds a different run (differs in: "
+                diff = sorted(k for k in set(old.get("key", {})) | set(self.key)
+                              if old.get("key", {}).get(k) != self.key.get(k))
+                raise ValueError(f"run_dir {self.path} holds a different run (differs in: "
                                  f"{', '.join(diff) or 'format'}); use another folder or delete it")
             if not resume:  # same run, fresh start: drop finished targets
-                shutil.rmtree(os.path.join(self.path, TARGETS_DIR), ignore_errors=True)
-        os.makedirs(os.path.join(self.path, TARGETS_DIR), exist_ok=True)
-        atomic_write_json(run_file, {"digest": self.digest, "key": key, "mucs_fast": __version__})
+                shutil.rmtree(targets, ignore_errors=True)
+        self._remove_stale_temp_files()
+        os.makedirs(targets, exist_ok=True)
+        atomic_write_json(run_file, {"digest": self.digest, "key": self.key, "mucs_fast": __version__})
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temporary files of a crashed write (we hold the lock: no live run is writing them)."""
+        for folder in (self.path, os.path.join(self.path, TARGETS_DIR)):
+            if not os.path.isdir(folder):
+                continue
+            for name in os.listdir(folder):
+                p = os.path.join(folder, name)
+                if is_temp_name(name) and os.path.isfile(p):
+                    try:
+                        os.unlink(p)
+                    except FileNotFoundError:
+                        pass
 
     def _target_file(self, k: int) -> str:
         return os.path.join(self.path, TARGETS_DIR, f"{k:06d}.safetensors")
 
     def load_target(self, k: int):
+        """(scores [N] float32, info dict) of a finished target k of this run, or None: not there,
+        another run's, or damaged (then with a warning; the engine recomputes it)."""
         from safetensors import safe_open
 
         p = self._target_file(k)
         if not os.path.isfile(p):
             return None
-        with safe_open(p, "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("run") != self.digest:
-                return None
-            return f.get_tensor("scores"), json.loads(meta["info"])
+        try:
+            with safe_open(p, "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("run") != self.digest:
+                    return None
+                scores = f.get_tensor("scores")
+                info = json.loads(meta["info"])
+            if scores.dim() != 1 or scores.dtype != torch.float32 or not isinstance(info, dict):
+                raise ValueError(f"unexpected contents (scores {scores.dtype} {tuple(scores.shape)})")
+            if "sha256" in meta and meta["sha256"] != tensor_digest(scores):
+                raise ValueError("scores do not match their recorded digest")
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own error types; any failure = damaged)
+            warnings.warn(f"run_dir {self.path}: {p} is damaged ({type(e).__name__}: {e}); "
+                          f"target {k} is recomputed", stacklevel=2)
+            return None
+        return scores, info
 
     def save_target(self, k: int, scores: torch.Tensor, info: dict) -> None:
         from safetensors.torch import save_file
 
         t = {"scores": scores.detach().float().cpu().contiguous()}
-        meta = {"run": self.digest, "info": json.dumps(info)}
+        meta = {"run": self.digest, "info": json.dumps(info), "sha256": tensor_digest(t["scores"])}
         atomic_write(self._target_file(k), lambda tmp: save_file(t, tmp, metadata=meta))
 
     def close(self) -> None:
-        """Release the run directory (the engine calls it when the run ends, however it ends)."""
+        """Release the run directory (the engine calls it when the run ends, however it ends).
+        Idempotent. The lock file stays (removing it could let two runs lock different files)."""
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        os.close(fd)  # drops the flock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
