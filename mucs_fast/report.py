@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import math
 
 import torch
 
@@ -17,9 +17,24 @@ def _to_display(img: torch.Tensor):
     return img[:3].permute(1, 2, 0).numpy()
 
 
+def format_score(s: float) -> str:
+    """A score with its sign and 3 significant digits at any scale: +0.0123, -1.23e-5, +412.
+
+    MUCS scores are differences of nearly equal losses; a fixed 4-decimal format printed the
+    typical 1e-5 as "-0.0000"."""
+    s = float(s)
+    if math.isnan(s):
+        return "nan"
+    if s == 0:
+        return "0"
+    text = f"{s:+.3g}"
+    mant, e, exp = text.partition("e")
+    return f"{mant}e{int(exp)}" if e else text  # e-05 -> e-5: the titles are small
+
+
 def write_report(path, targets: torch.Tensor, train: torch.Tensor, res, top: int = 8,
-                 target_labels: Optional[torch.Tensor] = None, train_labels: Optional[torch.Tensor] = None,
-                 title: Optional[str] = None) -> None:
+                 target_labels: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,
+                 title: str | None = None) -> None:
     """One row per target: the target, then its `top` highest-scoring training images.
 
     targets [K, C, H, W], train [N, C, H, W] in [-1, 1], res: an Attribution whose train_ids index
@@ -47,7 +62,7 @@ def write_report(path, targets: torch.Tensor, train: torch.Tensor, res, top: int
             ax = axes[k, j + 1]
             ax.imshow(_to_display(train[pos]), cmap=cmap, vmin=0, vmax=1)
             lab = "" if train_labels is None else f" y={int(train_labels[pos])}"
-            ax.set_title(f"#{int(res.train_ids[pos])}{lab}\n{res.scores[k, pos].item():+.4f}", fontsize=6)
+            ax.set_title(f"#{int(res.train_ids[pos])}{lab}\n{format_score(res.scores[k, pos].item())}", fontsize=6)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
