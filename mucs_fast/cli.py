@@ -12,30 +12,43 @@ import json
 import os
 import sys
 import time
-from typing import Optional
 
 import torch
+
+from .cli_common import (
+    attribute_config,
+    check_device,
+    check_out,
+    check_top_k,
+    cli_message,
+    interrupted_message,
+    load_model,
+    print_summary,
+    say,
+)
+from .compat.cli import add_reference_arguments, cmd_attribute_reference, uses_reference_files
+
+__all__ = ["build_parser", "load_model", "main"]
 
 # The embedded demo (sklearn digits, 16×16, class-conditional EDM DiT). --quick trades fidelity for
 # time (fewer training steps, targets and noises) and says so in attribution.json.
 # Model: the class-conditional DiT whose samples a digit classifier recognizes at 0.92 (3000 steps;
 # 0.82 at 1500) — see BENCHMARKS.md for the measured alternatives.
 DEMO = {
-    "default": dict(train_steps=3000, targets=8, num_noises=100, safety_steps=500, targets_per_batch=8),
-    "quick": dict(train_steps=1500, targets=2, num_noises=50, safety_steps=150, targets_per_batch=2),
+    "default": {"train_steps": 3000, "targets": 8, "num_noises": 100, "safety_steps": 500,
+                "targets_per_batch": 8},
+    "quick": {"train_steps": 1500, "targets": 2, "num_noises": 50, "safety_steps": 150,
+              "targets_per_batch": 2},
 }
-DEMO_MODEL = dict(patch_size=4, width=64, depth=4, heads=4, mlp_ratio=4, cond_width=64, extra_tokens=0)
-DEMO_TRAIN = dict(batch_size=128, lr=2e-3, ema_decay=0.999)
+DEMO_MODEL = {"patch_size": 4, "width": 64, "depth": 4, "heads": 4, "mlp_ratio": 4, "cond_width": 64,
+              "extra_tokens": 0}
+DEMO_TRAIN = {"batch_size": 128, "lr": 2e-3, "ema_decay": 0.999}
 
 
-def _cache_dir(arg: Optional[str]) -> str:
+def _cache_dir(arg: str | None) -> str:
     d = arg or os.environ.get("MUCS_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mucs_fast")
     os.makedirs(d, exist_ok=True)
     return d
-
-
-def _print(msg: str) -> None:
-    print(f"[mucs-fast] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -53,13 +66,13 @@ def demo_model(args, images, labels, device):
     key = _io.key_digest(spec)[:16]
     path = os.path.join(_cache_dir(args.cache_dir), f"demo-dit-{key}.pt")
     if os.path.isfile(path) and not args.no_cache:
-        _print(f"model: cached {path}")
+        say(f"model: cached {path}")
         return load_checkpoint(path, device=device), path, 0.0
     C, H, W = images.shape[1:]
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
         net = DiT((C, H, W), label_dim=10, **DEMO_MODEL)
-    _print(f"model: training a {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M-parameter DiT for "
+    say(f"model: training a {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M-parameter DiT for "
            f"{args.train_steps} steps (cached afterwards at {path})")
     t0 = time.perf_counter()
     den, _ = train(EDMDenoiser(net), images, labels, steps=args.train_steps, seed=args.seed, device=device,
@@ -70,6 +83,7 @@ def demo_model(args, images, labels, device):
 
 
 def cmd_demo(args) -> int:
+    from . import _io
     from .config import MUCSConfig
     from .data import load_digits
     from .engine import attribute
@@ -80,139 +94,67 @@ def cmd_demo(args) -> int:
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    check_out(args.out)
+    check_device(args.device)
+    cfg = MUCSConfig(num_noises=args.num_noises, safety_steps=args.safety_steps, seed=args.seed,
+                     targets_per_batch=args.targets_per_batch)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_all = time.perf_counter()
     images, labels = load_digits(16)
-    _print(f"data: sklearn digits, {images.shape[0]} images {tuple(images.shape[1:])} in [-1, 1] "
-           "(8×8 upsampled bilinearly to 16×16)")
+    say(f"data: sklearn digits, {images.shape[0]} images {tuple(images.shape[1:])} in [-1, 1] "
+        "(8×8 upsampled bilinearly to 16×16)")
     den, model_path, train_s = demo_model(args, images, labels, device)
 
     K = args.targets
     seeds = list(range(1000, 1000 + K))
     target_labels = torch.arange(K) % 10
-    _print(f"targets: {K} images sampled with seeds {seeds[0]}..{seeds[-1]}, labels {target_labels.tolist()}")
+    say(f"targets: {K} images sampled with seeds {seeds[0]}..{seeds[-1]}, labels {target_labels.tolist()}")
     t0 = time.perf_counter()
     targets = sample_edm(den, seeds, target_labels, device=device, progress=True).clamp(-1, 1)
     sample_s = time.perf_counter() - t0
 
-    cfg = MUCSConfig(num_noises=args.num_noises, safety_steps=args.safety_steps, seed=args.seed,
-                     targets_per_batch=args.targets_per_batch)
-    _print(f"attribute: MUCS with M={cfg.num_noises} noises, B={cfg.B}, lr={den.train_lr / cfg.lr_factor:g}"
-           + (" (quick settings: fewer noises/steps than the paper's defaults)" if args.quick else ""))
+    say(f"attribute: MUCS with M={cfg.num_noises} noises, B={cfg.B}, lr={den.train_lr / cfg.lr_factor:g}"
+        + (" (quick settings: fewer noises/steps than the paper's defaults)" if args.quick else ""))
+    # The demo's own record; the attribution's timings cover the rest (timings.total).
+    meta = {"demo": {"quick": bool(args.quick), "model": model_path, "target_seeds": seeds,
+                     "target_labels": target_labels.tolist(), "train_seconds": train_s,
+                     "sample_seconds": sample_s, "seconds_before_attribute": time.perf_counter() - t_all}}
     res = attribute(den, images, targets, cfg, train_labels=labels, target_labels=target_labels,
-                    device=device, progress=True, run_dir=args.out, resume=args.resume)
-    res.meta["demo"] = {"quick": bool(args.quick), "model": model_path, "target_seeds": seeds,
-                        "target_labels": target_labels.tolist(), "train_seconds": train_s,
-                        "sample_seconds": sample_s, "total_seconds": time.perf_counter() - t_all}
-    res.save(args.out, top_k=min(100, res.N))
-    torch.save({"targets": targets, "target_labels": target_labels, "seeds": torch.tensor(seeds)},
-               os.path.join(args.out, "targets.pt"))
+                    device=device, progress=True, run_dir=args.out, resume=args.resume, top_k=100, meta=meta)
+    payload = {"targets": targets, "target_labels": target_labels, "seeds": torch.tensor(seeds)}
+    _io.atomic_write(os.path.join(args.out, "targets.pt"), lambda tmp: torch.save(payload, tmp))
     write_report(os.path.join(args.out, "report.png"), targets, images, res, top=8,
                  target_labels=target_labels, train_labels=labels,
                  title=f"mucs-fast demo{' --quick' if args.quick else ''}: digits, M={cfg.num_noises}")
-    _summary(res, args.out, time.perf_counter() - t_all)
+    print_summary(res, args.out, time.perf_counter() - t_all)
     return 0
-
-
-def _summary(res, out, seconds):
-    t = res.meta.get("timings", {})
-    steps = [i["steps"] for i in res.meta["targets"]]
-    _print(f"done in {seconds:.1f} s (L_t {t.get('loss_t', 0):.1f} s, unlearning {t.get('unlearn', 0):.1f} s, "
-           f"scoring {t.get('score', 0):.1f} s); unlearning steps per target: {steps}")
-    if res.meta.get("flagged"):
-        _print(f"WARNING: targets {res.meta['flagged']} stopped by NaN or the safety cap (see attribution.json)")
-    _print(f"wrote {out}/scores.safetensors, attribution.json" + (", report.png" if out else ""))
 
 
 # ------------------------------------------------------------------------------------------------
 # attribute
 # ------------------------------------------------------------------------------------------------
-def load_model(path: str, device=None):
-    """A denoiser from --model: a diffusers model directory, a mucs_fast checkpoint, or a file holding
-    a whole EDM-preconditioned torch.nn.Module (reference call signature)."""
-    from .denoisers import EDMDenoiser
-
-    if os.path.isdir(path):
-        return _load_diffusers(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--model {path}: no such file or directory")
-    from .train import CHECKPOINT_FORMAT, load_checkpoint
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)  # a whole module: the user's own file
-    except Exception as e:
-        raise ValueError(f"--model {path}: cannot read it with torch.load ({type(e).__name__}: {e})") from e
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        return load_checkpoint(path)
-    if isinstance(obj, torch.nn.Module):
-        return EDMDenoiser(obj.eval())
-    raise ValueError(f"--model {path}: expected a diffusers model directory, a mucs_fast checkpoint or a "
-                     f"saved torch.nn.Module, found {type(obj).__name__}")
-
-
-def _load_diffusers(path: str):
-    from .denoisers import DiffusersDenoiser
-
-    try:
-        import diffusers
-    except ImportError as e:
-        raise ImportError("--model is a directory (diffusers layout) but diffusers is not installed: "
-                          "pip install diffusers") from e
-    model_dir = path
-    for sub in ("unet", "transformer"):  # a pipeline folder
-        if os.path.isfile(os.path.join(path, sub, "config.json")):
-            model_dir = os.path.join(path, sub)
-    cfg_file = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"--model {path}: no config.json (expected a diffusers save_pretrained folder)")
-    with open(cfg_file) as f:
-        cls_name = json.load(f).get("_class_name")
-    cls = getattr(diffusers, cls_name or "", None)
-    if cls is None:
-        raise ValueError(f"--model {path}: unknown diffusers class {cls_name!r} in {cfg_file}")
-    model = cls.from_pretrained(model_dir).eval()
-    sched_dir = None
-    for cand in (os.path.join(path, "scheduler"), os.path.join(model_dir, "scheduler"), model_dir, path):
-        if os.path.isfile(os.path.join(cand, "scheduler_config.json")):
-            sched_dir = cand
-            break
-    if sched_dir is None:
-        raise FileNotFoundError(f"--model {path}: no scheduler_config.json in scheduler/ or beside the model")
-    scheduler = diffusers.DDPMScheduler.from_pretrained(sched_dir)
-    return DiffusersDenoiser(model, scheduler)
-
-
 def cmd_attribute(args) -> int:
-    from .config import MUCSConfig
     from .data import load_images, load_labels
     from .engine import attribute
     from .report import write_report
-
-    from .compat.cli import cmd_attribute_reference, uses_reference_files
 
     if uses_reference_files(args):  # the reference implementation's samples.pt / dataset folder
         return cmd_attribute_reference(args)
     if not (args.train and args.targets):
         raise ValueError("--train and --targets are required (or --reference-samples and --reference-data)")
-    # Read and check every input before any compute.
+    cfg = attribute_config(args)  # --out, --device, --loss-null, ... before anything is read
     train, ids = load_images(args.train)
     targets, _ = load_images(args.targets)
     ytr = load_labels(args.train_labels, train.shape[0]) if args.train_labels else None
     ytg = load_labels(args.target_labels, targets.shape[0]) if args.target_labels else None
-    if args.top_k is not None and not 1 <= args.top_k <= train.shape[0]:
-        raise ValueError(f"--top-k must lie in [1, N={train.shape[0]}], got {args.top_k}")
-    den = load_model(args.model)
-    loss_null = args.loss_null if args.loss_null == "auto" else float(args.loss_null)
-    cfg = MUCSConfig(num_noises=args.num_noises, max_steps=args.max_steps, lr=args.lr, loss_null=loss_null,
-                     seed=args.seed, targets_per_batch=args.targets_per_batch,
-                     **({"batch_size": args.batch_size} if args.batch_size else {}))
+    check_top_k(args.top_k, train.shape[0])
+    den = load_model(args.model, trust_pickle=args.trust_pickle)
     t0 = time.perf_counter()
     res = attribute(den, train, targets, cfg, train_labels=ytr, target_labels=ytg, train_ids=ids,
-                    device=args.device, progress=not args.quiet, run_dir=args.out, resume=args.resume)
-    top_k = args.top_k or min(100, res.N)
-    res.save(args.out, top_k=top_k)
+                    device=args.device, progress=not args.quiet, run_dir=args.out, resume=args.resume,
+                    top_k=args.top_k or 100)
     write_report(os.path.join(args.out, "report.png"), targets, train, res, top=min(8, res.N))
-    _summary(res, args.out, time.perf_counter() - t0)
+    print_summary(res, args.out, time.perf_counter() - t0)
     return 0
 
 
@@ -237,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     a = sub.add_parser("attribute", help="attribute generated images to training images")
-    a.add_argument("--model", required=True, help="diffusers model directory, mucs_fast checkpoint, or saved nn.Module")
+    a.add_argument("--model", required=True,
+                   help="diffusers model directory, mucs_fast checkpoint, or (with --trust-pickle) a saved nn.Module")
     a.add_argument("--train", help="training images: .pt/.npy/.safetensors [N,C,H,W] or an image folder")
     a.add_argument("--targets", help="generated images (same formats)")
     a.add_argument("--out", required=True, help="result/run directory")
@@ -254,23 +197,29 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default=None)
     a.add_argument("--resume", action="store_true")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
-    from .compat.cli import add_reference_arguments  # --reference-samples / --reference-data
-
-    add_reference_arguments(a)
+    a.add_argument("--trust-pickle", action="store_true",
+                   help="allow --model to be a pickled file (a whole saved nn.Module, diffusers .bin weights): "
+                        "unpickling runs the code the file holds, so only for files you trust")
+    add_reference_arguments(a)  # --reference-samples / --reference-data (mucs_fast/compat/cli.py)
     a.set_defaults(func=cmd_attribute)
 
-    from .evaluate.cli import add_evaluate_parser  # `mucs-fast evaluate` (mucs_fast/evaluate/cli.py)
+    # `mucs-fast evaluate` (mucs_fast/evaluate/cli.py)
+    from .evaluate.cli import add_evaluate_parser
 
     add_evaluate_parser(sub)
     return p
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 a usage or input error (one line on stderr, no traceback), 130 Ctrl-C."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, ImportError) as e:
-        _print(f"error: {e}")
+    except KeyboardInterrupt:  # the run directory keeps every finished target
+        say(interrupted_message(args.out) if args.cmd in ("attribute", "demo") else "interrupted")
+        return 130
+    except (ValueError, TypeError, ImportError, OSError) as e:
+        say(f"error: {cli_message(e)}")
         return 2
 
 

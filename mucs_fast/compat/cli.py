@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import time
 
+from ..cli_common import attribute_config, check_top_k, load_model, print_summary
+
 
 def add_reference_arguments(parser) -> None:
     g = parser.add_argument_group("reference implementation files (instead of --train/--targets)")
@@ -65,8 +67,6 @@ def uses_reference_files(args) -> bool:
 
 
 def cmd_attribute_reference(args) -> int:
-    from ..cli import _summary, load_model
-    from ..config import MUCSConfig
     from ..engine import attribute
     from ..report import write_report
     from .reference import distributed, load_reference_model, save_attrib_ids
@@ -78,13 +78,13 @@ def cmd_attribute_reference(args) -> int:
         )
     if args.num_attrib < 1:
         raise ValueError(f"--num-attrib must be >= 1, got {args.num_attrib}")
+    cfg = attribute_config(args)  # --out, --device, --loss-null, ... before anything is read
     samples = load_samples(args.reference_samples)
     targets = samples.xgen[: args.num_attrib].float()
     target_labels = samples.y[: args.num_attrib]
     ids, train, train_labels = load_dataset(args.reference_data, args.reference_split)
     top_k = args.top_k or min(100, train.shape[0])
-    if not 1 <= top_k <= train.shape[0]:
-        raise ValueError(f"--top-k must lie in [1, N={train.shape[0]}], got {top_k}")
+    check_top_k(top_k, train.shape[0])
     if args.reference_code:
         den = load_reference_model(
             args.model,
@@ -93,19 +93,17 @@ def cmd_attribute_reference(args) -> int:
             which=args.reference_weights,
         )
     else:
-        den = load_model(args.model)
+        den = load_model(args.model, trust_pickle=args.trust_pickle)
     if not den.conditional:
         train_labels = target_labels = None
-    loss_null = args.loss_null if args.loss_null == "auto" else float(args.loss_null)
-    cfg = MUCSConfig(
-        num_noises=args.num_noises,
-        max_steps=args.max_steps,
-        lr=args.lr,
-        loss_null=loss_null,
-        seed=args.seed,
-        targets_per_batch=args.targets_per_batch,
-        **({"batch_size": args.batch_size} if args.batch_size else {}),
-    )
+    meta = {
+        "reference_files": {
+            "samples": os.path.abspath(args.reference_samples),
+            "data": os.path.abspath(args.reference_data),
+            "split": args.reference_split,
+            "num_attrib": int(targets.shape[0]),
+        }
+    }
     t0 = time.perf_counter()
     res = attribute(
         den,
@@ -119,17 +117,12 @@ def cmd_attribute_reference(args) -> int:
         progress=not args.quiet,
         run_dir=args.out,
         resume=args.resume,
+        top_k=top_k,
+        meta=meta,
     )
-    res.meta["reference_files"] = {
-        "samples": os.path.abspath(args.reference_samples),
-        "data": os.path.abspath(args.reference_data),
-        "split": args.reference_split,
-        "num_attrib": int(targets.shape[0]),
-    }
     if distributed()[0] == 0:
-        res.save(args.out, top_k=top_k)
         fn = args.attrib_ids or os.path.join(args.out, "attrib-ids.pt")
         save_attrib_ids(fn, res.topk(top_k), res.train_ids, res.scores)
         write_report(os.path.join(args.out, "report.png"), targets, train, res, top=min(8, res.N))
-        _summary(res, args.out, time.perf_counter() - t0)
+        print_summary(res, args.out, time.perf_counter() - t0)
     return 0
