@@ -20,12 +20,16 @@ def _family(name):
 
         net = DiT((1, 8, 8), label_dim=3, patch_size=2, width=32, depth=2, heads=2, cond_width=16)
         for p in net.parameters():  # a "trained" model: zero-initialized outputs would give zero gradients
-            torch.nn.init.normal_(p, std=0.05)
+            torch.nn.init.normal_(p, std=0.2)
         return EDMDenoiser(net), 3
 
     if name == "unet":
         return DiffusersDenoiser(tiny_unet(1, 8, num_classes=3).eval(), ddpm_scheduler(100)), 3
     return DiffusersDenoiser(tiny_dit(1, 8, num_classes=3).eval(), ddpm_scheduler(100)), 3
+
+
+# large enough that every family's scores are far from 0 (scores ≈ 0 pass any comparison)
+LR = {"dit_edm": 3e-2}
 
 
 def _sequential_and_batched(family, dtype=torch.float32, threads=None):
@@ -41,7 +45,8 @@ def _sequential_and_batched(family, dtype=torch.float32, threads=None):
     y_hats = den.prepare_labels(torch.arange(K) % n_cls, K, "y")
     if y is not None and torch.is_floating_point(y):
         y, y_hats = y.to(dtype), y_hats.to(dtype)
-    cfg = mf.MUCSConfig(num_noises=4, batch_size=4, max_steps=3, lr=1e-3)
+    lr = LR.get(family, 1e-3)
+    cfg = mf.MUCSConfig(num_noises=4, batch_size=4, max_steps=3, lr=lr)
     names = trainable_names(den.net, den.default_frozen())
 
     def streams(k):
@@ -51,7 +56,7 @@ def _sequential_and_batched(family, dtype=torch.float32, threads=None):
     def run(ks):
         ss = [streams(k) for k in ks]
         weights, infos = unlearn_batched(den, den.net, names, x, y, x_hats[ks],
-                                         None if y_hats is None else y_hats[ks], cfg=cfg, loss_null=1.0, lr=1e-3,
+                                         None if y_hats is None else y_hats[ks], cfg=cfg, loss_null=1.0, lr=lr,
                                          retains=[r for r, _ in ss], generators=[gen for _, gen in ss])
         assert [i.steps for i in infos] == [3] * len(ks)
         return weights
@@ -87,11 +92,12 @@ def test_batched_equals_sequential(family, dtype):
         # atol = 1e-2·lr (1% of one AdamW step): AdamW normalizes each gradient element, so an element
         # whose gradient is nearly cancelled turns fp32 rounding (vmapped vs plain matmuls) into a
         # visible fraction of lr; elements with real gradients agree to rtol 1e-5.
-        torch.testing.assert_close(w_bat[n], w_seq[n], rtol=1e-5, atol=1e-5, msg=n)
+        torch.testing.assert_close(w_bat[n], w_seq[n], rtol=1e-5, atol=1e-2 * LR.get(family, 1e-3), msg=n)
     assert any(not torch.equal(w_seq[n][k], w0[n]) for n in w0 for k in range(3))  # unlearning moved weights
+    scale = s_seq.abs().max().item()
+    assert scale > 2e-4  # scores of ≈ 0 would pass any comparison
     for mode in s_bat:
-        assert (s_seq - s_bat[mode]).abs().max().item() <= 1e-6, mode
-    assert s_seq.abs().max() > 0
+        assert (s_seq - s_bat[mode]).abs().max().item() <= 1e-4 * scale, mode
 
 
 def test_unet_fp32_batched_within_the_plain_loops_own_noise():

@@ -674,6 +674,7 @@ def test_cli_attribute_on_reference_files(tmp_path):
         "--device",
         "cpu",
         "--quiet",
+        "--trust-pickle",  # the model file is a whole pickled module (our own, made above)
     ]
     assert cli.main(argv) == 0
     res = mf.Attribution.load(out)
