@@ -17,6 +17,17 @@ from mucs_fast.params import trainable_names
 from mucs_fast.unlearn import RetainStream, unlearn_batched
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread for this module: the trained model and the planted run are then the same on every
+    machine (the thread count changes reduction order); ops this small gain nothing from threads and,
+    on busy shared cores, lose a lot."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class Net64(TinyEDMNet):
     """TinyEDMNet for float64 runs: training σ is drawn in float32 (torch's default), and the net's
     σ embedding must match its float64 weights."""
