@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from typing import Optional
 
@@ -33,9 +34,11 @@ from .cache import LossCache
 from .config import MUCSConfig
 from .denoisers import Denoiser
 from .noise import NoiseBank, estimate_t_sched
+from .functional import flat_views
+from .parallel import Group, Plan, join
 from .params import trainable_names
 from .result import Attribution
-from .rundir import RunDir
+from .rundir import RunDir, load_loss_t_shard, save_loss_t_shard
 from .score import LossPass, original_losses, score_batch_images, score_stacked, use_compile
 from .unlearn import RetainStream, unlearn_batched
 
@@ -78,18 +81,6 @@ def _check_ids(train_ids, N: int) -> torch.Tensor:
     if torch.unique(ids).numel() != N:
         raise ValueError("train_ids: ids must be unique")
     return ids
-
-
-def _check_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device: unknown device {device!r} ({e})") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} is not available (torch sees no CUDA device)")
-    return dev
 
 
 def resolve_lr(cfg: MUCSConfig, den: Denoiser) -> float:
@@ -195,6 +186,8 @@ class Run:
     fingerprints: dict
     names: list
     lr: float
+    group: Group = dataclasses.field(default_factory=Group)
+    run_path: Optional[str] = None  # the run directory (every rank knows it; rank 0 holds `run_dir`)
     run_dir: Optional[RunDir] = None
     loss_null: Optional[float] = None
     bank: Optional[NoiseBank] = None
@@ -225,12 +218,14 @@ def _engine_net(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 # phases
 # --------------------------------------------------------------------------------------------
 def prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, device, progress) -> Run:
-    """Validate every input before any heavy compute; the device copies of the data."""
+    """Validate every input before any heavy compute; join the process group (torchrun); the
+    device copies of the data."""
     if not isinstance(cfg, MUCSConfig):
         raise TypeError(f"config must be a MUCSConfig, got {type(cfg).__name__}")
     if not isinstance(den, Denoiser):
         raise TypeError(f"den must be an EDMDenoiser or DiffusersDenoiser, got {type(den).__name__}")
-    device = _check_device(device)
+    group, device = join(device)
+    progress = progress and group.rank == 0  # one set of bars and logs per job
     train = check_images("train", train)
     targets = check_images("targets", targets, train.shape[1:])
     N, K = train.shape[0], targets.shape[0]
@@ -256,7 +251,7 @@ def prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, de
     run = Run(den=view, cfg=copy.copy(cfg), device=device, progress=progress, x=train.to(device),
               y=None if y_train is None else y_train.to(device), ids=ids, x_hat=targets.to(device),
               y_hat=None if y_targets is None else y_targets.to(device), fingerprints=fingerprints,
-              names=names, lr=lr)
+              names=names, lr=lr, group=group)
     view.net.eval()
     _probe(view, run.x, run.y)
     return run
@@ -274,47 +269,65 @@ def resolve(run: Run, need_loss_null: bool) -> None:
         cfg.t_sched_train = t_auto if cfg.t_sched_train == "auto" else cfg.t_sched_train
     if cfg.loss_null != "auto":
         run.loss_null = float(cfg.loss_null)
-    elif need_loss_null:
-        run.loss_null = estimate_loss_null(den, run.x, run.y, cfg, device, run.progress)
+    elif need_loss_null:  # rank 0's value on every rank: identical stopping everywhere
+        value = estimate_loss_null(den, run.x, run.y, cfg, device, run.progress) if run.group.rank == 0 else None
+        run.loss_null = run.group.broadcast_object(value, 0)
         if not (math.isfinite(run.loss_null) and run.loss_null > 0):
             raise ValueError(f"loss_null='auto' gave {run.loss_null}: the freshly initialized model "
                              "produces non-finite losses; pass MUCSConfig(loss_null=<number>)")
     run.bank = make_bank(den, tuple(run.x.shape[1:]), cfg, cfg.t_sched_infer).to(device)
     run.compiled = use_compile(cfg.compile, run.N * run.bank.M)
     run.loss_pass = LossPass(den, den.net, run.names, run.bank, precision=cfg.precision, compile=run.compiled,
-                             images_per_batch=score_batch_images(cfg.score_batch, run.bank.M, device))
+                             images_per_batch=score_batch_images(cfg.score_batch, run.bank.M, device), N=run.N)
     run.timings["setup"] = time.perf_counter() - t0
 
 
-def compute_loss_t(run: Run, cache_dir) -> None:
-    """L_t [N, M] through the run's loss pass (the callable that scores the unlearned copies),
-    from the cache when an entry for exactly this evaluation exists."""
+def compute_loss_t(run: Run, plan: Plan, cache_dir) -> None:
+    """L_t [N, M] through the run's loss pass (the callable that scores the unlearned copies):
+    from the cache when an entry for exactly this evaluation exists, else each rank its shards
+    (persisted per shard in the run directory, so an interrupted pass resumes), combined."""
     from .ops import backends
 
-    cfg, lp = run.cfg, run.loss_pass
+    cfg, lp, g = run.cfg, run.loss_pass, run.group
     t0 = time.perf_counter()
-    cache = LossCache(cache_dir)
+    cache = LossCache(cache_dir if g.rank == 0 else None)
     key = key_digest(run.fingerprints["model"], run.fingerprints["train"], run.bank.fingerprint(),
                      cfg.use_same_noise_infer, cfg.precision, run.device.type, cfg.seed, run.names,
                      {"compiled": run.compiled, "mode": lp.mode, "per": lp.per, "backend": backends(),
                       "mucs_fast": __version__, "torch": torch.__version__})
-    loss_t = cache.get(key)
-    run.timings["loss_t_cached"] = loss_t is not None
-    if loss_t is None:
+    loss_t = cache.get(key) if g.rank == 0 else None
+    cached = g.broadcast_object(loss_t is not None, 0)
+    run.timings["loss_t_cached"] = cached
+    if cached:
+        loss_t = g.broadcast(loss_t if g.rank == 0 else torch.empty(run.N, run.bank.M), 0)
+    else:
         seed = None if cfg.use_same_noise_infer else derive_seed(cfg.seed, "infer", "original")
-        with _pbar(run.N, "L_t (original)", run.progress) as bar:
-            loss_t = original_losses(lp, run.x, run.y, run.ids, infer_seed=seed, progress=bar.update)
-        cache.put(key, loss_t)
+        loss_t = torch.zeros(run.N, run.bank.M, dtype=torch.float32, device=run.device)
+        mine = plan.my_shards()
+        with _pbar(sum(plan.shards[i][1] - plan.shards[i][0] for i in mine), "L_t (original)", run.progress) as bar:
+            for i in mine:
+                s0, s1 = plan.shards[i]
+                part = None if run.run_path is None else load_loss_t_shard(run.run_path, i, key, (s1 - s0, run.bank.M))
+                if part is None:
+                    part = original_losses(lp, run.x[s0:s1], None if run.y is None else run.y[s0:s1],
+                                           run.ids[s0:s1], infer_seed=seed)
+                    if run.run_path is not None:
+                        save_loss_t_shard(run.run_path, i, key, part)
+                loss_t[s0:s1] = part.to(run.device)
+                bar.update(s1 - s0)
+        g.sum_(loss_t)
+        if g.rank == 0:
+            cache.put(key, loss_t)
     run.loss_t = loss_t.to(run.device)
     run.timings["loss_t"] = time.perf_counter() - t0
 
 
-def run_block(run: Run, block: list) -> tuple[list, list]:
+def unlearn_block(run: Run, block: list) -> tuple[torch.Tensor, list]:
     """Targets `block` (indices into the run's targets): K copies unlearned together (one vmapped
-    step for all still running), then scored in one pass. Returns (rows [N] each, infos)."""
-    cfg, den, K, N = run.cfg, run.den, len(block), run.N
+    step for all still running). Returns (trainable weights of the K copies, flat [K, P]; infos)."""
+    cfg, den, K = run.cfg, run.den, len(block)
     fps = [run.fingerprints["targets"][k] for k in block]
-    streams = [target_streams(cfg, fp, N, run.device) for fp in fps]
+    streams = [target_streams(cfg, fp, run.N, run.device) for fp in fps]
     cap = cfg.max_steps if cfg.max_steps is not None else cfg.safety_steps
     t0 = time.perf_counter()
     with _pbar(cap, f"unlearn ×{K}", run.progress, unit="step") as bar:
@@ -327,28 +340,65 @@ def run_block(run: Run, block: list) -> tuple[list, list]:
             den, den.net, run.names, run.x, run.y, run.x_hat[block], None if run.y_hat is None else run.y_hat[block],
             cfg=cfg, loss_null=run.loss_null, lr=run.lr, retains=[r for r, _, _ in streams],
             generators=[g for _, g, _ in streams], progress=show if run.progress else None)
-    unlearn_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ok = [i for i in range(K) if infos[i].stop != "nan"]
-    rows = [torch.full((N,), math.nan) for _ in range(K)]
-    if ok:
-        seeds = None if cfg.use_same_noise_infer else [streams[i][2] for i in ok]
-        with _pbar(N, f"score ×{len(ok)}", run.progress) as bar:
-            S = score_stacked(run.loss_pass, {n: w[ok] for n, w in weights.items()}, run.x, run.y, run.ids,
-                              run.loss_t, eps=cfg.eps, use_loss_ratio=cfg.use_loss_ratio,
-                              use_same_noise_infer=cfg.use_same_noise_infer, infer_seeds=seeds, progress=bar.update)
-        for j, i in enumerate(ok):
-            rows[i] = S[j].cpu()
-    score_s = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     out = []
     for i, info in enumerate(infos):
         d = info.to_dict()
         d.pop("seconds")
         # the block's wall time, shared equally: per-target cost of the batched run
-        d.update(unlearn_seconds=unlearn_s / K, score_seconds=score_s / K, target=fps[i], block=K,
-                 loss_null=run.loss_null)
+        d.update(unlearn_seconds=seconds / K, target=fps[i], block=K, loss_null=run.loss_null,
+                 infer_seed=streams[i][2])
         out.append(d)
-    return rows, out
+    return torch.cat([w.reshape(K, -1) for w in weights.values()], 1), out
+
+
+def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> list:
+    """Rows [N] (CPU) of the copies with trainable weights W [K, P]: this rank scores its shards,
+    the ranks' rows are combined; a copy whose unlearning diverged gets NaN."""
+    cfg, N = run.cfg, run.N
+    t0 = time.perf_counter()
+    ok = [i for i, info in enumerate(infos) if info["stop"] != "nan"]
+    S = torch.zeros(len(ok), N, dtype=torch.float32, device=run.device)
+    if ok:
+        params = dict(run.den.net.named_parameters())
+        weights = flat_views(W[ok], {n: tuple(params[n].shape) for n in run.names})
+        seeds = None if cfg.use_same_noise_infer else [infos[i]["infer_seed"] for i in ok]
+        mine = plan.my_shards()
+        with _pbar(sum(plan.shards[i][1] - plan.shards[i][0] for i in mine), f"score ×{len(ok)}", run.progress) as bar:
+            for i in mine:
+                s0, s1 = plan.shards[i]
+                S[:, s0:s1] = score_stacked(run.loss_pass, weights, run.x[s0:s1], None if run.y is None else run.y[s0:s1],
+                                            run.ids[s0:s1], run.loss_t[s0:s1], eps=cfg.eps,
+                                            use_loss_ratio=cfg.use_loss_ratio,
+                                            use_same_noise_infer=cfg.use_same_noise_infer, infer_seeds=seeds,
+                                            progress=bar.update)
+        run.group.sum_(S)
+    rows = [torch.full((N,), math.nan) for _ in infos]
+    for j, i in enumerate(ok):
+        rows[i] = S[j].cpu()
+    seconds = time.perf_counter() - t0
+    for info in infos:
+        info["score_seconds"] = seconds / len(infos)
+    return rows
+
+
+def run_blocks(run: Run, plan: Plan, on_done) -> None:
+    """Every block of the plan, in rounds of one block per rank: rank r unlearns the round's r-th
+    block, each block's weights go from its owner to every rank, every rank scores its shards.
+    `on_done(block, rows, infos)` is called on every rank as each block completes."""
+    g = run.group
+    P = sum(p.numel() for n, p in run.den.net.named_parameters() if n in set(run.names))
+    bar = _bar(plan.rounds(), "targets", run.progress and len(plan.blocks) > g.world, unit="round")
+    for rnd in bar:
+        mine = {b: unlearn_block(run, plan.blocks[b]) for b, owner in rnd if owner == g.rank}
+        for b, owner in rnd:
+            W, infos = mine.get(b, (None, None))
+            if g.distributed:
+                if W is None:
+                    W = torch.empty(len(plan.blocks[b]), P, device=run.device)
+                W = g.broadcast(W.contiguous(), owner)
+                infos = g.broadcast_object(infos, owner)
+            on_done(plan.blocks[b], score_block(run, plan, W, infos), infos)
 
 
 def result(run: Run, scores: torch.Tensor, infos: list, t_start: float) -> Attribution:
@@ -371,6 +421,10 @@ def result(run: Run, scores: torch.Tensor, infos: list, t_start: float) -> Attri
         "backend": backends(),
         "torch": torch.__version__,
         "N": run.N, "K": run.K, "M": cfg.num_noises,
+        "world_size": run.group.world,
+        # image·noise forwards: of each target's unlearned model, and of the original model
+        "pairs_evaluated": [0 if i["stop"] == "nan" else run.N * cfg.num_noises for i in infos],
+        "pairs_evaluated_original": 0 if run.timings.get("loss_t_cached", True) else run.N * cfg.num_noises,
     }
     return Attribution(scores, run.ids, meta)
 
@@ -402,38 +456,42 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
     run = None
     try:
         run = prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, device, progress)
-        if run_dir is not None:
+        run.run_path = None if run_dir is None else os.fspath(run_dir)
+        scores = torch.empty(run.K, run.N, dtype=torch.float32)
+        infos: list = [None] * run.K
+        done = {}
+        if run.group.rank == 0 and run_dir is not None:  # one writer per job: rank 0 holds the folder
             key = {"config": cfg.score_fields(), "model": run.fingerprints["model"],
                    "train": run.fingerprints["train"], "targets": run.fingerprints["targets"], "lr": run.lr}
             run.run_dir = RunDir(run_dir, key, resume)
-        scores = torch.empty(run.K, run.N, dtype=torch.float32)
-        infos: list = [None] * run.K
-        todo = []
-        for k in range(run.K):
-            done = run.run_dir.load_target(k) if (run.run_dir is not None and resume) else None
-            if done is not None:
-                scores[k], infos[k] = done
-            else:
-                todo.append(k)
+            for k in range(run.K) if resume else ():
+                hit = run.run_dir.load_target(k)
+                if hit is not None:
+                    done[k] = hit
+        done = run.group.broadcast_object(done, 0)  # also the barrier after the folder is set up
+        for k, (row, info) in done.items():
+            scores[k], infos[k] = row, info
+        todo = [k for k in range(run.K) if k not in done]
         resolve(run, need_loss_null=bool(todo))
         if not todo and run.loss_null is None:  # everything was resumed: report the L_null used
             run.loss_null = infos[0].get("loss_null")
         run.timings["unlearn"] = run.timings["score"] = 0.0
+        plan = Plan.make(run.N, run.loss_pass.per, todo, cfg.targets_per_batch, run.group)
         if todo:
-            compute_loss_t(run, cache_dir)
-        Kb = cfg.targets_per_batch
-        blocks = [todo[i:i + Kb] for i in range(0, len(todo), Kb)]
-        for block in _bar(blocks, "targets", progress and len(blocks) > 1, unit="block"):
-            rows, block_infos = run_block(run, block)
+            compute_loss_t(run, plan, cache_dir)
+
+        def on_done(block, rows, block_infos):
             for k, row, info in zip(block, rows, block_infos):
                 run.timings["unlearn"] += info["unlearn_seconds"]
                 run.timings["score"] += info["score_seconds"]
                 scores[k], infos[k] = row, info
                 if run.run_dir is not None:
                     run.run_dir.save_target(k, row, info)
+
+        run_blocks(run, plan, on_done)
         res = result(run, scores, infos, t_start)
         res.meta.update(meta or {})
-        if run.run_dir is not None:
+        if run.run_dir is not None:  # rank 0 only
             res.save(run.run_dir.path, top_k=min(top_k, run.N))
         return res
     finally:

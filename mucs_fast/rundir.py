@@ -28,6 +28,7 @@ from ._io import atomic_write, atomic_write_json, is_temp_name, key_digest, tens
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
 TARGETS_DIR = "targets"
+LOSS_T_DIR = "loss_t"  # the original model's losses, one file per shard (large runs: hours of work)
 
 try:
     import fcntl
@@ -140,7 +141,7 @@ class RunDir:
 
     def _remove_stale_temp_files(self) -> None:
         """Temporary files of a crashed write (we hold the lock: no live run is writing them)."""
-        for folder in (self.path, os.path.join(self.path, TARGETS_DIR)):
+        for folder in (self.path, os.path.join(self.path, TARGETS_DIR), os.path.join(self.path, LOSS_T_DIR)):
             if not os.path.isdir(folder):
                 continue
             for name in os.listdir(folder):
@@ -206,3 +207,42 @@ class RunDir:
 
     def __del__(self) -> None:
         self.close()
+
+
+# -- L_t shards: written by the rank that computed them (one file per shard, never shared) ----------
+
+
+def _shard_file(path, i: int) -> str:
+    return os.path.join(os.fspath(path), LOSS_T_DIR, f"shard-{i:06d}.safetensors")
+
+
+def save_loss_t_shard(path, i: int, key: str, loss_t: torch.Tensor) -> None:
+    """Persist the original model's losses [n, M] of shard i (key: what they were computed from)."""
+    from safetensors.torch import save_file
+
+    t = {"loss_t": loss_t.detach().float().cpu().contiguous()}
+    meta = {"key": key, "sha256": tensor_digest(t["loss_t"])}
+    atomic_write(_shard_file(path, i), lambda tmp: save_file(t, tmp, metadata=meta))
+
+
+def load_loss_t_shard(path, i: int, key: str, shape: tuple):
+    """Shard i's losses when a valid file for exactly `key` and `shape` is there, else None (a
+    damaged file is recomputed, with a warning)."""
+    from safetensors import safe_open
+
+    p = _shard_file(path, i)
+    if not os.path.isfile(p):
+        return None
+    try:
+        with safe_open(p, "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            t = f.get_tensor("loss_t")
+        if tuple(t.shape) != tuple(shape) or meta.get("sha256") != tensor_digest(t):
+            raise ValueError(f"unexpected contents ({tuple(t.shape)}, expected {tuple(shape)})")
+    except Exception as e:  # noqa: BLE001 (any failure = damaged)
+        warnings.warn(f"run_dir {path}: {p} is damaged ({type(e).__name__}: {e}); shard {i} is recomputed",
+                      stacklevel=2)
+        return None
+    return t

@@ -87,12 +87,17 @@ class LossPass:
     GPU path; K = 1 runs unbatched, see StackedNet.vmap). "auto": "vmap" on CUDA, "loop" elsewhere.
     compile: torch.compile the per-chunk function once; weights are its inputs, so every block of
     targets (and in "loop" mode every copy and the original) reuses the graph, and the last chunk
-    is padded to the full size so it is traced once.
+    is padded to the full size so it is traced once. N: the size of the whole training set when the
+    pass is called on parts of it (shards), so that padding is decided for the whole set.
     """
 
     def __init__(self, den: Denoiser, net: torch.nn.Module, names: Sequence[str], bank: NoiseBank, *,
-                 images_per_batch: int, precision: str = "auto", compile: bool = False, mode: str = "auto"):
+                 images_per_batch: int, precision: str = "auto", compile: bool = False, mode: str = "auto",
+                 N: Optional[int] = None):
         self.den, self.bank, self.per = den, bank, int(images_per_batch)
+        # compiled: every chunk has `per` rows (the last one padded) unless the whole set of N
+        # images fits one chunk; decided for the whole set, so a shard's chunks are the set's chunks
+        self.N = N
         self.device = bank.eps.device
         self.precision, self.compile = precision, bool(compile)
         if mode == "auto":
@@ -132,7 +137,7 @@ class LossPass:
         """(n0, n1, x, y, ε) per chunk of `per` images, padded to `per` when compiled; ε is the bank
         or, with `seeds` (independent noise), each model's own [K, M, n, ...]."""
         N, per, M = x.shape[0], self.per, self.bank.M
-        pad = self.compile and N > per
+        pad = self.compile and (N if self.N is None else self.N) > per
         for n0 in range(0, N, per):
             n1 = min(N, n0 + per)
             xc, yc = x[n0:n1], None if y is None else y[n0:n1]

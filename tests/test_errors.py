@@ -137,7 +137,7 @@ def test_run_dir_resume_and_different_run(problem, tmp_path, monkeypatch):
 
     # a crash after the first target: resume redoes only the second one
     calls = []
-    real = engine.run_block
+    real = engine.unlearn_block
 
     def crash_on_second(*a, **k):
         calls.append(1)
@@ -146,14 +146,14 @@ def test_run_dir_resume_and_different_run(problem, tmp_path, monkeypatch):
         return real(*a, **k)
 
     out2 = tmp_path / "run2"
-    monkeypatch.setattr(engine, "run_block", crash_on_second)
+    monkeypatch.setattr(engine, "unlearn_block", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         mf.attribute(den, train, targets, CFG, ytr, ytg, progress=False, run_dir=out2)
     assert not (out2 / "attribution.json").exists()
     with pytest.raises(FileNotFoundError, match="not a complete"):
         mf.Attribution.load(out2)
     calls.clear()
-    monkeypatch.setattr(engine, "run_block", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(engine, "unlearn_block", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     resumed = mf.attribute(den, train, targets, CFG, ytr, ytg, progress=False, run_dir=out2, resume=True)
     assert len(calls) == 1
     assert torch.equal(resumed.scores, full.scores)
@@ -255,7 +255,7 @@ def test_a_finished_run_resumes_without_computing_anything(problem, tmp_path, mo
 
     def boom(*a, **k):
         raise AssertionError("L_t, L_null or unlearning ran for a finished run")
-    for name in ("original_losses", "estimate_loss_null", "run_block"):
+    for name in ("original_losses", "estimate_loss_null", "unlearn_block"):
         monkeypatch.setattr(engine, name, boom)
     again = mf.attribute(den, train, targets, mf.MUCSConfig(num_noises=6, lr=1e-3, safety_steps=4, loss_null="auto"),
                          ytr, ytg, progress=False, run_dir=tmp_path / "r", resume=True, cache_dir=None)

@@ -13,13 +13,6 @@ import warnings
 import torch
 
 from ..config import REFERENCE_FROZEN, MUCSConfig
-from .distributed import (
-    broadcast_from_zero,
-    gather_results,
-    rank_run_dir,
-    rank_targets,
-    rank_world,
-)
 from .reference_conf import optimizer_spec, sampler_range
 from .reference_files import ReferenceData, dataset_tensors
 from .reference_models import build_null_model, null_model_error, raw_module
@@ -271,8 +264,8 @@ class Attributor(ReferenceReplay):
 
     def _run_engine(self, dataset, data, cfg, xgen, ygen):
         """run() on the engine: (all ids [Nt], scores [Ng, Nt], stop reason per target); with
-        several processes each rank unlearns its share and every rank gets the full result."""
-        from ..engine import attribute, estimate_loss_null
+        several processes the engine splits the work over the ranks; every rank gets the full result."""
+        from ..engine import attribute
         from ..params import trainable_names
         from ..result import Attribution
 
@@ -293,42 +286,23 @@ class Attributor(ReferenceReplay):
                 )
                 cfg = copy.copy(cfg)
                 cfg.targets_per_batch = 1
-        rank, world = rank_world()
-        if world > 1 and cfg.loss_null == "auto" and cfg.t_sched_train != "auto":
-
-            def loss_null():
-                net0 = den.net
-                den.net = net0.to(self._dev)
-                try:
-                    yd = None if y_train is None else y_train.to(self._dev)
-                    return estimate_loss_null(
-                        den, x.to(self._dev), yd, cfg, self._dev, self.progress
-                    )
-                finally:
-                    den.net = net0.cpu()
-
-            cfg = copy.copy(cfg)
-            cfg.loss_null = broadcast_from_zero(loss_null, rank, self._dev)
-        mine = rank_targets(xgen.shape[0], rank, world)
-        scores, meta = torch.empty(0, x.shape[0]), None
-        if mine.numel():
-            res = attribute(
-                den,
-                x,
-                xgen[mine],
-                cfg,
-                train_labels=y,
-                target_labels=None if ygen is None else ygen[mine],
-                train_ids=ids,
-                device=self._dev,
-                progress=self.progress,
-                run_dir=rank_run_dir(self.run_dir, rank, world),
-                resume=self.resume,
-                cache_dir=self.cache_dir if rank == 0 else None,
-            )
-            scores, meta = res.scores, res.meta
-        if world > 1:
-            scores, meta = gather_results(scores, meta, world)
+        # several processes (an initialized group, e.g. Lightning Fabric's): the engine splits the
+        # work over the ranks and every rank gets the full result
+        res = attribute(
+            den,
+            x,
+            xgen,
+            cfg,
+            train_labels=y,
+            target_labels=ygen,
+            train_ids=ids,
+            device=self._dev,
+            progress=self.progress,
+            run_dir=self.run_dir,
+            resume=self.resume,
+            cache_dir=self.cache_dir,
+        )
+        scores, meta = res.scores, res.meta
         self.last_result = Attribution(scores, ids, meta)
         resolved = meta["resolved"]
         self.loss_null = resolved["loss_null"]

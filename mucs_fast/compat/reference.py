@@ -30,19 +30,20 @@ on every device), for bit-for-bit comparisons with it.
 
 Fixed reference defects (defaults otherwise unchanged): t_sched_*="auto" works; max_steps=None
 stops at `safety_steps` (warned, reported) instead of possibly looping forever; with several
-processes (torch.distributed initialized, world size > 1) targets are split across ranks and every
-rank returns the full result (the reference scores only each rank's shard); omegaconf objects in
+processes (torch.distributed initialized, world size > 1) the engine splits the work over the ranks
+(mucs_fast.parallel) and every rank returns the full result (the reference scores only each rank's
+shard and every rank writes the same files); omegaconf objects in
 checkpoints load with weights_only=True (`load_checkpoint`, `omegaconf_safe_globals`).
 
 This module is the import path of that one-line file; it re-exports the drop-in's pieces:
 `attributor` (the Attributor: constructor, side effects, run() on the engine), `replay` (the
 reference's algorithm on its global stream: `ResidentLoader`, the public methods, fast=False),
-`distributed` (several processes), `reference_conf` (its optimizer and sampler config),
+`distributed` (rank and world size, from mucs_fast.parallel), `reference_conf` (its optimizer and sampler config),
 `reference_models` (its models: raw module, null model, checkpoints), `reference_files` (its files).
 """
 
+from ..parallel import rank_world as distributed
 from .attributor import DEFAULT_TARGETS_PER_BATCH, Attributor, get_topk
-from .distributed import rank_world as distributed
 from .reference_conf import optimizer_spec
 from .reference_files import (
     ReferenceData,
