@@ -159,11 +159,25 @@ def _bar(it, desc, progress, total=None, unit="it"):
     return tqdm(it, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
 
 
-def _pbar(total, desc, progress, unit="img"):
-    from tqdm.auto import tqdm
+class JobBar:
+    """One progress bar for the whole job (rank 0): image·noise pairs of this rank's share of the
+    L_t pass and of every block's scoring pass, with the phase and the unlearning losses beside it."""
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, dynamic_ncols=True,
-                disable=not progress)
+    def __init__(self, total: int, enabled: bool, world: int):
+        from tqdm.auto import tqdm
+
+        desc = "mucs" if world == 1 else f"mucs (rank 0 of {world})"
+        self.bar = tqdm(total=total, desc=desc, unit="pair", unit_scale=True, dynamic_ncols=True,
+                        disable=not enabled, leave=False)
+
+    def phase(self, text: str) -> None:
+        self.bar.set_postfix_str(text, refresh=True)
+
+    def pairs(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,6 +203,7 @@ class Run:
     group: Group = dataclasses.field(default_factory=Group)
     run_path: Optional[str] = None  # the run directory (every rank knows it; rank 0 holds `run_dir`)
     run_dir: Optional[RunDir] = None
+    bar: Optional[JobBar] = None
     loss_null: Optional[float] = None
     bank: Optional[NoiseBank] = None
     loss_pass: Optional[LossPass] = None
@@ -300,21 +315,21 @@ def compute_loss_t(run: Run, plan: Plan, cache_dir) -> None:
     run.timings["loss_t_cached"] = cached
     if cached:
         loss_t = g.broadcast(loss_t if g.rank == 0 else torch.empty(run.N, run.bank.M), 0)
+        run.bar.pairs(sum(plan.shards[i][1] - plan.shards[i][0] for i in plan.my_shards()) * run.bank.M)
     else:
         seed = None if cfg.use_same_noise_infer else derive_seed(cfg.seed, "infer", "original")
         loss_t = torch.zeros(run.N, run.bank.M, dtype=torch.float32, device=run.device)
-        mine = plan.my_shards()
-        with _pbar(sum(plan.shards[i][1] - plan.shards[i][0] for i in mine), "L_t (original)", run.progress) as bar:
-            for i in mine:
-                s0, s1 = plan.shards[i]
-                part = None if run.run_path is None else load_loss_t_shard(run.run_path, i, key, (s1 - s0, run.bank.M))
-                if part is None:
-                    part = original_losses(lp, run.x[s0:s1], None if run.y is None else run.y[s0:s1],
-                                           run.ids[s0:s1], infer_seed=seed)
-                    if run.run_path is not None:
-                        save_loss_t_shard(run.run_path, i, key, part)
-                loss_t[s0:s1] = part.to(run.device)
-                bar.update(s1 - s0)
+        run.bar.phase("L_t (original model)")
+        for i in plan.my_shards():
+            s0, s1 = plan.shards[i]
+            part = None if run.run_path is None else load_loss_t_shard(run.run_path, i, key, (s1 - s0, run.bank.M))
+            if part is None:
+                part = original_losses(lp, run.x[s0:s1], None if run.y is None else run.y[s0:s1],
+                                       run.ids[s0:s1], infer_seed=seed)
+                if run.run_path is not None:
+                    save_loss_t_shard(run.run_path, i, key, part)
+            loss_t[s0:s1] = part.to(run.device)
+            run.bar.pairs((s1 - s0) * run.bank.M)
         g.sum_(loss_t)
         if g.rank == 0:
             cache.put(key, loss_t)
@@ -330,16 +345,16 @@ def unlearn_block(run: Run, block: list) -> tuple[torch.Tensor, list]:
     streams = [target_streams(cfg, fp, run.N, run.device) for fp in fps]
     cap = cfg.max_steps if cfg.max_steps is not None else cfg.safety_steps
     t0 = time.perf_counter()
-    with _pbar(cap, f"unlearn ×{K}", run.progress, unit="step") as bar:
-        def show(infos, active):
-            bar.n = max(i.steps for i in infos)
-            bar.set_postfix(running=len(active), L_f=" ".join(f"{i.loss_f:.3f}" for i in infos),
-                            goal=f"{(1 - cfg.tolerance) * run.loss_null:.3f}", refresh=False)
-            bar.refresh()
-        weights, infos = unlearn_batched(
-            den, den.net, run.names, run.x, run.y, run.x_hat[block], None if run.y_hat is None else run.y_hat[block],
-            cfg=cfg, loss_null=run.loss_null, lr=run.lr, retains=[r for r, _, _ in streams],
-            generators=[g for _, g, _ in streams], progress=show if run.progress else None)
+    goal = (1 - cfg.tolerance) * run.loss_null
+
+    def show(infos, active):
+        run.bar.phase(f"unlearn ×{K}: step {max(i.steps for i in infos)}/{cap}, {len(active)} running, "
+                      f"L_f {' '.join(f'{i.loss_f:.3f}' for i in infos)} → {goal:.3f}")
+
+    weights, infos = unlearn_batched(
+        den, den.net, run.names, run.x, run.y, run.x_hat[block], None if run.y_hat is None else run.y_hat[block],
+        cfg=cfg, loss_null=run.loss_null, lr=run.lr, retains=[r for r, _, _ in streams],
+        generators=[g for _, g, _ in streams], progress=show if run.progress else None)
     seconds = time.perf_counter() - t0
     out = []
     for i, info in enumerate(infos):
@@ -363,15 +378,14 @@ def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> list:
         params = dict(run.den.net.named_parameters())
         weights = flat_views(W[ok], {n: tuple(params[n].shape) for n in run.names})
         seeds = None if cfg.use_same_noise_infer else [infos[i]["infer_seed"] for i in ok]
-        mine = plan.my_shards()
-        with _pbar(sum(plan.shards[i][1] - plan.shards[i][0] for i in mine), f"score ×{len(ok)}", run.progress) as bar:
-            for i in mine:
-                s0, s1 = plan.shards[i]
-                S[:, s0:s1] = score_stacked(run.loss_pass, weights, run.x[s0:s1], None if run.y is None else run.y[s0:s1],
-                                            run.ids[s0:s1], run.loss_t[s0:s1], eps=cfg.eps,
-                                            use_loss_ratio=cfg.use_loss_ratio,
-                                            use_same_noise_infer=cfg.use_same_noise_infer, infer_seeds=seeds,
-                                            progress=bar.update)
+        run.bar.phase(f"score ×{len(ok)}")
+        for i in plan.my_shards():
+            s0, s1 = plan.shards[i]
+            S[:, s0:s1] = score_stacked(run.loss_pass, weights, run.x[s0:s1], None if run.y is None else run.y[s0:s1],
+                                        run.ids[s0:s1], run.loss_t[s0:s1], eps=cfg.eps,
+                                        use_loss_ratio=cfg.use_loss_ratio,
+                                        use_same_noise_infer=cfg.use_same_noise_infer, infer_seeds=seeds)
+            run.bar.pairs((s1 - s0) * run.bank.M * len(ok))
         run.group.sum_(S)
     rows = [torch.full((N,), math.nan) for _ in infos]
     for j, i in enumerate(ok):
@@ -388,8 +402,7 @@ def run_blocks(run: Run, plan: Plan, on_done) -> None:
     `on_done(block, rows, infos)` is called on every rank as each block completes."""
     g = run.group
     P = sum(p.numel() for n, p in run.den.net.named_parameters() if n in set(run.names))
-    bar = _bar(plan.rounds(), "targets", run.progress and len(plan.blocks) > g.world, unit="round")
-    for rnd in bar:
+    for rnd in plan.rounds():
         mine = {b: unlearn_block(run, plan.blocks[b]) for b, owner in rnd if owner == g.rank}
         for b, owner in rnd:
             W, infos = mine.get(b, (None, None))
@@ -477,6 +490,8 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
             run.loss_null = infos[0].get("loss_null")
         run.timings["unlearn"] = run.timings["score"] = 0.0
         plan = Plan.make(run.N, run.loss_pass.per, todo, cfg.targets_per_batch, run.group)
+        mine = sum(plan.shards[i][1] - plan.shards[i][0] for i in plan.my_shards()) * run.bank.M
+        run.bar = JobBar(mine * (len(todo) + 1) if todo else 0, run.progress, run.group.world)
         if todo:
             compute_loss_t(run, plan, cache_dir)
 
@@ -495,6 +510,8 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
             res.save(run.run_dir.path, top_k=min(top_k, run.N))
         return res
     finally:
+        if run is not None and run.bar is not None:
+            run.bar.close()
         if run is not None and run.run_dir is not None:
             run.run_dir.close()
         for m, training in modes:
