@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import subprocess
 import sys
 import types
@@ -67,62 +66,19 @@ def import_reference(path: str = DEFAULT_REF):
     return mucs, dit, pu
 
 
-class CPUFabric:
-    """The Lightning-Fabric methods attrib.py and the Attributor call, on one CPU process."""
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "compat"))
+from refkit import FakeFabric, Wrapped  # noqa: E402,F401  (the tests' Fabric stand-ins; Wrapped re-exported)
 
-    def __init__(self, device="cpu"):
-        self.device = device
-        self.global_rank = 0
-        self.is_global_zero = True
+
+class CPUFabric(FakeFabric):
+    """The Lightning-Fabric methods attrib.py and the Attributor call, on one CPU process; seeds
+    numpy too, as lightning.fabric.seed_everything does (the reference's code may draw from it)."""
 
     def seed_everything(self, seed, workers=False):
-        # lightning.fabric.seed_everything: python, numpy and torch from one seed
         import numpy as np
-        random.seed(seed)
+
+        super().seed_everything(seed, workers)
         np.random.seed(seed % (1 << 32))
-        torch.manual_seed(seed)
-
-    def setup_dataloaders(self, *dls):
-        return dls[0] if len(dls) == 1 else dls
-
-    def setup_optimizers(self, optim):
-        return optim
-
-    def backward(self, loss):
-        loss.backward()
-
-    def init_module(self):
-        return contextlib.nullcontext()
-
-    def setup(self, model):
-        return Wrapped(model)
-
-    def print(self, *a, **k):
-        pass
-
-    def barrier(self):
-        pass
-
-
-class Wrapped(torch.nn.Module):
-    """Like Lightning's _FabricModule: `.module` is the raw module, attributes fall through."""
-
-    def __init__(self, module):
-        super().__init__()
-        self._forward_module = module
-
-    @property
-    def module(self):
-        return self._forward_module
-
-    def forward(self, *a, **k):
-        return self._forward_module(*a, **k)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._forward_module, name)
 
 
 class RefDataset(torch.utils.data.Dataset):
