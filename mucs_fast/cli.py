@@ -3,6 +3,7 @@
     mucs-fast demo [--quick] [--out DIR]          the embedded end-to-end run on sklearn digits
     mucs-fast attribute --model M --train T --targets G --out DIR [...]
     mucs-fast evaluate [--quick] --data digits|mnist|PATH --methods mucs,random,... --out DIR
+    mucs-fast pack SRC OUT [--labels L] [--split S] [--shard-images N]   a streamable shard folder
 """
 
 from __future__ import annotations
@@ -159,6 +160,31 @@ def cmd_attribute(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# pack
+# ------------------------------------------------------------------------------------------------
+def cmd_pack(args) -> int:
+    """SRC → the packed, memory-mappable folder OUT (mucs_fast/sources.py); `--train OUT` streams it."""
+    from .sources import pack
+
+    if args.shard_images < 1:
+        raise ValueError(f"--shard-images must be >= 1, got {args.shard_images}")
+    t0 = time.perf_counter()
+    try:
+        index = pack(args.src, args.out, shard_images=args.shard_images, progress=not args.quiet,
+                     labels=args.labels, split=args.split)
+    except KeyboardInterrupt:
+        say(f"interrupted: {args.out} is not a packed folder (no index.json); rerun the same command")
+        return 130
+    size = sum(s["bytes"] for s in index["shards"])
+    labels = f", {index['labels']}" if index["labels"] else ""
+    say(f"wrote {args.out}: {index['N']} images {index['C']}×{index['H']}×{index['W']} {index['dtype']} in "
+        f"{len(index['shards'])} shard(s) of <= {args.shard_images} ({size / 2**20:.1f} MiB), "
+        f"{index['ids']}{labels}, index.json in {time.perf_counter() - t0:.1f} s; "
+        f"stream it with --train {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mucs-fast", description="MUCS training-data attribution for diffusion models")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -202,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "unpickling runs the code the file holds, so only for files you trust")
     add_reference_arguments(a)  # --reference-samples / --reference-data (mucs_fast/compat/cli.py)
     a.set_defaults(func=cmd_attribute)
+
+    k = sub.add_parser("pack", help="write a packed, memory-mappable shard folder that --train streams")
+    k.add_argument("src", metavar="SRC", help="an image folder, a .pt/.npy/.safetensors [N,C,H,W] file, the "
+                   "reference's dataset folder (metadata.pt + pt_files/) or a packed folder (to reshard)")
+    k.add_argument("out", metavar="OUT", help="the folder to write (new, empty, or a previous pack)")
+    k.add_argument("--labels", default=None, help="labels file for SRC (class ids [N] or vectors [N, D])")
+    k.add_argument("--split", default=None, help="split of a reference dataset folder (default: train)")
+    k.add_argument("--shard-images", type=int, default=65536, help="images per shard (default: 65536)")
+    k.add_argument("--quiet", action="store_true", help="no progress bar")
+    k.set_defaults(func=cmd_pack)
 
     # `mucs-fast evaluate` (mucs_fast/evaluate/cli.py)
     from .evaluate.cli import add_evaluate_parser
