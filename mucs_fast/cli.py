@@ -137,26 +137,43 @@ def cmd_demo(args) -> int:
 def cmd_attribute(args) -> int:
     from .data import load_images, load_labels
     from .engine import attribute
+    from .parallel import rank_world
     from .report import write_report
+    from .sources import open_source
 
     if uses_reference_files(args):  # the reference implementation's samples.pt / dataset folder
         return cmd_attribute_reference(args)
     if not (args.train and args.targets):
         raise ValueError("--train and --targets are required (or --reference-samples and --reference-data)")
     cfg = attribute_config(args)  # --out, --device, --loss-null, ... before anything is read
-    train, ids = load_images(args.train)
+    if streamable(args.train):  # .npy / .safetensors / a packed folder: read in chunks, never whole
+        train = open_source(args.train)
+        ids = None  # the source's own ids (a packed folder's), else 0..N−1
+    else:
+        train, ids = load_images(args.train)
     targets, _ = load_images(args.targets)
-    ytr = load_labels(args.train_labels, train.shape[0]) if args.train_labels else None
+    ytr = load_labels(args.train_labels, len(train)) if args.train_labels else None
     ytg = load_labels(args.target_labels, targets.shape[0]) if args.target_labels else None
-    check_top_k(args.top_k, train.shape[0])
+    check_top_k(args.top_k, len(train))
     den = load_model(args.model, trust_pickle=args.trust_pickle)
     t0 = time.perf_counter()
     res = attribute(den, train, targets, cfg, train_labels=ytr, target_labels=ytg, train_ids=ids,
                     device=args.device, progress=not args.quiet, run_dir=args.out, resume=args.resume,
                     top_k=args.top_k or 100)
-    write_report(os.path.join(args.out, "report.png"), targets, train, res, top=min(8, res.N))
-    print_summary(res, args.out, time.perf_counter() - t0)
+    if rank_world()[0] == 0:  # under torchrun every rank has the result; one writes
+        write_report(os.path.join(args.out, "report.png"), targets, train, res, top=min(8, res.N))
+        print_summary(res, args.out, time.perf_counter() - t0)
     return 0
+
+
+def streamable(path: str) -> bool:
+    """A training set the engine streams (not loaded whole): .npy, .safetensors, a packed folder."""
+    from .sources import INDEX
+
+    p = os.fspath(path)
+    base = p.split(":", 1)[0] if not os.path.exists(p) else p
+    return (os.path.isdir(p) and os.path.isfile(os.path.join(p, INDEX))) or \
+        base.lower().endswith((".npy", ".safetensors"))
 
 
 # ------------------------------------------------------------------------------------------------

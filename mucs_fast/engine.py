@@ -40,6 +40,7 @@ from .params import trainable_names
 from .result import Attribution
 from .rundir import RunDir, load_loss_t_shard, save_loss_t_shard
 from .score import LossPass, original_losses, score_batch_images, score_stacked, use_compile
+from .sources import Source, TensorSource, open_source, source_digest, take
 from .unlearn import RetainStream, unlearn_batched
 
 
@@ -71,6 +72,27 @@ def check_images(name: str, x, chw: Optional[tuple] = None) -> torch.Tensor:
     return x.float()
 
 
+def _check_train(train):
+    """The training set: a float tensor (validated, resident) or a streamed Source (a path to a
+    .npy / .safetensors file or a packed folder, or a Source): its files checked and its values
+    scanned for NaN/Inf (one streaming pass, shared with its fingerprint) before any compute."""
+    if isinstance(train, torch.Tensor):
+        return check_images("train", train)
+    if isinstance(train, (str, os.PathLike)) or isinstance(train, Source):
+        src = open_source(train)
+        if isinstance(src, TensorSource):
+            return check_images("train", src.x)
+        src.check()
+        src.check_finite("train")
+        return src
+    raise TypeError(f"train: expected a float tensor [N, C, H, W] or a streamed source (a .npy / .safetensors "
+                    f"file, a packed folder, a mucs_fast.sources.Source), got {type(train).__name__}")
+
+
+def _chw(x) -> tuple:
+    return tuple(x.chw) if isinstance(x, Source) else tuple(x.shape[1:])
+
+
 def _check_ids(train_ids, N: int) -> torch.Tensor:
     if train_ids is None:
         return torch.arange(N, dtype=torch.int64)
@@ -95,10 +117,12 @@ def resolve_lr(cfg: MUCSConfig, den: Denoiser) -> float:
 
 def _probe(den: Denoiser, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
     """One tiny forward: architecture/data mismatches fail here, with context, not mid-run."""
-    eps, level = den.training_noise(x[:1].shape, torch.Generator(x.device).manual_seed(0), None, x.device)
+    device = next(den.net.parameters()).device
+    x1 = take(x, torch.zeros(1, dtype=torch.int64), device)
+    eps, level = den.training_noise(x1.shape, torch.Generator(device).manual_seed(0), None, device)
     try:
         with torch.no_grad():
-            loss = den.loss(x[:1], eps, level, None if y is None else y[:1])
+            loss = den.loss(x1, eps, level, None if y is None else y[:1])
     except Exception as e:  # re-raised with what was fed in
         raise ValueError(f"the model cannot process the data (one image of shape {tuple(x.shape[1:])}"
                          f"{'' if y is None else f', labels {tuple(y.shape[1:])}'}): "
@@ -124,14 +148,15 @@ def estimate_loss_null(den: Denoiser, x, y, cfg: MUCSConfig, device, progress=Fa
         net0 = den.fresh_net()
     net0 = net0.to(device).eval()
     B = cfg.B
-    retain = RetainStream(x.shape[0], B, torch.Generator().manual_seed(derive_seed(cfg.seed, "loss_null")))
+    retain = RetainStream(len(x), B, torch.Generator().manual_seed(derive_seed(cfg.seed, "loss_null")))
     gen = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "loss_null", "noise"))
-    n_batches = min(cfg.loss_null_batches, x.shape[0] // B)
+    n_batches = min(cfg.loss_null_batches, len(x) // B)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in _bar(range(n_batches), "L_null", progress):
         idx = next(retain).to(device)
-        eps, level = den.training_noise(x[idx].shape, gen, cfg.t_sched_train, device)
-        total += den.loss(x[idx], eps, level, None if y is None else y[idx], net=net0).double().sum()
+        xb = take(x, idx, device)
+        eps, level = den.training_noise(xb.shape, gen, cfg.t_sched_train, device)
+        total += den.loss(xb, eps, level, None if y is None else y[idx], net=net0).double().sum()
     return float(total) / (n_batches * B)
 
 
@@ -213,7 +238,7 @@ class Run:
 
     @property
     def N(self) -> int:
-        return self.x.shape[0]
+        return len(self.x)
 
     @property
     def K(self) -> int:
@@ -241,9 +266,13 @@ def prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, de
         raise TypeError(f"den must be an EDMDenoiser or DiffusersDenoiser, got {type(den).__name__}")
     group, device = join(device)
     progress = progress and group.rank == 0  # one set of bars and logs per job
-    train = check_images("train", train)
-    targets = check_images("targets", targets, train.shape[1:])
-    N, K = train.shape[0], targets.shape[0]
+    train = _check_train(train)
+    targets = check_images("targets", targets, _chw(train))
+    N, K = len(train), targets.shape[0]
+    if isinstance(train, Source):  # a streamed set may carry its own ids and labels (a packed folder)
+        train_ids = train.ids if train_ids is None else train_ids
+        if train_labels is None and den.conditional:
+            train_labels = train.labels
     ids = _check_ids(train_ids, N)
     y_train = den.prepare_labels(train_labels, N, "train_labels")
     y_targets = den.prepare_labels(target_labels, K, "target_labels")
@@ -256,14 +285,16 @@ def prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, de
         raise ValueError(den.fresh_net_error())
     fingerprints = {
         "model": den.fingerprint(),
-        "train": tensor_digest({"x": train, "y": y_train.cpu() if y_train is not None else torch.tensor([]),
+        # streamed or resident, the same digest of the same float32 values (run and cache keys)
+        "train": source_digest({"x": train, "y": y_train.cpu() if y_train is not None else torch.tensor([]),
                                 "ids": ids}),
         "targets": [tensor_digest({"x": targets[k], "y": y_targets[k].cpu() if y_targets is not None
                                    else torch.tensor([])}) for k in range(K)],
     }
     view = copy.copy(den)
     view.net = _engine_net(den.net, device)
-    run = Run(den=view, cfg=copy.copy(cfg), device=device, progress=progress, x=train.to(device),
+    x = train if isinstance(train, Source) else train.to(device)  # streamed: read in chunks, never whole
+    run = Run(den=view, cfg=copy.copy(cfg), device=device, progress=progress, x=x,
               y=None if y_train is None else y_train.to(device), ids=ids, x_hat=targets.to(device),
               y_hat=None if y_targets is None else y_targets.to(device), fingerprints=fingerprints,
               names=names, lr=lr, group=group)
@@ -290,7 +321,7 @@ def resolve(run: Run, need_loss_null: bool) -> None:
         if not (math.isfinite(run.loss_null) and run.loss_null > 0):
             raise ValueError(f"loss_null='auto' gave {run.loss_null}: the freshly initialized model "
                              "produces non-finite losses; pass MUCSConfig(loss_null=<number>)")
-    run.bank = make_bank(den, tuple(run.x.shape[1:]), cfg, cfg.t_sched_infer).to(device)
+    run.bank = make_bank(den, _chw(run.x), cfg, cfg.t_sched_infer).to(device)
     run.compiled = use_compile(cfg.compile, run.N * run.bank.M)
     run.loss_pass = LossPass(den, den.net, run.names, run.bank, precision=cfg.precision, compile=run.compiled,
                              images_per_batch=score_batch_images(cfg.score_batch, run.bank.M, device), N=run.N)
@@ -324,8 +355,7 @@ def compute_loss_t(run: Run, plan: Plan, cache_dir) -> None:
             s0, s1 = plan.shards[i]
             part = None if run.run_path is None else load_loss_t_shard(run.run_path, i, key, (s1 - s0, run.bank.M))
             if part is None:
-                part = original_losses(lp, run.x[s0:s1], None if run.y is None else run.y[s0:s1],
-                                       run.ids[s0:s1], infer_seed=seed)
+                part = original_losses(lp, run.x, run.y, run.ids, infer_seed=seed, start=s0, stop=s1)
                 if run.run_path is not None:
                     save_loss_t_shard(run.run_path, i, key, part)
             loss_t[s0:s1] = part.to(run.device)
@@ -381,10 +411,9 @@ def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> list:
         run.bar.phase(f"score ×{len(ok)}")
         for i in plan.my_shards():
             s0, s1 = plan.shards[i]
-            S[:, s0:s1] = score_stacked(run.loss_pass, weights, run.x[s0:s1], None if run.y is None else run.y[s0:s1],
-                                        run.ids[s0:s1], run.loss_t[s0:s1], eps=cfg.eps,
-                                        use_loss_ratio=cfg.use_loss_ratio,
-                                        use_same_noise_infer=cfg.use_same_noise_infer, infer_seeds=seeds)
+            S[:, s0:s1] = score_stacked(run.loss_pass, weights, run.x, run.y, run.ids, run.loss_t, eps=cfg.eps,
+                                        use_loss_ratio=cfg.use_loss_ratio, use_same_noise_infer=cfg.use_same_noise_infer,
+                                        infer_seeds=seeds, start=s0, stop=s1)
             run.bar.pairs((s1 - s0) * run.bank.M * len(ok))
         run.group.sum_(S)
     rows = [torch.full((N,), math.nan) for _ in infos]

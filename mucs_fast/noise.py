@@ -58,21 +58,34 @@ def estimate_t_sched(x: torch.Tensor, sigmas_full: torch.Tensor, B: int,
     As the reference intends (its version crashes): images are shuffled into batches of B, and each
     batch is compared with the previous `num_consec` batches; distance = ‖a − b‖₂ / √D.
 
-    x: [N, C, H, W] training images; sigmas_full: [M] σ of every level of the full grid.
+    x: [N, C, H, W] training images (a tensor or a Source: batches are read as they are
+    compared); sigmas_full: [M] σ of every level of the full grid.
     """
-    N = x.shape[0]
-    D = x[0].numel()
-    perm = torch.randperm(N, generator=generator, device="cpu").to(x.device)
-    flat = x.reshape(N, D).float()
-    batches = [flat[perm[i:i + B]] for i in range(0, N - B + 1, B)] or [flat[perm]]
-    dists = []
-    for i in range(1, len(batches)):
-        prev = torch.cat(batches[max(0, i - num_consec):i])
-        dists.append((torch.cdist(batches[i][None], prev[None]).squeeze(0) / D ** 0.5).flatten())
-    if not dists:  # a single batch: compare it with itself, off-diagonal only
-        d = torch.cdist(batches[0][None], batches[0][None]).squeeze(0) / D ** 0.5
-        n = d.shape[0]
-        dists.append(d[~torch.eye(n, dtype=torch.bool, device=d.device)])
+    from .sources import take
+
+    N = len(x)
+    device = x.device if isinstance(x, torch.Tensor) else sigmas_full.device
+    perm = torch.randperm(N, generator=generator, device="cpu")
+    starts = list(range(0, N - B + 1, B))
+
+    def batch(idx):  # flattened float images of the batch (read when needed: x may be streamed)
+        b = take(x, idx, device).float()
+        return b.reshape(b.shape[0], -1)
+
+    if len(starts) <= 1:  # a single batch: compare it with itself, off-diagonal only
+        one = batch(perm if not starts else perm[:B])
+        D = one.shape[1]
+        d = torch.cdist(one[None], one[None]).squeeze(0) / D ** 0.5
+        dists = [d[~torch.eye(d.shape[0], dtype=torch.bool, device=d.device)]]
+    else:
+        dists, window = [], []
+        for i, s0 in enumerate(starts):
+            cur = batch(perm[s0:s0 + B])
+            D = cur.shape[1]
+            if window:
+                prev = torch.cat(window)
+                dists.append((torch.cdist(cur[None], prev[None]).squeeze(0) / D ** 0.5).flatten().cpu())
+            window = (window + [cur])[-num_consec:]
     d = torch.sort(torch.cat(dists).cpu()).values
     if d.numel() == 0:
         raise ValueError('t_sched="auto" needs at least 2 training images')

@@ -60,7 +60,8 @@ def write_report(path, targets: torch.Tensor, train: torch.Tensor, res, top: int
         for j in range(top):
             pos = int(order[k, j])
             ax = axes[k, j + 1]
-            ax.imshow(_to_display(train[pos]), cmap=cmap, vmin=0, vmax=1)
+            img = train[pos] if isinstance(train, torch.Tensor) else train.gather(torch.tensor([pos]))[0]
+            ax.imshow(_to_display(img), cmap=cmap, vmin=0, vmax=1)
             lab = "" if train_labels is None else f" y={int(train_labels[pos])}"
             ax.set_title(f"#{int(res.train_ids[pos])}{lab}\n{format_score(res.scores[k, pos].item())}", fontsize=6)
     for ax in axes.flat:

@@ -25,6 +25,7 @@ from .denoisers import Denoiser
 from .functional import StackedNet
 from .noise import NoiseBank
 from .ops import skew_accumulate
+from .sources import chunks as read_chunks
 
 DEFAULT_SCORE_BATCH = {"cpu": 1600, "cuda": 8192}
 # compile="auto" compiles scoring passes of at least this many image·noise pairs: on 2 CPU cores the
@@ -133,17 +134,19 @@ class LossPass:
         stack = StackedNet(self._net, weights)
         return [stack.params(k) for k in range(stack.K)]  # built once per pass, not per chunk
 
-    def chunks(self, x, y, ids, seeds: Optional[Sequence[int]]):
-        """(n0, n1, x, y, ε) per chunk of `per` images, padded to `per` when compiled; ε is the bank
-        or, with `seeds` (independent noise), each model's own [K, M, n, ...]."""
-        N, per, M = x.shape[0], self.per, self.bank.M
+    def chunks(self, x, y, ids, seeds: Optional[Sequence[int]], start: int = 0, stop: Optional[int] = None):
+        """(n0, n1, x, y, ε) per chunk of `per` images of x[start:stop] (a resident tensor, or a
+        Source read ahead in the background), padded to `per` when compiled; ε is the bank or,
+        with `seeds` (independent noise), each model's own [K, M, n, ...]."""
+        N, per, M = len(x), self.per, self.bank.M
+        stop = N if stop is None else stop
         pad = self.compile and (N if self.N is None else self.N) > per
-        for n0 in range(0, N, per):
-            n1 = min(N, n0 + per)
-            xc, yc = x[n0:n1], None if y is None else y[n0:n1]
+        ranges = [(n0, min(stop, n0 + per)) for n0 in range(start, stop, per)]
+        for n0, n1, xc in read_chunks(x, ranges, self.device):
+            yc = None if y is None else y[n0:n1]
             e = self.bank.eps
             if seeds is not None:
-                e = torch.stack([independent_eps(s, ids[n0:n1], M, x.shape[1:], self.device) for s in seeds])
+                e = torch.stack([independent_eps(s, ids[n0:n1], M, xc.shape[1:], self.device) for s in seeds])
             if pad:
                 xc, yc = _pad_rows(xc, per), _pad_rows(yc, per)
                 e = e if seeds is None else _pad_rows(e, per, dim=2)
@@ -163,17 +166,18 @@ class LossPass:
 
 
 @torch.inference_mode()
-def original_losses(lp: LossPass, x: torch.Tensor, y: Optional[torch.Tensor], ids: torch.Tensor, *,
-                    infer_seed: Optional[int] = None, progress: Optional[Callable[[int], None]] = None
-                    ) -> torch.Tensor:
-    """L_t [N, M] float32 of the original model on every training image under the bank (with
-    `infer_seed`: under its own independent ε per image, same levels)."""
-    N = x.shape[0]
-    out = torch.empty(N, lp.bank.M, dtype=torch.float32, device=x.device)
+def original_losses(lp: LossPass, x, y: Optional[torch.Tensor], ids: torch.Tensor, *,
+                    infer_seed: Optional[int] = None, start: int = 0, stop: Optional[int] = None,
+                    progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """L_t [n, M] float32 of the original model on training images start..stop (default all) of
+    x (a tensor [N, C, H, W] or a Source) under the bank (with `infer_seed`: under its own
+    independent ε per image, same levels)."""
+    stop = len(x) if stop is None else stop
+    out = torch.empty(stop - start, lp.bank.M, dtype=torch.float32, device=lp.device)
     models = lp.prepare(None)
-    with autocast_for(x.device, lp.precision):
-        for n0, n1, xc, yc, e in lp.chunks(x, y, ids, None if infer_seed is None else [infer_seed]):
-            out[n0:n1] = lp.losses(models, xc, yc, e)[0, :, :n1 - n0].t()
+    with autocast_for(lp.device, lp.precision):
+        for n0, n1, xc, yc, e in lp.chunks(x, y, ids, None if infer_seed is None else [infer_seed], start, stop):
+            out[n0 - start:n1 - start] = lp.losses(models, xc, yc, e)[0, :, :n1 - n0].t()
             if progress is not None:
                 progress(n1 - n0)
     return out
@@ -190,25 +194,27 @@ def skew_scores(loss_u: torch.Tensor, loss_t: torch.Tensor, *, eps: float, use_l
 
 
 @torch.inference_mode()
-def score_stacked(lp: LossPass, weights: dict, x: torch.Tensor, y: Optional[torch.Tensor], ids: torch.Tensor,
+def score_stacked(lp: LossPass, weights: dict, x, y: Optional[torch.Tensor], ids: torch.Tensor,
                   loss_t: torch.Tensor, *, eps: float, use_loss_ratio: bool, use_same_noise_infer: bool,
-                  infer_seeds: Optional[Sequence[int]] = None,
+                  infer_seeds: Optional[Sequence[int]] = None, start: int = 0, stop: Optional[int] = None,
                   progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-    """Scores [K, N] of the K copies `weights` ({name: [K, ...]}) against L_t [N, M], in one pass.
+    """Scores [K, n] of the K copies `weights` ({name: [K, ...]}) against L_t [N, M] on training
+    images start..stop (default all) of x (a tensor or a Source), in one pass.
 
     Per chunk the training images (and the bank's noisy inputs) are read once for all K copies and
     their losses [K, n, M] are reduced to skew sums on the spot; no host sync inside the loop.
     use_same_noise_infer=False: `infer_seeds[k]` is copy k's independent noise stream.
     """
-    N = x.shape[0]
+    stop = len(x) if stop is None else stop
     models = lp.prepare(weights)
     K = len(models) if isinstance(models, list) else next(iter(models.values())).shape[0]
-    scores = torch.empty(K, N, dtype=torch.float32, device=x.device)
-    with autocast_for(x.device, lp.precision):
-        for n0, n1, xc, yc, e in lp.chunks(x, y, ids, infer_seeds):
+    scores = torch.empty(K, stop - start, dtype=torch.float32, device=lp.device)
+    with autocast_for(lp.device, lp.precision):
+        for n0, n1, xc, yc, e in lp.chunks(x, y, ids, infer_seeds, start, stop):
             loss_u = lp.losses(models, xc, yc, e)[:, :, :n1 - n0].transpose(1, 2)  # [K, n, M]
-            scores[:, n0:n1] = skew_scores(loss_u, loss_t[n0:n1], eps=eps, use_loss_ratio=use_loss_ratio,
-                                           use_same_noise_infer=use_same_noise_infer)
+            scores[:, n0 - start:n1 - start] = skew_scores(loss_u, loss_t[n0:n1], eps=eps,
+                                                           use_loss_ratio=use_loss_ratio,
+                                                           use_same_noise_infer=use_same_noise_infer)
             if progress is not None:
                 progress(n1 - n0)
     return scores

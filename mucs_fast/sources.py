@@ -66,6 +66,8 @@ __all__ = [
     "pack",
     "prefetch",
     "source_digest",
+    "take",
+    "chunks",
 ]
 
 INDEX = "index.json"
@@ -689,6 +691,23 @@ def open_source(x) -> Source:
     raise ValueError(f"{s}: cannot stream a {ext or 'extensionless'} file; expected {_FORMATS} "
                      "(.pt files are read whole by mucs_fast.data.load_images, or packed first with "
                      "mucs-fast pack)")
+
+
+def take(x, idx: torch.Tensor, device) -> torch.Tensor:
+    """Images at positions idx (int64 of any shape) of a resident tensor x [N, C, H, W] or a
+    Source: float32 [*idx.shape, C, H, W] on device (the engine's random access: retain batches)."""
+    if isinstance(x, torch.Tensor):
+        return x[idx.to(x.device)].to(device)
+    out = x.gather(idx.reshape(-1).cpu())
+    return out.view(*idx.shape, *x.chw).to(device, non_blocking=True)
+
+
+def chunks(x, ranges, device) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(start, stop, images on device) for each range of a resident tensor (slices: no copy when it
+    lives on device) or a Source (read ahead by `prefetch`)."""
+    if isinstance(x, torch.Tensor):
+        return ((a, b, x[a:b].to(device)) for a, b in ranges)
+    return prefetch(x, ranges, device)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -110,12 +110,13 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
     """
     from .functional import StackedNet, flat_views
     from .ops import bounded_adamw_step
+    from .sources import take
 
     t0 = time.perf_counter()
     net.eval()
     K = x_hats.shape[0]
     B = cfg.B
-    device = train_x.device
+    device = x_hats.device
     params = dict(net.named_parameters())
     shapes = {n: tuple(params[n].shape) for n in names}
     stack = StackedNet(net, flat_views(torch.zeros(1, sum(params[n].numel() for n in names),
@@ -130,7 +131,7 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
     while active:
         A = len(active)
         idx = torch.stack([next(retains[k]) for k in active]).to(device)  # [A, B]
-        x_r = train_x[idx]
+        x_r = take(train_x, idx, device)  # train_x: a resident tensor or a streamed Source
         y_r = None if train_y is None else train_y[idx]
         noise_r, noise_f = [], []
         for k in active:

@@ -31,6 +31,7 @@ def main():
     p.add_argument("--targets", type=int, default=3)
     p.add_argument("--targets-per-batch", type=int, default=1)
     p.add_argument("--independent-noise", action="store_true")
+    p.add_argument("--streamed", action="store_true", help="train from a .npy file (read in chunks)")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--die-after-blocks", type=int, default=None, help="rank 1 SIGKILLs itself then")
@@ -51,6 +52,13 @@ def main():
             return real(*args, **kw)
 
         engine.score_block = score_block
+    if a.streamed:
+        import numpy as np
+
+        path = os.path.join(a.out, f"train-{os.environ.get('RANK', '0')}.npy")
+        os.makedirs(a.out, exist_ok=True)
+        np.save(path, train.numpy())
+        train = path
     res = mf.attribute(mf.EDMDenoiser(net), train, targets, cfg, ytr, ytg, progress=False, cache_dir=None,
                        run_dir=a.run_dir, resume=a.resume)
     os.makedirs(a.out, exist_ok=True)

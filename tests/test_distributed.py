@@ -34,7 +34,8 @@ def _scores(out, nproc):
 
 
 @pytest.mark.parametrize("args", [[], ["--targets-per-batch", "2"], ["--independent-noise"],
-                                  ["--targets", "1"]], ids=["K1", "K2", "independent", "one-target"])
+                                  ["--targets", "1"], ["--streamed", "--targets-per-batch", "2"]],
+                         ids=["K1", "K2", "independent", "one-target", "streamed"])
 def test_two_processes_give_the_scores_of_one_bitwise(tmp_path, args):
     one = _scores(_run(tmp_path / "one", *args) and tmp_path / "one", 1)
     two = _scores(_run(tmp_path / "two", *args, nproc=2) and tmp_path / "two", 2)
