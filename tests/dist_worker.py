@@ -35,6 +35,7 @@ def main():
     p.add_argument("--run-dir", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--die-after-blocks", type=int, default=None, help="rank 1 SIGKILLs itself then")
+    p.add_argument("--fail-on-rank1", action="store_true", help="rank 1 raises in its first unlearning")
     a = p.parse_args()
     torch.set_num_threads(1)
     net, train, targets, ytr, ytg = problem(a.targets)
@@ -52,6 +53,13 @@ def main():
             return real(*args, **kw)
 
         engine.score_block = score_block
+    if a.fail_on_rank1 and int(os.environ.get("RANK", "0")) == 1:
+        from mucs_fast import engine
+
+        def unlearn_block(*args, **kw):
+            raise ValueError("the model blew up on rank 1")
+
+        engine.unlearn_block = unlearn_block
     if a.streamed:
         import numpy as np
 

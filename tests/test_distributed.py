@@ -54,6 +54,15 @@ def test_a_killed_rank_and_a_resumed_rerun_give_the_uninterrupted_result(tmp_pat
     assert torch.equal(_scores(tmp_path / "resumed", 2)["scores"], ref["scores"])
 
 
+def test_an_error_on_one_rank_stops_the_job_with_its_message(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    p = _run(tmp_path / "out", "--targets", "2", "--fail-on-rank1", nproc=2, check=False)
+    assert p.returncode != 0 and "the model blew up on rank 1" in p.stderr
+    assert time.perf_counter() - t0 < 120  # torchrun stops the other rank: no hang
+
+
 def test_cli_under_torchrun_writes_once_and_matches_one_process(tmp_path):
     import mucs_fast as mf
     from mucs_fast.denoisers import EDMDenoiser
