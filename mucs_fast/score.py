@@ -113,8 +113,10 @@ class LossPass:
         self._terms: dict = {}
         level = bank.level
 
-        def one(p, xc, yc, e, terms):  # losses [M, n] of the model with parameters p
-            return den.grid_loss(xc, e, level, yc, net=self.stack.call(p) if self.stack else net, terms=terms)
+        def one(w, xc, yc, e, terms):  # losses [M, n] of the model with trainable weights w
+            # only w is an input of the compiled graph: the frozen weights are the same for every
+            # copy and chunk (as graph inputs they made the compile ~3× longer, for nothing)
+            return den.grid_loss(xc, e, level, yc, net=self.stack.module(w) if self.stack else net, terms=terms)
 
         def batched(weights, xc, yc, e, terms):  # losses [K, M, n]; e: the bank or per-model [K, M, n, ...]
             return self.stack.vmap(lambda net_k, e_k: den.grid_loss(xc, e_k, level, yc, net=net_k, terms=terms),
@@ -131,8 +133,8 @@ class LossPass:
             return weights
         if self.stack is None:
             return [None]
-        stack = StackedNet(self._net, weights)
-        return [stack.params(k) for k in range(stack.K)]  # built once per pass, not per chunk
+        K = next(iter(weights.values())).shape[0]
+        return [{n: w[k] for n, w in weights.items()} for k in range(K)]  # built once per pass, not per chunk
 
     def chunks(self, x, y, ids, seeds: Optional[Sequence[int]], start: int = 0, stop: Optional[int] = None):
         """(n0, n1, x, y, ε) per chunk of `per` images of x[start:stop] (a resident tensor, or a
