@@ -177,15 +177,18 @@ def load_image_folder(path: PathLike) -> tuple[torch.Tensor, torch.Tensor]:
         a = np.asarray(im, dtype=np.uint8)
         arrays.append(a[:, :, None] if a.ndim == 2 else a)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    stems = [f.stem for f in files]
-    ids = None
+    return x.contiguous(), folder_ids(files)
+
+
+def folder_ids(files) -> torch.Tensor:
+    """Dataset ids of an image folder's (sorted) files: their names when every stem is a distinct
+    integer ("17.png" → 17), else their positions 0..n−1."""
+    stems = [Path(f).stem for f in files]
     if all(re.fullmatch(r"-?[0-9]+", s) for s in stems):
         nums = [int(s) for s in stems]
         if len(set(nums)) == len(nums):
-            ids = torch.tensor(nums, dtype=torch.int64)
-    if ids is None:
-        ids = torch.arange(len(files), dtype=torch.int64)
-    return x.contiguous(), ids
+            return torch.tensor(nums, dtype=torch.int64)
+    return torch.arange(len(files), dtype=torch.int64)
 
 
 # -- dispatch -------------------------------------------------------------------------------------

@@ -807,21 +807,14 @@ def _source_input(src: Source, describe: dict) -> _Input:
 
 
 def _image_folder_input(folder: Path, threads: int) -> _Input:
-    from .data import _MODES, IMAGE_EXTENSIONS, _read_image
+    from .data import _MODES, IMAGE_EXTENSIONS, _read_image, folder_ids
 
     # the file order and ids of data.load_image_folder
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise ValueError(f"{folder}: expected image files ({', '.join(IMAGE_EXTENSIONS)}), found none "
                          f"(nor {INDEX} of a packed folder, nor metadata.pt of a reference dataset folder)")
-    stems = [f.stem for f in files]
-    ids = None
-    if all(re.fullmatch(r"-?[0-9]+", s) for s in stems):
-        nums = [int(s) for s in stems]
-        if len(set(nums)) == len(nums):
-            ids = torch.tensor(nums, dtype=torch.int64)
-    if ids is None:
-        ids = torch.arange(len(files), dtype=torch.int64)
+    ids = folder_ids(files)
 
     def array(f):
         im = _read_image(f)

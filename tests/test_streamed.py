@@ -91,3 +91,23 @@ def test_cli_streams_a_npy_training_set(tmp_path):
         outs[name] = mf.Attribution.load(out)
         assert (out / "report.png").is_file()
     assert torch.equal(outs["train.npy"].scores, outs["train.pt"].scores)
+
+
+def test_an_interrupted_loss_t_pass_resumes_from_its_persisted_shards(problem, tmp_path, monkeypatch):
+    """L_t is persisted per shard in the run directory: a rerun computes only the shards that are
+    missing (here: two deleted, as if the pass had been killed before writing them)."""
+    den, train, targets, ytr, ytg = problem
+    cfg = mf.MUCSConfig(**CFG)
+    run = tmp_path / "run"
+    full = mf.attribute(den, train, targets, cfg, ytr, ytg, progress=False, cache_dir=None, run_dir=run)
+    shards = sorted((run / "loss_t").iterdir())
+    assert len(shards) > 2
+    for f in shards[:2]:
+        f.unlink()
+    for f in (run / "targets").iterdir():  # no finished target either: L_t is needed again
+        f.unlink()
+    calls = []
+    real = engine.original_losses
+    monkeypatch.setattr(engine, "original_losses", lambda *a, **k: (calls.append(k["start"]), real(*a, **k))[1])
+    again = mf.attribute(den, train, targets, cfg, ytr, ytg, progress=False, cache_dir=None, run_dir=run, resume=True)
+    assert len(calls) == 2 and torch.equal(again.scores, full.scores)
