@@ -139,7 +139,7 @@ def cmd_attribute(args) -> int:
     from .engine import attribute
     from .parallel import rank_world
     from .report import write_report
-    from .sources import open_source
+    from .sources import open_source, streamable
 
     if uses_reference_files(args):  # the reference implementation's samples.pt / dataset folder
         return cmd_attribute_reference(args)
@@ -165,15 +165,6 @@ def cmd_attribute(args) -> int:
         print_summary(res, args.out, time.perf_counter() - t0)
     return 0
 
-
-def streamable(path: str) -> bool:
-    """A training set the engine streams (not loaded whole): .npy, .safetensors, a packed folder."""
-    from .sources import INDEX
-
-    p = os.fspath(path)
-    base = p.split(":", 1)[0] if not os.path.exists(p) else p
-    return (os.path.isdir(p) and os.path.isfile(os.path.join(p, INDEX))) or \
-        base.lower().endswith((".npy", ".safetensors"))
 
 
 # ------------------------------------------------------------------------------------------------

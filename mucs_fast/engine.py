@@ -153,10 +153,10 @@ def estimate_loss_null(den: Denoiser, x, y, cfg: MUCSConfig, device, progress=Fa
     n_batches = min(cfg.loss_null_batches, len(x) // B)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in _bar(range(n_batches), "L_null", progress):
-        idx = next(retain).to(device)
+        idx = next(retain)  # CPU positions: a streamed source gathers them on the host
         xb = take(x, idx, device)
         eps, level = den.training_noise(xb.shape, gen, cfg.t_sched_train, device)
-        total += den.loss(xb, eps, level, None if y is None else y[idx], net=net0).double().sum()
+        total += den.loss(xb, eps, level, None if y is None else y[idx.to(y.device)], net=net0).double().sum()
     return float(total) / (n_batches * B)
 
 

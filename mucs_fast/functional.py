@@ -109,14 +109,6 @@ class StackedNet:
         e.g. one copy's slices), callable like the module; frozen parameters are shared."""
         return _Call(self.net, {**self.shared, **weights}, self._methods)
 
-    def params(self, k: int) -> dict:
-        """Every parameter and buffer of copy k ({name: tensor}): the input of `call`."""
-        return {**self.shared, **{n: w[k] for n, w in self.weights.items()}}
-
-    def call(self, params: dict) -> "_Call":
-        """The net with all of its parameters and buffers given (e.g. `params(k)`, built once)."""
-        return _Call(self.net, params, self._methods)
-
     def vmap(self, fn, *args, in_dims, weights: Optional[dict] = None):
         """fn(net_k, *args_k) for the K copies, stacked on dim 0. `net_k` is called like the
         module (and exposes its methods); in_dims per arg: 0 = one slice per copy, None = shared."""

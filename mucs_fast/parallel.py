@@ -76,14 +76,6 @@ class Group:
         dist.broadcast_object_list(box, src, device=self.comm_device)
         return box[0]
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when `flag` is True on some rank (e.g. "I failed")."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.comm_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
 
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of an initialized torch.distributed group, else (0, 1)."""

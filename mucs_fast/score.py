@@ -109,7 +109,6 @@ class LossPass:
         params = dict(net.named_parameters())
         self.original = {n: params[n].detach().unsqueeze(0) for n in names}  # {name: [1, ...]}
         self.stack = StackedNet(net, self.original) if names else None
-        self._net = net
         self._terms: dict = {}
         level = bank.level
 

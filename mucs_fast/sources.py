@@ -66,6 +66,7 @@ __all__ = [
     "pack",
     "prefetch",
     "source_digest",
+    "streamable",
     "take",
     "chunks",
 ]
@@ -661,6 +662,21 @@ class ShardSource(Source):
 # ------------------------------------------------------------------------------------------------
 # dispatch
 # ------------------------------------------------------------------------------------------------
+def streamable(path) -> bool:
+    """Whether `open_source` streams this path (.npy, .safetensors [path or path:key], a packed
+    folder) — the formats the CLI does not load whole."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        return os.path.isfile(os.path.join(p, INDEX))
+    from .data import _split_key
+
+    try:
+        f, key = _split_key(p)
+    except FileNotFoundError:
+        return False
+    return (f.suffix.lower() == ".npy" and key is None) or f.suffix.lower() == ".safetensors"
+
+
 def open_source(x) -> Source:
     """A Source for x: a Source itself; a tensor [N, C, H, W] (TensorSource); a path to a .npy
     (NpySource) or .safetensors file (`path` or `path:key`, SafetensorsSource); a folder packed

@@ -130,9 +130,9 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
     x_f = y_f = None
     while active:
         A = len(active)
-        idx = torch.stack([next(retains[k]) for k in active]).to(device)  # [A, B]
+        idx = torch.stack([next(retains[k]) for k in active])  # [A, B] on the CPU, like a DataLoader's
         x_r = take(train_x, idx, device)  # train_x: a resident tensor or a streamed Source
-        y_r = None if train_y is None else train_y[idx]
+        y_r = None if train_y is None else train_y[idx.to(train_y.device)]
         noise_r, noise_f = [], []
         for k in active:
             noise_r.append(den.training_noise(x_r.shape[1:], generators[k], cfg.t_sched_train, device))
