@@ -90,7 +90,8 @@ def join(device) -> tuple[Group, torch.device]:
     processes means this rank's GPU, cuda:LOCAL_RANK."""
     world = _env_world()
     if world > 1 and dist.is_available() and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+        on_cpu = device is not None and torch.device(device).type == "cpu"  # torch.device("cpu") != "cpu"
+        backend = "nccl" if torch.cuda.is_available() and not on_cpu else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
