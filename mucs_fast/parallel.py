@@ -17,6 +17,7 @@ shards: exactly one rank contributes to each entry, so the sum is exact.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
 import os
@@ -77,6 +78,11 @@ class Group:
         return box[0]
 
 
+def _destroy_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of an initialized torch.distributed group, else (0, 1)."""
     if dist.is_available() and dist.is_initialized():
@@ -95,6 +101,9 @@ def join(device) -> tuple[Group, torch.device]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        # the group we made is ours to tear down: a gloo group left to interpreter shutdown can abort
+        # the process ("terminate called without an active exception") after the work is done
+        atexit.register(_destroy_group)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return Group(), _device(device, None)
     local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % max(1, torch.cuda.device_count() or 1)))
