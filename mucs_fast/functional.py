@@ -84,7 +84,9 @@ class StackedNet:
         for n in self.names:
             shared.pop(n)
         self.shared = {n: t.detach() for n, t in shared.items()}
-        self._methods: dict = {}
+        # the wrapper of `network` exists before any call: made inside a compiled function, a new
+        # module is a pending mutation that breaks the graph at every functional_call after it
+        self._methods: dict = {"network": _MethodAsForward(net, "network")} if hasattr(net, "network") else {}
 
     @classmethod
     def replicate(cls, net: torch.nn.Module, names: Sequence[str], K: int) -> "StackedNet":

@@ -75,7 +75,10 @@ def _pad_rows(t: Optional[torch.Tensor], n: int, dim: int = 0) -> Optional[torch
     last = t.narrow(dim, t.shape[dim] - 1, 1)
     reps = [1] * t.dim()
     reps[dim] = n - t.shape[dim]
-    return torch.cat([t, last.repeat(*reps)], dim)
+    # the same kind of tensor (inference or not) as the chunk it pads: a compiled graph guards on
+    # dispatch keys, and an inference tensor among normal ones retraced it for the last chunk
+    with torch.inference_mode(t.is_inference()):
+        return torch.cat([t, last.repeat(*reps)], dim)
 
 
 class LossPass:

@@ -187,9 +187,18 @@ def test_compiled_scoring_equals_eager(raw):
     base = dict(num_noises=5, lr=1e-3, max_steps=2, targets_per_batch=3, score_batch=40)
     a = mf.attribute(EDMDenoiser(net), train, targets, mf.MUCSConfig(**base, compile=False), ytr, ytg,
                      progress=False, cache_dir=None)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     b = mf.attribute(EDMDenoiser(net), train, targets, mf.MUCSConfig(**base, compile=True), ytr, ytg,
                      progress=False, cache_dir=None)
     assert b.meta["compiled"] and not a.meta["compiled"]
+    # L_t, every copy and the padded last chunk run one graph: no graph break (a wrapper module
+    # made inside the traced code broke it at every functional_call) and no retrace (the padded
+    # chunk once was an inference tensor among normal ones)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert (a.scores - b.scores).abs().max().item() <= 1e-6
     assert a.scores.abs().max().item() > 1e-3
     # the vmapped pass (the CUDA default) compiled vs eager on the same unlearned weights

@@ -50,7 +50,6 @@ def edm_loss(out: Tensor, x_noisy: Optional[Tensor], target: Tensor, c_skip: Opt
 def edm_loss_backward(grad: Tensor, out: Tensor, x_noisy: Optional[Tensor], target: Tensor,
                       c_skip: Optional[Tensor], c_out: Optional[Tensor], weight: Tensor) -> Tensor:
     """∂(Σ_b grad[b]·L[b])/∂out = grad[b]·weight[b]·(2/D)·c_out[b]·r[b, i], shaped and typed like out."""
-    B = out.shape[0]
     D = out[0].numel()
     r = _residual(out, x_noisy, target, c_skip, c_out)
     scale = grad.to(r.dtype) * weight.to(r.dtype) * (2.0 / D)
