@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -142,6 +143,8 @@ def cmd_attribute(args) -> int:
     from .sources import open_source, streamable
 
     if uses_reference_files(args):  # the reference implementation's samples.pt / dataset folder
+        if args.adaptive:
+            raise ValueError("--adaptive is not available with the reference's files (--reference-samples)")
         return cmd_attribute_reference(args)
     if not (args.train and args.targets):
         raise ValueError("--train and --targets are required (or --reference-samples and --reference-data)")
@@ -155,6 +158,8 @@ def cmd_attribute(args) -> int:
     ytr = load_labels(args.train_labels, len(train)) if args.train_labels else None
     ytg = load_labels(args.target_labels, targets.shape[0]) if args.target_labels else None
     check_top_k(args.top_k, len(train))
+    if args.adaptive:  # the top-k that adaptive scoring keeps exact is the one the result reports
+        cfg = dataclasses.replace(cfg, adaptive_top_k=min(args.top_k or 100, len(train)))
     den = load_model(args.model, trust_pickle=args.trust_pickle)
     t0 = time.perf_counter()
     res = attribute(den, train, targets, cfg, train_labels=ytr, target_labels=ytg, train_ids=ids,
@@ -230,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--top-k", type=int, default=None)
     a.add_argument("--device", default=None)
     a.add_argument("--resume", action="store_true")
+    a.add_argument("--adaptive", action="store_true",
+                   help="adaptive scoring: screen on a few noises, score on the full bank only the images that can "
+                        "reach each target's --top-k (default 100); the rest keep estimates (audited; see README)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.add_argument("--trust-pickle", action="store_true",
                    help="allow --model to be a pickled file (a whole saved nn.Module, diffusers .bin weights): "

@@ -236,6 +236,7 @@ FLAGS = {
     "lr": "--lr",
     "loss_null": "--loss-null",
     "seed": "--seed",
+    "adaptive_top_k": "--top-k",
 }
 
 
@@ -276,6 +277,16 @@ def print_summary(res, out, seconds) -> None:
     steps = [i["steps"] for i in res.meta["targets"]]
     say(f"done in {seconds:.1f} s (L_t {t.get('loss_t', 0):.1f} s, unlearning {t.get('unlearn', 0):.1f} s, "
         f"scoring {t.get('score', 0):.1f} s); unlearning steps per target: {steps}")
+    ad = res.meta.get("adaptive")
+    if ad:
+        full = res.N * res.meta["M"]
+        pairs = res.meta["pairs_evaluated"]
+        hi = sum(a["expected_missed_95"][1] for a in ad["targets"] if a)
+        say(f"adaptive (top {ad['top_k']}): {sum(pairs) / max(1, len(pairs)) / full:.1%} of the exact forwards per "
+            f"target, {res.exact.float().mean():.1%} of the scores exact; audit: "
+            f"{sum(a['audit_misses'] for a in ad['targets'] if a)} misses in "
+            f"{sum(a['audited'] for a in ad['targets'] if a)} audited set-aside images "
+            f"(≤ {hi:.0f} top-k images missed in all, 95 %)")
     if res.meta.get("flagged"):
         say(f"WARNING: targets {res.meta['flagged']} stopped by NaN or the safety cap (see attribution.json)")
     say(f"wrote {out}/scores.safetensors, attribution.json" + (", report.png" if out else ""))

@@ -83,6 +83,19 @@ class MUCSConfig:
     """Scoring precision: "auto" (the reference's policy: bf16 autocast on CUDA with fp32 loss
     accumulation, fp32 elsewhere), "fp32" or "bf16". Unlearning always runs in fp32."""
 
+    # Adaptive scoring (opt-in; adaptive.py): changes which scores are computed exactly.
+    adaptive_top_k: Optional[int] = None
+    """None: exact scoring (every image on the full bank). k: screen the training images on a
+    stratified prefix of the bank and score on the full bank only those that can still reach each
+    target's top-k (plus an audit sample); the others keep their screening estimate (res.exact)."""
+    adaptive_margin: float = 3.0
+    """z: an image is set aside when its paired upper bound (estimate + z·standard error) is below
+    the k-th largest lower bound; larger = safer and slower."""
+    adaptive_screen_noises: Optional[int] = None
+    """Noises per screening segment (set-aside checks after 1, 2, 4, … segments); None: ⌈M/16⌉, at least 2."""
+    adaptive_audit: float = 0.02
+    """Fraction of the set-aside images scored on the full bank anyway, to estimate the miss rate."""
+
     # Engine options (do not change scores).
     targets_per_batch: int = 1
     """K targets unlearned and scored together."""
@@ -130,6 +143,22 @@ class MUCSConfig:
             bad("compile", 'True, False or "auto"')
         if self.precision not in ("auto", "fp32", "bf16"):
             bad("precision", '"auto", "fp32" or "bf16"')
+        if self.adaptive_top_k is not None:
+            if not (isinstance(self.adaptive_top_k, int) and not isinstance(self.adaptive_top_k, bool)
+                    and self.adaptive_top_k >= 1):
+                bad("adaptive_top_k", "None or an int >= 1")
+            if not self.use_same_noise_infer:
+                raise ValueError("MUCSConfig.adaptive_top_k needs the shared bank (use_same_noise_infer=True): "
+                                 "screening compares images under the same noises")
+            if self.num_noises < 2:
+                bad("num_noises", "an int >= 2 with adaptive_top_k (a screening bound needs two noises)")
+        if not (isinstance(self.adaptive_margin, (int, float)) and self.adaptive_margin >= 0):
+            bad("adaptive_margin", "a number >= 0")
+        if self.adaptive_screen_noises is not None and not (
+                isinstance(self.adaptive_screen_noises, int) and 2 <= self.adaptive_screen_noises):
+            bad("adaptive_screen_noises", "None or an int >= 2")
+        if not (isinstance(self.adaptive_audit, (int, float)) and 0 <= self.adaptive_audit <= 1):
+            bad("adaptive_audit", "a fraction in [0, 1]")
         if isinstance(self.frozen, str):
             bad("frozen", "a sequence of substrings (not one string), a predicate or None")
 

@@ -42,6 +42,7 @@ from .rundir import RunDir, load_loss_t_shard, save_loss_t_shard
 from .score import LossPass, original_losses, score_batch_images, score_stacked, use_compile
 from .sources import Source, TensorSource, open_source, source_digest, take
 from .unlearn import RetainStream, unlearn_batched
+from .adaptive import LazyLossT, adaptive_scores, screen_noises
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +277,8 @@ def prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, de
     ids = _check_ids(train_ids, N)
     y_train = den.prepare_labels(train_labels, N, "train_labels")
     y_targets = den.prepare_labels(target_labels, K, "target_labels")
+    if cfg.adaptive_top_k is not None and cfg.adaptive_top_k > N:
+        raise ValueError(f"adaptive_top_k={cfg.adaptive_top_k} exceeds the training set size N={N}")
     if cfg.B > N:
         raise ValueError(f"batch size B={cfg.B} (MUCSConfig.batch_size, default num_noises) exceeds the "
                          f"training set size N={N}; pass MUCSConfig(batch_size=<= {N})")
@@ -397,14 +400,26 @@ def unlearn_block(run: Run, block: list) -> tuple[torch.Tensor, list]:
     return torch.cat([w.reshape(K, -1) for w in weights.values()], 1), out
 
 
-def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> list:
-    """Rows [N] (CPU) of the copies with trainable weights W [K, P]: this rank scores its shards,
-    the ranks' rows are combined; a copy whose unlearning diverged gets NaN."""
+def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> tuple[list, list]:
+    """(score rows [N], exact rows [N] bool) (CPU) of the copies with trainable weights W [K, P]:
+    this rank scores its shards, the ranks' rows are combined; a copy whose unlearning diverged
+    gets NaN (and no exact score). Exact scoring: every score is exact; adaptive: see adaptive.py."""
     cfg, N = run.cfg, run.N
     t0 = time.perf_counter()
     ok = [i for i, info in enumerate(infos) if info["stop"] != "nan"]
     S = torch.zeros(len(ok), N, dtype=torch.float32, device=run.device)
-    if ok:
+    E = torch.ones(len(ok), N, dtype=torch.bool)
+    if ok and cfg.adaptive_top_k is not None:
+        params = dict(run.den.net.named_parameters())
+        weights = flat_views(W[ok], {n: tuple(params[n].shape) for n in run.names})
+        run.bar.phase(f"score ×{len(ok)} (adaptive, top {cfg.adaptive_top_k})")
+        S, E, ainfos, pairs_t = adaptive_scores(
+            run.loss_pass, run.loss_t, weights, run.x, run.y, plan.shards, plan.my_shards(),
+            N=N, cfg=cfg, target_fps=[infos[i]["target"] for i in ok], group=run.group, progress=run.bar.pairs)
+        run.timings["pairs_original"] = pairs_t  # the run's running total (L_t is kept across blocks)
+        for j, i in enumerate(ok):
+            infos[i]["adaptive"] = ainfos[j]
+    elif ok:
         params = dict(run.den.net.named_parameters())
         weights = flat_views(W[ok], {n: tuple(params[n].shape) for n in run.names})
         seeds = None if cfg.use_same_noise_infer else [infos[i]["infer_seed"] for i in ok]
@@ -417,18 +432,21 @@ def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> list:
             run.bar.pairs((s1 - s0) * run.bank.M * len(ok))
         run.group.sum_(S)
     rows = [torch.full((N,), math.nan) for _ in infos]
+    exact = [torch.zeros(N, dtype=torch.bool) for _ in infos]
     for j, i in enumerate(ok):
-        rows[i] = S[j].cpu()
+        rows[i], exact[i] = S[j].cpu(), E[j].cpu()
     seconds = time.perf_counter() - t0
-    for info in infos:
+    for i, info in enumerate(infos):
         info["score_seconds"] = seconds / len(infos)
-    return rows
+        info["pairs_evaluated"] = (0 if i not in ok else info["adaptive"]["pairs_evaluated"]
+                                   if cfg.adaptive_top_k is not None else N * cfg.num_noises)
+    return rows, exact
 
 
 def run_blocks(run: Run, plan: Plan, on_done) -> None:
     """Every block of the plan, in rounds of one block per rank: rank r unlearns the round's r-th
     block, each block's weights go from its owner to every rank, every rank scores its shards.
-    `on_done(block, rows, infos)` is called on every rank as each block completes."""
+    `on_done(block, (rows, exact), infos)` is called on every rank as each block completes."""
     g = run.group
     P = sum(p.numel() for n, p in run.den.net.named_parameters() if n in set(run.names))
     for rnd in plan.rounds():
@@ -443,7 +461,7 @@ def run_blocks(run: Run, plan: Plan, on_done) -> None:
             on_done(plan.blocks[b], score_block(run, plan, W, infos), infos)
 
 
-def result(run: Run, scores: torch.Tensor, infos: list, t_start: float) -> Attribution:
+def result(run: Run, scores: torch.Tensor, exact: torch.Tensor, infos: list, t_start: float) -> Attribution:
     from .ops import backends
 
     cfg, names = run.cfg, set(run.names)
@@ -464,11 +482,20 @@ def result(run: Run, scores: torch.Tensor, infos: list, t_start: float) -> Attri
         "torch": torch.__version__,
         "N": run.N, "K": run.K, "M": cfg.num_noises,
         "world_size": run.group.world,
-        # image·noise forwards: of each target's unlearned model, and of the original model
-        "pairs_evaluated": [0 if i["stop"] == "nan" else run.N * cfg.num_noises for i in infos],
-        "pairs_evaluated_original": 0 if run.timings.get("loss_t_cached", True) else run.N * cfg.num_noises,
+        # image·noise forwards: of each target's unlearned model, and of the original model (this
+        # run's: 0 when L_t came from the cache or every target was resumed)
+        "pairs_evaluated": [i.get("pairs_evaluated", 0 if i["stop"] == "nan" else run.N * cfg.num_noises)
+                            for i in infos],
+        "pairs_evaluated_original": (run.timings.get("pairs_original", 0) if cfg.adaptive_top_k is not None
+                                     else 0 if run.timings.get("loss_t_cached", True) else run.N * cfg.num_noises),
     }
-    return Attribution(scores, run.ids, meta)
+    if cfg.adaptive_top_k is not None:
+        meta["adaptive"] = {
+            "top_k": cfg.adaptive_top_k, "margin": cfg.adaptive_margin, "audit": cfg.adaptive_audit,
+            "screen_noises": screen_noises(cfg.num_noises, cfg.adaptive_screen_noises),
+            "targets": [i.get("adaptive") for i in infos],
+        }
+    return Attribution(scores, run.ids, meta, exact=exact)
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,6 +527,7 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
         run = prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, device, progress)
         run.run_path = None if run_dir is None else os.fspath(run_dir)
         scores = torch.empty(run.K, run.N, dtype=torch.float32)
+        exact = torch.ones(run.K, run.N, dtype=torch.bool)
         infos: list = [None] * run.K
         done = {}
         if run.group.rank == 0 and run_dir is not None:  # one writer per job: rank 0 holds the folder
@@ -511,8 +539,8 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
                 if hit is not None:
                     done[k] = hit
         done = run.group.broadcast_object(done, 0)  # also the barrier after the folder is set up
-        for k, (row, info) in done.items():
-            scores[k], infos[k] = row, info
+        for k, (row, info, row_exact) in done.items():
+            scores[k], infos[k], exact[k] = row, info, row_exact
         todo = [k for k in range(run.K) if k not in done]
         resolve(run, need_loss_null=bool(todo))
         if not todo and run.loss_null is None:  # everything was resumed: report the L_null used
@@ -521,19 +549,22 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
         plan = Plan.make(run.N, run.loss_pass.per, todo, cfg.targets_per_batch, run.group)
         mine = sum(plan.shards[i][1] - plan.shards[i][0] for i in plan.my_shards()) * run.bank.M
         run.bar = JobBar(mine * (len(todo) + 1) if todo else 0, run.progress, run.group.world)
-        if todo:
+        if todo and cfg.adaptive_top_k is not None:  # L_t on demand, pair by pair (adaptive.py)
+            run.loss_t = LazyLossT(run.N, math.ceil(run.bank.M / screen_noises(run.bank.M, cfg.adaptive_screen_noises)),
+                                   run.bank.M, run.device)
+        elif todo:
             compute_loss_t(run, plan, cache_dir)
 
         def on_done(block, rows, block_infos):
-            for k, row, info in zip(block, rows, block_infos):
+            for k, row, row_exact, info in zip(block, *rows, block_infos):
                 run.timings["unlearn"] += info["unlearn_seconds"]
                 run.timings["score"] += info["score_seconds"]
-                scores[k], infos[k] = row, info
+                scores[k], exact[k], infos[k] = row, row_exact, info
                 if run.run_dir is not None:
-                    run.run_dir.save_target(k, row, info)
+                    run.run_dir.save_target(k, row, info, row_exact)
 
         run_blocks(run, plan, on_done)
-        res = result(run, scores, infos, t_start)
+        res = result(run, scores, exact, infos, t_start)
         res.meta.update(meta or {})
         if run.run_dir is not None:  # rank 0 only
             res.save(run.run_dir.path, top_k=min(top_k, run.N))

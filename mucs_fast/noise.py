@@ -43,6 +43,11 @@ class NoiseBank:
     def to(self, device) -> "NoiseBank":
         return NoiseBank(self.eps.to(device), self.level.to(device))
 
+    def select(self, idx: torch.Tensor) -> "NoiseBank":
+        """The samples `idx` (in that order): a segment of the bank."""
+        idx = idx.to(self.eps.device)
+        return NoiseBank(self.eps[idx], self.level[idx])
+
     def fingerprint(self) -> str:
         from ._io import tensor_digest
 

@@ -1,7 +1,8 @@
 """`Attribution`: scores [K, N], the training ids, and the run's metadata; its result directory.
 
 Result directory (API.md):
-- scores.safetensors: `scores` [K, N] float32, `train_ids` [N] int64, `topk` [K, k] int64
+- scores.safetensors: `scores` [K, N] float32, `train_ids` [N] int64, `topk` [K, k] int64,
+  `exact` [K, N] bool (True where the score is the full-bank score; all True unless adaptive)
 - attribution.json: config, fingerprints, per-target steps/stop reason, timings, version, backend
 
 attribution.json is written last and records the digest of scores.safetensors: `load` accepts a
@@ -27,10 +28,13 @@ DEFAULT_TOP_K = 100
 class Attribution:
     """Result of `mucs_fast.attribute`.
 
-    scores: float32 [K, N], higher = more influential; train_ids: int64 [N]; meta: dict.
+    scores: float32 [K, N], higher = more influential; train_ids: int64 [N]; meta: dict;
+    exact: bool [K, N], True where the score is the full-bank score (default: all; adaptive scoring
+    leaves the screening estimate of the images it set aside).
     """
 
-    def __init__(self, scores: torch.Tensor, train_ids: torch.Tensor, meta: Optional[dict] = None):
+    def __init__(self, scores: torch.Tensor, train_ids: torch.Tensor, meta: Optional[dict] = None,
+                 exact: Optional[torch.Tensor] = None):
         scores = torch.as_tensor(scores)
         train_ids = torch.as_tensor(train_ids)
         if scores.ndim != 2:
@@ -38,8 +42,12 @@ class Attribution:
         if train_ids.shape != (scores.shape[1],):
             raise ValueError(f"Attribution: train_ids must be [N={scores.shape[1]}], "
                              f"got shape {tuple(train_ids.shape)}")
+        exact = torch.ones(scores.shape, dtype=torch.bool) if exact is None else torch.as_tensor(exact)
+        if exact.shape != scores.shape:
+            raise ValueError(f"Attribution: exact must be [K, N] = {list(scores.shape)}, got {list(exact.shape)}")
         self.scores = scores.float()
         self.train_ids = train_ids.long()
+        self.exact = exact.bool()
         self.meta = dict(meta or {})
 
     @property
@@ -73,7 +81,7 @@ class Attribution:
             os.unlink(meta_path)
         scores_path = os.path.join(path, SCORES_FILE)
         tensors = {"scores": self.scores.contiguous(), "train_ids": self.train_ids.contiguous(),
-                   "topk": topk.contiguous()}
+                   "topk": topk.contiguous(), "exact": self.exact.contiguous()}
         atomic_write(scores_path, lambda tmp: save_file(tensors, tmp))
         meta = dict(self.meta)
         meta["top_k"] = k
@@ -106,4 +114,4 @@ class Attribution:
         for key in ("scores", "train_ids"):
             if key not in t:
                 raise ValueError(f"Attribution.load: {scores_path} has no tensor {key!r}")
-        return cls(t["scores"], t["train_ids"], meta)
+        return cls(t["scores"], t["train_ids"], meta, exact=t.get("exact"))

@@ -2,7 +2,7 @@
 targets in flight, and `resume=True` continues where a run stopped.
 
 Layout: `run.json` (the run's key and digest), `targets/NNNNNN.safetensors` (one finished target:
-its scores [N] and its unlearning info), `run.lock` (held while a run uses the folder), and, once
+its scores [N], exact mask [N] and unlearning info), `run.lock` (held while a run uses the folder), and, once
 the run ends, the result files (scores.safetensors, attribution.json).
 
 One run at a time: opening a RunDir takes an exclusive `flock` on run.lock (the holder's PID is
@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import warnings
+from typing import Optional
 
 import torch
 
@@ -156,8 +157,8 @@ class RunDir:
         return os.path.join(self.path, TARGETS_DIR, f"{k:06d}.safetensors")
 
     def load_target(self, k: int):
-        """(scores [N] float32, info dict) of a finished target k of this run, or None: not there,
-        another run's, or damaged (then with a warning; the engine recomputes it)."""
+        """(scores [N] float32, info dict, exact [N] bool) of a finished target k of this run, or
+        None: not there, another run's, or damaged (then with a warning; the engine recomputes it)."""
         from safetensors import safe_open
 
         p = self._target_file(k)
@@ -169,22 +170,27 @@ class RunDir:
                 if meta.get("run") != self.digest:
                     return None
                 scores = f.get_tensor("scores")
+                exact = f.get_tensor("exact") if "exact" in f.keys() else torch.ones(scores.shape, dtype=torch.bool)
                 info = json.loads(meta["info"])
-            if scores.dim() != 1 or scores.dtype != torch.float32 or not isinstance(info, dict):
-                raise ValueError(f"unexpected contents (scores {scores.dtype} {tuple(scores.shape)})")
-            if "sha256" in meta and meta["sha256"] != tensor_digest(scores):
+            if scores.dim() != 1 or scores.dtype != torch.float32 or not isinstance(info, dict) \
+                    or exact.shape != scores.shape or exact.dtype != torch.bool:
+                raise ValueError(f"unexpected contents (scores {scores.dtype} {tuple(scores.shape)}, "
+                                 f"exact {exact.dtype} {tuple(exact.shape)})")
+            if "sha256" in meta and meta["sha256"] != tensor_digest({"scores": scores, "exact": exact}):
                 raise ValueError("scores do not match their recorded digest")
         except Exception as e:  # noqa: BLE001 (safetensors raises its own error types; any failure = damaged)
             warnings.warn(f"run_dir {self.path}: {p} is damaged ({type(e).__name__}: {e}); "
                           f"target {k} is recomputed", stacklevel=2)
             return None
-        return scores, info
+        return scores, info, exact
 
-    def save_target(self, k: int, scores: torch.Tensor, info: dict) -> None:
+    def save_target(self, k: int, scores: torch.Tensor, info: dict, exact: Optional[torch.Tensor] = None) -> None:
+        """Target k's scores [N], info and exact mask [N] (None: every score exact)."""
         from safetensors.torch import save_file
 
-        t = {"scores": scores.detach().float().cpu().contiguous()}
-        meta = {"run": self.digest, "info": json.dumps(info), "sha256": tensor_digest(t["scores"])}
+        exact = torch.ones(scores.shape, dtype=torch.bool) if exact is None else exact
+        t = {"scores": scores.detach().float().cpu().contiguous(), "exact": exact.detach().bool().cpu().contiguous()}
+        meta = {"run": self.digest, "info": json.dumps(info), "sha256": tensor_digest(t)}
         atomic_write(self._target_file(k), lambda tmp: save_file(t, tmp, metadata=meta))
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ Batch layout is noise-major, "(m n)", as in the reference.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -26,6 +27,7 @@ from .functional import StackedNet
 from .noise import NoiseBank
 from .ops import skew_accumulate
 from .sources import chunks as read_chunks
+from .sources import take
 
 DEFAULT_SCORE_BATCH = {"cpu": 1600, "cuda": 8192}
 # compile="auto" compiles scoring passes of at least this many image·noise pairs: on 2 CPU cores the
@@ -113,20 +115,26 @@ class LossPass:
         self.original = {n: params[n].detach().unsqueeze(0) for n in names}  # {name: [1, ...]}
         self.stack = StackedNet(net, self.original) if names else None
         self._terms: dict = {}
-        level = bank.level
 
-        def one(w, xc, yc, e, terms):  # losses [M, n] of the model with trainable weights w
+        def one(w, xc, yc, e, level, terms):  # losses [M, n] of the model with trainable weights w
             # only w is an input of the compiled graph: the frozen weights are the same for every
             # copy and chunk (as graph inputs they made the compile ~3× longer, for nothing)
             return den.grid_loss(xc, e, level, yc, net=self.stack.module(w) if self.stack else net, terms=terms)
 
-        def batched(weights, xc, yc, e, terms):  # losses [K, M, n]; e: the bank or per-model [K, M, n, ...]
+        def batched(weights, xc, yc, e, level, terms):  # losses [K, M, n]; e: the bank or per-model [K, M, n, ...]
             return self.stack.vmap(lambda net_k, e_k: den.grid_loss(xc, e_k, level, yc, net=net_k, terms=terms),
                                    e, in_dims=(None if e.dim() == xc.dim() else 0,), weights=weights)
 
         wrap = (lambda f: torch.compile(f, dynamic=False)) if self.compile else (lambda f: f)
         self._one = wrap(one)
         self._batched = wrap(batched) if mode == "vmap" else None
+
+    def segment(self, bank: NoiseBank, images_per_batch: int) -> "LossPass":
+        """This pass (the same compiled functions, so the same graph for every segment of one
+        shape) over another bank: a segment of this one (adaptive scoring)."""
+        view = copy.copy(self)
+        view.bank, view.per, view._terms = bank, int(images_per_batch), {}
+        return view
 
     def prepare(self, weights: Optional[dict]):
         """The models of one pass: `weights` {name: [K, ...]} of K copies, or None for the original."""
@@ -156,6 +164,17 @@ class LossPass:
                 e = e if seeds is None else _pad_rows(e, per, dim=2)
             yield n0, n1, xc, yc, e
 
+    def row_chunks(self, x, y, rows: torch.Tensor):
+        """(rows, x, y, ε) per chunk of `per` of the training images `rows` (positions, CPU int64),
+        gathered (from a tensor or a Source), padded to `per` when compiled; ε: the bank."""
+        for r0 in range(0, len(rows), self.per):
+            rc = rows[r0:r0 + self.per]
+            xc = take(x, rc, self.device)
+            yc = None if y is None else y[rc.to(y.device)]
+            if self.compile:
+                xc, yc = _pad_rows(xc, self.per), _pad_rows(yc, self.per)
+            yield rc, xc, yc, self.bank.eps
+
     def losses(self, models, xc, yc, e) -> torch.Tensor:
         """Losses [K, M, n] of the prepared `models` on one chunk."""
         n = xc.shape[0]
@@ -163,9 +182,10 @@ class LossPass:
         if key not in self._terms:  # the same for every chunk of a fixed bank: built once
             self._terms[key] = self.den.grid_terms(e if e.dim() == xc.dim() else e[0], self.bank.level, n)
         terms = self._terms[key]
+        level = self.bank.level
         if isinstance(models, dict):
-            return self._batched(models, xc, yc, e, terms)
-        return torch.stack([self._one(p, xc, yc, e if e.dim() == xc.dim() else e[k], terms)
+            return self._batched(models, xc, yc, e, level, terms)
+        return torch.stack([self._one(p, xc, yc, e if e.dim() == xc.dim() else e[k], level, terms)
                             for k, p in enumerate(models)])
 
 

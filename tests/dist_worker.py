@@ -32,6 +32,7 @@ def main():
     p.add_argument("--targets-per-batch", type=int, default=1)
     p.add_argument("--independent-noise", action="store_true")
     p.add_argument("--streamed", action="store_true", help="train from a .npy file (read in chunks)")
+    p.add_argument("--adaptive", type=int, default=None, help="adaptive scoring of this top-k")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--die-after-blocks", type=int, default=None, help="rank 1 SIGKILLs itself then")
@@ -40,7 +41,8 @@ def main():
     torch.set_num_threads(1)
     net, train, targets, ytr, ytg = problem(a.targets)
     cfg = mf.MUCSConfig(num_noises=8, lr=1e-2, safety_steps=6, score_batch=32, targets_per_batch=a.targets_per_batch,
-                        use_same_noise_infer=not a.independent_noise)
+                        use_same_noise_infer=not a.independent_noise, adaptive_top_k=a.adaptive,
+                        adaptive_margin=1.0)
     if a.die_after_blocks is not None:
         from mucs_fast import engine
 
@@ -71,7 +73,8 @@ def main():
                        run_dir=a.run_dir, resume=a.resume)
     os.makedirs(a.out, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
-    torch.save({"scores": res.scores, "meta_world": res.meta["world_size"],
+    torch.save({"scores": res.scores, "exact": res.exact, "pairs": res.meta["pairs_evaluated"],
+                "meta_world": res.meta["world_size"],
                 "steps": [t["steps"] for t in res.meta["targets"]]}, os.path.join(a.out, f"rank{rank}.pt"))
 
 

@@ -285,6 +285,19 @@ def test_attribute_writes_the_result_once_with_top_k(data, capsys, monkeypatch):
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_attribute_adaptive_scores_the_top_k_exactly_and_says_so(data, capsys):
+    from mucs_fast import Attribution
+
+    out = data / "out"
+    assert cli.main(_argv(data, _tiny_dit_checkpoint(data / "m.pt"), out, "--top-k", "2", "--adaptive")) == 0
+    res = Attribution.load(out)
+    meta = json.loads((out / "attribution.json").read_text())
+    assert meta["config"]["adaptive_top_k"] == 2 and meta["adaptive"]["top_k"] == 2
+    assert len(meta["adaptive"]["targets"]) == 2 and len(meta["pairs_evaluated"]) == 2
+    assert res.exact.shape == (2, N) and res.exact.sum(1).min() >= 2  # at least the top-k are exact
+    assert "adaptive (top 2)" in capsys.readouterr().err
+
+
 def test_attribute_on_reference_files_writes_the_result_once_with_its_meta(tmp_path, monkeypatch):
     from mucs_fast import Attribution
     from mucs_fast.compat.reference_files import save_dataset, save_samples

@@ -29,18 +29,23 @@ def _scores(out, nproc):
     got = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(nproc)]
     for g in got[1:]:  # every rank returns the full result
         assert torch.equal(g["scores"], got[0]["scores"]) and g["steps"] == got[0]["steps"]
+        assert torch.equal(g["exact"], got[0]["exact"]) and g["pairs"] == got[0]["pairs"]
     assert got[0]["meta_world"] == nproc
     return got[0]
 
 
 @pytest.mark.parametrize("args", [[], ["--targets-per-batch", "2"], ["--independent-noise"],
-                                  ["--targets", "1"], ["--streamed", "--targets-per-batch", "2"]],
-                         ids=["K1", "K2", "independent", "one-target", "streamed"])
+                                  ["--targets", "1"], ["--streamed", "--targets-per-batch", "2"],
+                                  ["--adaptive", "5", "--targets-per-batch", "2"]],
+                         ids=["K1", "K2", "independent", "one-target", "streamed", "adaptive"])
 def test_two_processes_give_the_scores_of_one_bitwise(tmp_path, args):
     one = _scores(_run(tmp_path / "one", *args) and tmp_path / "one", 1)
     two = _scores(_run(tmp_path / "two", *args, nproc=2) and tmp_path / "two", 2)
     assert torch.equal(one["scores"], two["scores"])
+    assert torch.equal(one["exact"], two["exact"]) and one["pairs"] == two["pairs"]
     assert one["scores"].abs().max() > 1e-3 and torch.isfinite(one["scores"]).all()
+    if "--adaptive" in args:  # it did set images aside (else this is the exact case again)
+        assert not one["exact"].all()
 
 
 def test_a_killed_rank_and_a_resumed_rerun_give_the_uninterrupted_result(tmp_path):

@@ -104,7 +104,8 @@ def test_a_damaged_target_file_is_recomputed_with_a_warning(tmp_path, damage):
     with RunDir(path, KEY, resume=True) as run:
         with pytest.warns(UserWarning, match=r"000000\.safetensors is damaged.*target 0 is recomputed"):
             assert run.load_target(0) is None
-        scores, info = run.load_target(1)  # the intact one still loads
+        scores, info, exact = run.load_target(1)  # the intact one still loads
+        assert exact.all()
         assert torch.equal(scores, torch.ones(6)) and info == {"steps": 2, "stop": "rule"}
 
 
