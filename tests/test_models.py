@@ -189,3 +189,23 @@ def test_tiny_diffusers_models():
         assert den.conditional == (labels is not None)
     with pytest.raises(ValueError, match="num_classes"):
         tiny_dit(1, 8, None)
+
+
+def test_dit_forward_flops_counts_attention_that_the_flop_counter_misses():
+    """MFU is held against DiT.forward_flops: torch's flop counter sees the linear layers and
+    convolutions but not the fused attention (on CPU, as with flash/cuDNN SDPA on GPUs); the
+    analytic count is the counter's plus QKᵀ and AV (2·T²·width each per block)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mucs_fast.models import DiT
+
+    for cfg in [dict(image_size=(3, 8, 8), patch_size=2, width=32, depth=2, heads=2, cond_width=16, extra_tokens=4),
+                dict(image_size=(1, 16, 16), label_dim=10, patch_size=4, width=64, depth=3, heads=4, cond_width=32)]:
+        net = DiT(**cfg).eval()
+        x = torch.zeros(1, *cfg["image_size"])
+        y = torch.zeros(1, cfg["label_dim"]) if cfg.get("label_dim") else None
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+            net(x, torch.ones(1), y)
+        T = net.x_embedder.grid_size[0] * net.x_embedder.grid_size[1] + cfg.get("extra_tokens", 0)
+        attention = cfg["depth"] * 2 * (2 * T * T * cfg["width"])
+        assert net.forward_flops() == fc.get_total_flops() + attention

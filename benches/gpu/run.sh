@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check (spec/PERFORMANCE.md): on a fresh CUDA machine with torch, triton and nvcc but no
-# network — build the extension with CUDA, run the GPU tests, run the GPU benches, print one table.
-# Budget: 8 minutes; every phase has its own timeout, so the script never hangs and always prints
-# what it measured.
+# network — build the extension with CUDA, measure the headline (scoring-pass MFU on the CIFAR-10
+# DiT, per-target exact time vs the floor), K-target throughput, the drop-in; then the GPU tests and
+# op benches; print one table. Budget: 8 minutes; every phase has its own timeout, so the script
+# never hangs and always prints what it measured (the headline first).
 #
 #   bash benches/gpu/run.sh [OUT_DIR]          (OUT_DIR default: benches/results/gpu-<date>)
-#   DRY_RUN=1 bash benches/gpu/run.sh /tmp/x   the same phases on tiny shapes (CPU check)
+#   DRY_RUN=1 bash benches/gpu/run.sh /tmp/x   the bench phases on tiny shapes, no build/tests (the
+#                                              CPU check CI runs: benches/test_gpu_dry_run.py)
 #
 # Pure-Python wheels missing on that machine (diffusers, importlib_metadata) travel in .whl/.
 set -u
@@ -48,25 +50,38 @@ fi
 # (seen 2026-11-28: every TORCH_CHECK crashed Python); the system gcc does not.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
-phase build 240 $PY -m pip install -q --no-build-isolation --no-deps -e . || { echo "build failed"; }
+if [ "$DRY" != 1 ]; then  # the dry run uses the extension already built here
+  phase build 240 $PY -m pip install -q --no-build-isolation --no-deps -e . || { echo "build failed"; }
+fi
 phase backends 60 $PY -c "from mucs_fast import ops; ops.load(); print('backends', ops.backends()); print('extension error:', ops.extension_error())"
 
-# GPU tests: every op on CUDA (C++ and Triton vs the reference, CPU-vs-CUDA bits) and the engine on
-# CUDA (tests/test_gpu.py); xdist when the machine has it.
-XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-p xdist -n 8")
-phase tests 150 $PY -m pytest tests/ops tests/test_gpu.py -q -p no:cacheprovider -W ignore $XDIST -rfE \
-    --junitxml="$OUT/tests.xml"
-if [ "$DRY" != 1 ] && command -v cmake >/dev/null; then
-  phase ctest 90 bash -c "cmake -S . -B /tmp/mucs-cmake -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && \
-      cmake --build /tmp/mucs-cmake -j16 >/dev/null && ctest --test-dir /tmp/mucs-cmake --output-on-failure"
+# Headline first (issue 12): the scoring pass on the CIFAR-10 reference DiT (bf16, eager and
+# compiled, MFU against the analytic FLOP count) with the exact per-target time for N = 50,000,
+# M = 100 against the 5.2-minute floor; then K-target unlearning throughput; then the drop-in beside
+# the reference (only when its working copy travelled along, .ref/mucs, git-ignored); then the
+# GPU tests, the C++ unit tests and the op benches. Each phase has its own limit.
+if [ "$DRY" = 1 ]; then BARGS="--dry-run --repeats 2"; else BARGS="--scoring-images 512 --repeats 3"; fi
+phase headline 200 $PY benches/gpu/bench_gpu.py --phases scoring --out "$OUT/gpu.json" $BARGS
+phase ktargets 100 $PY benches/gpu/bench_gpu.py --phases ktargets --out "$OUT/gpu-ktargets.json" $BARGS
+if [ -d .ref/mucs ]; then
+  phase dropin 120 $PY benches/dropin/seed_study.py --ref .ref/mucs --work /tmp/dropin-gpu --out "$OUT/dropin" \
+      --seeds 45 --steps setup,main,table --threads 8
 fi
 
-# Benches: the phases (scoring MFU on the CIFAR-10 DiT, K-target unlearning), then the ops.
-if [ "$DRY" = 1 ]; then BARGS="--dry-run --repeats 2"; else BARGS="--scoring-images 512 --repeats 3"; fi
-phase bench_gpu 240 $PY benches/gpu/bench_gpu.py --out "$OUT/gpu.json" $BARGS
-phase bench_ops 150 $PY -m pytest benches/bench_noisy_inputs.py benches/bench_bounded_adamw_step.py \
-    benches/bench_edm_loss.py benches/bench_skew_accumulate.py -q -p no:cacheprovider -W ignore \
-    --benchmark-enable -k "not compiled" --benchmark-json="$OUT/ops.json" --benchmark-columns=median,rounds
+if [ "$DRY" != 1 ]; then
+  # GPU tests: every op on CUDA (C++ and Triton vs the reference, CPU-vs-CUDA bits) and the engine
+  # on CUDA (tests/test_gpu.py); xdist when the machine has it.
+  XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-p xdist -n 8")
+  phase tests 120 $PY -m pytest tests/ops tests/test_gpu.py -q -p no:cacheprovider -W ignore $XDIST -rfE \
+      --junitxml="$OUT/tests.xml"
+  if command -v cmake >/dev/null; then
+    phase ctest 90 bash -c "cmake -S . -B /tmp/mucs-cmake -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && \
+        cmake --build /tmp/mucs-cmake -j16 >/dev/null && ctest --test-dir /tmp/mucs-cmake --output-on-failure"
+  fi
+  phase bench_ops 120 $PY -m pytest benches/bench_noisy_inputs.py benches/bench_bounded_adamw_step.py \
+      benches/bench_edm_loss.py benches/bench_skew_accumulate.py -q -p no:cacheprovider -W ignore \
+      --benchmark-enable -k "not compiled" --benchmark-json="$OUT/ops.json" --benchmark-columns=median,rounds
+fi
 
 echo "=== summary ($(( $(date +%s) - T0 ))s)" | tee -a "$LOG"
 printf '%s\n' "${status[@]}" | tee -a "$LOG"

@@ -8,15 +8,21 @@ import sys
 
 def main(out: str) -> None:
     gpu_path, ops_path = os.path.join(out, "gpu.json"), os.path.join(out, "ops.json")
+    k_path = os.path.join(out, "gpu-ktargets.json")  # run.sh runs the phases separately (headline first)
+    if not os.path.isfile(gpu_path) and os.path.isfile(k_path):
+        gpu_path = k_path
     if os.path.isfile(gpu_path):
         g = json.load(open(gpu_path))
+        if os.path.isfile(k_path):
+            g.setdefault("ktargets", json.load(open(k_path)).get("ktargets"))
         print(f"### {g['device']} — torch {g['torch']} (CUDA {g['cuda']}), triton {g['triton']}, git {g['git']}, "
               f"{g['date']}{' (DRY RUN)' if g.get('dry_run') else ''}\n")
         s = g.get("scoring")
         if s:
             print(f"Scoring pass, DiT {s['model']['width']}×{s['model']['depth']} on {tuple(s['model']['image_size'])}: "
-                  f"{s['flops_per_image'] / 1e9:.2f} GFLOP/image, N={s['N']}, M={s['M']}, "
-                  f"{s['pairs_per_forward']} pairs/forward\n")
+                  f"{s['flops_per_image'] / 1e9:.2f} GFLOP/image (flop_counter {s.get('flops_counter', 0) / 1e9:.2f}, "
+                  f"analytic incl. attention {s.get('flops_analytic', 0) / 1e9:.2f}; MFU uses the larger), "
+                  f"N={s['N']}, M={s['M']}, {s['pairs_per_forward']} pairs/forward\n")
             print("| mode | images·noises/s | TFLOP/s | MFU (790) | CIFAR-10 exact scoring, min/target (floor 5.2) |")
             print("|---|---|---|---|---|")
             for mode in ("eager", "compiled", "raw"):

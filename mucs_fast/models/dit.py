@@ -304,6 +304,25 @@ class DiT(nn.Module):
         self.dit_final = DiTFinal(width, cond_width)
         self.unpatchify = PatchRecoverer(width, patch, self.x_embedder.grid_size, image_size)
 
+    def forward_flops(self) -> int:
+        """Matmul FLOPs (2 per multiply-add) of one forward of one image, attention (QKᵀ and AV)
+        included — the analytic count MFU is held against (a FLOP counter can miss fused attention
+        kernels). Elementwise work (norms, modulation, activations) is not counted."""
+        C, H, W = self.image_size
+        ph, pw = _pair(self.args[2])
+        (gh, gw), w = self.x_embedder.grid_size, self.args[3]
+        tp = gh * gw
+        T, cw, h = tp + self.extra_tokens, self.args[7], int(w * self.args[6])
+        lin = lambda a, b, rows=1: 2 * rows * a * b  # noqa: E731 — [rows, a] @ [a, b]
+        f = lin(self.s_embedder.mlp[0].in_features, cw) + lin(cw, cw)
+        if not self.unconditional:
+            f += lin(self.cond_dim, cw) + lin(cw, cw)
+        f += lin(C * ph * pw, w, tp)  # patch embedding
+        per_block = lin(cw, 6 * w) + lin(w, 3 * w, T) + 2 * (2 * T * T * w) + lin(w, w, T) + lin(w, h, T) + lin(h, w, T)
+        f += len(self.dit_backbone) * per_block
+        f += lin(cw, 2 * w) + lin(w, C * ph * pw, tp) + lin(C, C, H * W)  # final adaLN, unpatchify, last
+        return int(f)
+
     def forward(
         self, x: Tensor, sigma: Tensor, y: Tensor | None = None, a: Tensor | None = None
     ) -> Tensor:
