@@ -85,22 +85,26 @@ def wilson(misses: int, n: int, z: float = 1.96) -> tuple:
 
 
 class LazyLossT:
-    """L_t [N, M] of the original model, computed per (image, segment) on first use."""
+    """L_t [N, M] of the original model, computed per (image, segment) on first use; every rank
+    holds all of it (each computes a share of the missing rows, the shares are combined)."""
 
     def __init__(self, N: int, n_segments: int, M: int, device):
         self.values = torch.zeros(N, M, dtype=torch.float32, device=device)
         self.known = torch.zeros(N, n_segments, dtype=torch.bool)
-        self.pairs = 0  # image·noise forwards of the original model (this rank)
+        self.pairs = 0  # image·noise forwards of the original model (all ranks)
 
-    def ensure(self, lp: LossPass, x, y, rows: torch.Tensor, seg: int, cols: torch.Tensor, m: int) -> None:
-        todo = rows[~self.known[rows, seg]]
+    def ensure(self, lp: LossPass, x, y, need: torch.Tensor, seg: int, cols: torch.Tensor, m: int, group) -> None:
+        todo = (need & ~self.known[:, seg]).nonzero().squeeze(1)
         if len(todo) == 0:
             return
+        part = torch.zeros(len(todo), m, dtype=torch.float32, device=self.values.device)
         models = lp.prepare(None)
-        cols_d = cols.to(self.values.device)
-        for rc, xc, yc, e in lp.row_chunks(x, y, todo):
-            L = lp.losses(models, xc, yc, e)[0, :m, :len(rc)].t()  # [n, m]
-            self.values[rc.to(self.values.device)[:, None], cols_d[None, :]] = L
+        for i, rc in enumerate(torch.split(todo, lp.per)):
+            if i % group.world == group.rank:  # chunks of the same rows whatever the world size
+                _, xc, yc, e = next(lp.row_chunks(x, y, rc))
+                part[i * lp.per:i * lp.per + len(rc)] = lp.losses(models, xc, yc, e)[0, :m, :len(rc)].t()
+        group.sum_(part)  # zero outside each rank's chunks: an exact sum
+        self.values[todo.to(part.device)[:, None], cols.to(part.device)[None, :]] = part
         self.known[todo, seg] = True
         self.pairs += len(todo) * m
 
@@ -144,19 +148,15 @@ class Screen:
             self.set_aside_at[m] = self.set_aside_at.get(m, 0) + len(out)
 
 
-def _shard_rows(mask: torch.Tensor, shards) -> list:
-    """Positions where `mask` is set, per shard [(start, stop)]."""
-    return [mask[s0:s1].nonzero().squeeze(1) + s0 for s0, s1 in shards]
-
-
-def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, all_shards: Sequence[tuple],
-                    my_shards: Sequence[int], *, N: int, cfg, target_fps: Sequence[str], group,
-                    progress: Optional[Callable[[int], None]] = None) -> tuple:
+def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: int, cfg,
+                    target_fps: Sequence[str], group, progress: Optional[Callable[[int], None]] = None) -> tuple:
     """(scores [K, N] float32, exact [K, N] bool, per-target infos, the run's L_t pairs so far) of
-    the K copies `weights` ({name: [K, ...]}), on the CPU. This rank evaluates the images of its
-    shards (`my_shards`, indices into `all_shards` [(start, stop)]); the ranks' sums are combined
-    after every segment, per shard and in shard order, so every rank takes the same decisions
-    whatever the number of ranks."""
+    the K copies `weights` ({name: [K, ...]}), on the CPU.
+
+    Work: per segment, each copy's images in the running are cut into chunks of `per` in position
+    order and the chunks of all copies are dealt to the ranks in turn; per-noise sums come back per
+    chunk and are added in chunk order, per-image sums are exact (one rank each). The chunks, the
+    sums and so every decision are the same whatever the number of ranks."""
     bank = lp.bank
     M, k_top = bank.M, min(cfg.adaptive_top_k, N)
     m_s = screen_noises(M, cfg.adaptive_screen_noises)
@@ -167,7 +167,6 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, all_sh
     models = [{n: w[j] for n, w in weights.items()} for j in range(K)]  # each copy on its own rows
     screens = [Screen(N, torch.rand(N, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "audit", fp)),
                                     dtype=torch.float64)) for fp in target_fps]
-    shards = [all_shards[i] for i in my_shards]
     pairs = [0] * K
     per = max(1, lp.per * M // m_s)  # the same image·noise pairs per forward as the exact pass
     dev = lp.device
@@ -180,55 +179,44 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, all_sh
             need = torch.zeros(N, dtype=torch.bool)
             for sc in screens:
                 need |= sc.running
-            for part in _shard_rows(need, shards):  # chunked per shard: the same chunks whatever the world size
-                loss_t.ensure(seg_lp, x, y, part, seg, cols, m)
-            r_seg = []
-            for j, sc in enumerate(screens):
-                parts = _shard_rows(sc.running, shards)
-                rows = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-                r = torch.empty(len(rows), m, dtype=torch.float64)
-                i0 = 0
-                for part in parts:
-                    for rc, xc, yc, e in seg_lp.row_chunks(x, y, part):
-                        L_u = seg_lp.losses([models[j]], xc, yc, e)[0, :m, :len(rc)].t()  # [n, m]
-                        L_t = loss_t.values[rc.to(dev)][:, cols.to(dev)]
-                        r[i0:i0 + len(rc)] = per_noise_skew(L_u.float(), L_t, cfg.eps, cfg.use_loss_ratio).double().cpu()
-                        i0 += len(rc)
-                        if progress is not None:
-                            progress(len(rc) * m)
-                pairs[j] += len(rows) * m
-                r_seg.append((rows, r))
-            # c_m over the alive images of all shards: per-shard sums (zero elsewhere, so the ranks'
-            # sum is exact) added in shard order — the same c on every rank for any world size
-            c = torch.zeros(len(all_shards), K, m + 1, dtype=torch.float64)
-            for j, (rows, r) in enumerate(r_seg):
-                a = screens[j].alive[rows]
-                for i in my_shards:
-                    s0, s1 = all_shards[i]
-                    sel = a & (rows >= s0) & (rows < s1)
-                    c[i, j, :m] = r[sel].sum(0)
-                    c[i, j, m] = sel.sum()
-            group.sum_(c)
-            c = c.sum(0)
-            inc = torch.zeros(K, 3, N, dtype=torch.float64)
-            for j, (rows, r) in enumerate(r_seg):
+            loss_t.ensure(seg_lp, x, y, need, seg, cols, m, group)
+            work = [(j, rc) for j, sc in enumerate(screens) for rc in torch.split(sc.running.nonzero().squeeze(1), per)]
+            csum = torch.zeros(len(work), m + 1, dtype=torch.float64)  # per chunk: Σ r over alive rows, count
+            inc = torch.zeros(K, 3, N, dtype=torch.float64)  # per image: Σ r, Σ (r − c), Σ (r − c)²
+            mine = []
+            for w_i, (j, rc) in enumerate(work):
+                pairs[j] += len(rc) * m
+                if w_i % group.world != group.rank:
+                    continue
+                _, xc, yc, e = next(seg_lp.row_chunks(x, y, rc))
+                L_u = seg_lp.losses([models[j]], xc, yc, e)[0, :m, :len(rc)].t()  # [n, m]
+                r = per_noise_skew(L_u.float(), loss_t.values[rc.to(dev)][:, cols.to(dev)], cfg.eps,
+                                   cfg.use_loss_ratio).double().cpu()
+                a = screens[j].alive[rc]
+                csum[w_i, :m], csum[w_i, m] = r[a].sum(0), a.sum()
+                mine.append((j, rc, r))
+                if progress is not None:
+                    progress(len(rc) * m)
+            group.sum_(csum)
+            c = torch.zeros(K, m + 1, dtype=torch.float64)
+            for w_i, (j, _) in enumerate(work):  # chunk order: the same sum on every rank
+                c[j] += csum[w_i]
+            for j, rc, r in mine:
                 dr = r - c[j, :m] / c[j, m].clamp_min(1)
-                inc[j, 0, rows] = r.sum(1)
-                inc[j, 1, rows] = dr.sum(1)
-                inc[j, 2, rows] = (dr * dr).sum(1)
+                inc[j, 0, rc] = r.sum(1)
+                inc[j, 1, rc] = dr.sum(1)
+                inc[j, 2, rc] = (dr * dr).sum(1)
             group.sum_(inc)
             for j, sc in enumerate(screens):
-                run_j = sc.running
+                running = sc.running
                 sc.sum_r += inc[j, 0]
                 sc.sum_d += inc[j, 1]
                 sc.sum_d2 += inc[j, 2]
-                sc.depth[run_j] += m
+                sc.depth[running] += m
                 if seg + 1 in checks:
                     sc.set_aside(k_top, cfg.adaptive_margin, M, cfg.adaptive_audit)
     scores = torch.stack([(sc.sum_r / sc.depth.clamp_min(1)).float() for sc in screens])
     exact = torch.stack([sc.running for sc in screens])
-    total = torch.tensor(pairs + [loss_t.pairs], dtype=torch.float64)
-    group.sum_(total)
     infos = []
     for j, sc in enumerate(screens):
         kth = torch.topk(scores[j][exact[j]], min(k_top, int(exact[j].sum()))).values[-1]
@@ -236,8 +224,8 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, all_sh
         misses = int((scores[j][sc.audit] >= kth).sum())
         lo, hi = wilson(misses, audited)
         unaudited = int((~exact[j]).sum())
-        infos.append({"pairs_evaluated": int(total[j]), "exact": int(exact[j].sum()), "set_aside": unaudited + audited,
+        infos.append({"pairs_evaluated": pairs[j], "exact": int(exact[j].sum()), "set_aside": unaudited + audited,
                       "set_aside_at": {str(d): c for d, c in sorted(sc.set_aside_at.items())},
                       "audited": audited, "audit_misses": misses, "miss_rate_95": [lo, hi],
                       "expected_missed_95": [lo * unaudited, hi * unaudited]})
-    return scores, exact, infos, int(total[K])
+    return scores, exact, infos, loss_t.pairs

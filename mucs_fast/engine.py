@@ -414,8 +414,7 @@ def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> tuple[lis
         weights = flat_views(W[ok], {n: tuple(params[n].shape) for n in run.names})
         run.bar.phase(f"score ×{len(ok)} (adaptive, top {cfg.adaptive_top_k})")
         S, E, ainfos, pairs_t = adaptive_scores(
-            run.loss_pass, run.loss_t, weights, run.x, run.y, plan.shards, plan.my_shards(),
-            N=N, cfg=cfg, target_fps=[infos[i]["target"] for i in ok], group=run.group, progress=run.bar.pairs)
+            run.loss_pass, run.loss_t, weights, run.x, run.y, N=N, cfg=cfg, target_fps=[infos[i]["target"] for i in ok], group=run.group, progress=run.bar.pairs)
         run.timings["pairs_original"] = pairs_t  # the run's running total (L_t is kept across blocks)
         for j, i in enumerate(ok):
             infos[i]["adaptive"] = ainfos[j]
