@@ -427,6 +427,31 @@ def pairs_stats(runs: dict):
     return msd([agreement(runs[a], runs[b]) for a, b in itertools.combinations(sorted(runs), 2)])
 
 
+def bootstrap_gap(R: dict, F: dict, B: int = 2000) -> dict:
+    """The drop-in's self-agreement across seeds minus the reference's, with a 95 % percentile
+    interval from resampling seeds (each implementation's runs resampled independently: they share
+    no random numbers; pairs of a resampled seed with itself are left out)."""
+    def matrix(runs):
+        keys = sorted(runs)
+        A = np.full((len(keys), len(keys)), np.nan)
+        for (i, a), (j, b) in itertools.combinations(enumerate(keys), 2):
+            A[i, j] = A[j, i] = agreement(runs[a], runs[b])
+        return A
+
+    def mean_pairs(A, idx):
+        sub = A[np.ix_(idx, idx)]
+        distinct = idx[:, None] != idx[None, :]
+        return float(np.nanmean(np.where(distinct, sub, np.nan)))
+
+    Ar, Af = matrix(R), matrix(F)
+    rng = np.random.default_rng(0)
+    gaps = [mean_pairs(Af, rng.integers(0, len(F), len(F))) - mean_pairs(Ar, rng.integers(0, len(R), len(R)))
+            for _ in range(B)]
+    point = mean_pairs(Af, np.arange(len(F))) - mean_pairs(Ar, np.arange(len(R)))
+    lo, hi = np.percentile(gaps, [2.5, 97.5])
+    return {"gap": point, "ci95": [float(lo), float(hi)], "seeds": [len(R), len(F)]}
+
+
 def table(args, st, S=None):
     seeds = args.seeds
     get = lambda impl, s, b=None, v="": ensure(args, S, st, impl, s, b, v) if S is not None else st.get(st.key(impl, s, b, v))  # noqa: E731
@@ -446,6 +471,8 @@ def table(args, st, S=None):
     row("fast vs fast, across seeds", pairs_stats(F))
     row("fast vs ref, same seed", msd([agreement(F[s], R[s]) for s in seeds if s in F and s in R]))
     row("fast vs ref, different seeds", msd([agreement(F[a], R[b]) for a in F for b in R if a != b]))
+    if len(R) > 2 and len(F) > 2:
+        out["fast self − ref self, seed bootstrap"] = bootstrap_gap(R, F)
     row("slow vs ref, same seed (agreement)", msd([agreement(L[s], R[s]) for s in seeds if s in L and s in R]))
     diffs = [float((L[s] - R[s]).abs().max()) for s in seeds if s in L and s in R]
     out["slow vs ref, same seed: max |Δ score|"] = max(diffs) if diffs else None
