@@ -101,8 +101,8 @@ class LazyLossT:
         models = lp.prepare(None)
         for i, rc in enumerate(torch.split(todo, lp.per)):
             if i % group.world == group.rank:  # chunks of the same rows whatever the world size
-                _, xc, yc, e = next(lp.row_chunks(x, y, rc))
-                part[i * lp.per:i * lp.per + len(rc)] = lp.losses(models, xc, yc, e)[0, :m, :len(rc)].t()
+                xc, yc = lp.gather(x, y, rc)
+                part[i * lp.per:i * lp.per + len(rc)] = lp.losses(models, xc, yc, lp.bank.eps)[0, :m, :len(rc)].t()
         group.sum_(part)  # zero outside each rank's chunks: an exact sum
         self.values[todo.to(part.device)[:, None], cols.to(part.device)[None, :]] = part
         self.known[todo, seg] = True
@@ -150,8 +150,8 @@ class Screen:
 
 def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: int, cfg,
                     target_fps: Sequence[str], group, progress: Optional[Callable[[int], None]] = None) -> tuple:
-    """(scores [K, N] float32, exact [K, N] bool, per-target infos, the run's L_t pairs so far) of
-    the K copies `weights` ({name: [K, ...]}), on the CPU.
+    """(scores [K, N] float32, exact [K, N] bool, per-target infos) of the K copies `weights`
+    ({name: [K, ...]}), on the CPU; `loss_t` gains the L_t pairs they use (and counts them).
 
     Work: per segment, each copy's images in the running are cut into chunks of `per` in position
     order and the chunks of all copies are dealt to the ranks in turn; per-noise sums come back per
@@ -173,7 +173,7 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: 
     with torch.inference_mode(), autocast_for(dev, lp.precision):
         for seg in range(n_seg):
             cols = order[seg * m_s:(seg + 1) * m_s]
-            m = len(cols)
+            cols_d, m = cols.to(dev), len(cols)
             idx = torch.cat([cols, cols[-1:].expand(m_s - m)])  # the last segment padded: one shape
             seg_lp = lp.segment(NoiseBank.select(bank, idx), per)
             need = torch.zeros(N, dtype=torch.bool)
@@ -188,10 +188,10 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: 
                 pairs[j] += len(rc) * m
                 if w_i % group.world != group.rank:
                     continue
-                _, xc, yc, e = next(seg_lp.row_chunks(x, y, rc))
-                L_u = seg_lp.losses([models[j]], xc, yc, e)[0, :m, :len(rc)].t()  # [n, m]
-                r = per_noise_skew(L_u.float(), loss_t.values[rc.to(dev)][:, cols.to(dev)], cfg.eps,
-                                   cfg.use_loss_ratio).double().cpu()
+                xc, yc = seg_lp.gather(x, y, rc)
+                L_u = seg_lp.losses([models[j]], xc, yc, seg_lp.bank.eps)[0, :m, :len(rc)].t()  # [n, m]
+                r = per_noise_skew(L_u.float(), loss_t.values[rc.to(dev)][:, cols_d], cfg.eps,
+                                   cfg.use_loss_ratio).double().cpu()  # the statistics live on the CPU
                 a = screens[j].alive[rc]
                 csum[w_i, :m], csum[w_i, m] = r[a].sum(0), a.sum()
                 mine.append((j, rc, r))
@@ -228,4 +228,4 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: 
                       "set_aside_at": {str(d): c for d, c in sorted(sc.set_aside_at.items())},
                       "audited": audited, "audit_misses": misses, "miss_rate_95": [lo, hi],
                       "expected_missed_95": [lo * unaudited, hi * unaudited]})
-    return scores, exact, infos, loss_t.pairs
+    return scores, exact, infos

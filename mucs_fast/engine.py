@@ -409,18 +409,17 @@ def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> tuple[lis
     ok = [i for i, info in enumerate(infos) if info["stop"] != "nan"]
     S = torch.zeros(len(ok), N, dtype=torch.float32, device=run.device)
     E = torch.ones(len(ok), N, dtype=torch.bool)
-    if ok and cfg.adaptive_top_k is not None:
+    if ok:
         params = dict(run.den.net.named_parameters())
         weights = flat_views(W[ok], {n: tuple(params[n].shape) for n in run.names})
+    if ok and cfg.adaptive_top_k is not None:
         run.bar.phase(f"score ×{len(ok)} (adaptive, top {cfg.adaptive_top_k})")
-        S, E, ainfos, pairs_t = adaptive_scores(
-            run.loss_pass, run.loss_t, weights, run.x, run.y, N=N, cfg=cfg, target_fps=[infos[i]["target"] for i in ok], group=run.group, progress=run.bar.pairs)
-        run.timings["pairs_original"] = pairs_t  # the run's running total (L_t is kept across blocks)
+        S, E, ainfos = adaptive_scores(run.loss_pass, run.loss_t, weights, run.x, run.y, N=N, cfg=cfg,
+                                       target_fps=[infos[i]["target"] for i in ok], group=run.group,
+                                       progress=run.bar.pairs)
         for j, i in enumerate(ok):
             infos[i]["adaptive"] = ainfos[j]
     elif ok:
-        params = dict(run.den.net.named_parameters())
-        weights = flat_views(W[ok], {n: tuple(params[n].shape) for n in run.names})
         seeds = None if cfg.use_same_noise_infer else [infos[i]["infer_seed"] for i in ok]
         run.bar.phase(f"score ×{len(ok)}")
         for i in plan.my_shards():
@@ -485,7 +484,7 @@ def result(run: Run, scores: torch.Tensor, exact: torch.Tensor, infos: list, t_s
         # run's: 0 when L_t came from the cache or every target was resumed)
         "pairs_evaluated": [i.get("pairs_evaluated", 0 if i["stop"] == "nan" else run.N * cfg.num_noises)
                             for i in infos],
-        "pairs_evaluated_original": (run.timings.get("pairs_original", 0) if cfg.adaptive_top_k is not None
+        "pairs_evaluated_original": (getattr(run.loss_t, "pairs", 0) if cfg.adaptive_top_k is not None
                                      else 0 if run.timings.get("loss_t_cached", True) else run.N * cfg.num_noises),
     }
     if cfg.adaptive_top_k is not None:

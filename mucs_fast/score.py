@@ -164,16 +164,14 @@ class LossPass:
                 e = e if seeds is None else _pad_rows(e, per, dim=2)
             yield n0, n1, xc, yc, e
 
-    def row_chunks(self, x, y, rows: torch.Tensor):
-        """(rows, x, y, ε) per chunk of `per` of the training images `rows` (positions, CPU int64),
-        gathered (from a tensor or a Source), padded to `per` when compiled; ε: the bank."""
-        for r0 in range(0, len(rows), self.per):
-            rc = rows[r0:r0 + self.per]
-            xc = take(x, rc, self.device)
-            yc = None if y is None else y[rc.to(y.device)]
-            if self.compile:
-                xc, yc = _pad_rows(xc, self.per), _pad_rows(yc, self.per)
-            yield rc, xc, yc, self.bank.eps
+    def gather(self, x, y, rows: torch.Tensor):
+        """(x, y) of the training images `rows` (≤ `per` positions, CPU int64), gathered from a
+        tensor or a Source, padded to `per` when compiled: one chunk of a row subset."""
+        xc = take(x, rows, self.device)
+        yc = None if y is None else y[rows.to(y.device)]
+        if self.compile:
+            xc, yc = _pad_rows(xc, self.per), _pad_rows(yc, self.per)
+        return xc, yc
 
     def losses(self, models, xc, yc, e) -> torch.Tensor:
         """Losses [K, M, n] of the prepared `models` on one chunk."""
