@@ -52,3 +52,19 @@ class TinyRawEDMNet(TinyEDMNet):
 
     def network(self, x_in, c_noise, y=None, a=None):
         return self._raw(x_in, c_noise, y, a)
+
+
+def trained_digits_dit(n_images: int, steps: int = 200):
+    """(EDMDenoiser, images): a 2-block DiT briefly trained (200 steps) on the first `n_images`
+    sklearn digits at 8×8 — a model that has learned its data, for tests that need real scores."""
+    import mucs_fast as mf
+    from mucs_fast.data import load_digits
+    from mucs_fast.models import DiT
+    from mucs_fast.train import train
+
+    x, _ = load_digits(size=8)
+    x = x[:n_images]
+    torch.manual_seed(0)
+    net = DiT((1, 8, 8), label_dim=0, patch_size=2, width=32, depth=2, heads=2, cond_width=16)
+    den, info = train(mf.EDMDenoiser(net), x, steps=steps, batch_size=32, lr=3e-3, warmup=20, progress=False)
+    return den, x, info

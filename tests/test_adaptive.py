@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from nets import trained_digits_dit
 
 import mucs_fast as mf
 from mucs_fast.adaptive import checkpoints, screening_order, wilson
@@ -26,15 +27,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def problem():
-    from mucs_fast.data import load_digits
-    from mucs_fast.models import DiT
-    from mucs_fast.train import train
-
-    x, _ = load_digits(size=8)
-    x = x[:64]
-    torch.manual_seed(0)
-    net = DiT((1, 8, 8), label_dim=0, patch_size=2, width=32, depth=2, heads=2, cond_width=16)
-    den, _ = train(mf.EDMDenoiser(net), x, steps=200, batch_size=32, lr=3e-3, warmup=20, progress=False)
+    den, x, _ = trained_digits_dit(64)
     return den, x, x[PLANTED]
 
 

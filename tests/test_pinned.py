@@ -10,7 +10,7 @@ import math
 import oracle
 import pytest
 import torch
-from nets import TinyEDMNet
+from nets import TinyEDMNet, trained_digits_dit
 
 import mucs_fast as mf
 from mucs_fast.params import trainable_names
@@ -171,15 +171,7 @@ def test_identity_unlearning_scores_zero():
 # -- a briefly trained tiny DiT on 32 digits --------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_model():
-    from mucs_fast.data import load_digits
-    from mucs_fast.models import DiT
-    from mucs_fast.train import train
-
-    x, _ = load_digits(size=8)
-    x = x[:32]
-    torch.manual_seed(0)
-    net = DiT((1, 8, 8), label_dim=0, patch_size=2, width=32, depth=2, heads=2, cond_width=16)
-    den, info = train(mf.EDMDenoiser(net), x, steps=200, batch_size=32, lr=3e-3, warmup=20, progress=False)
+    den, x, info = trained_digits_dit(32)
     assert sum(info["loss"][-20:]) / 20 < 0.9  # well below L_null ≈ 1.78: it has learned the data
     return den, x
 
