@@ -34,6 +34,16 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--metrics", default=None, help="comma-separated subset of ssim,cos,neg_mae,neg_euc,correl,feat")
     e.add_argument("--n-train", type=int, default=None, help="subsample the training set (mnist default 2000)")
     e.add_argument("--image-size", type=int, default=None, help="image side (default 16)")
+    e.add_argument("--lds", action="store_true",
+                   help="also the linear datamodeling score: subset models on random halves of the training set "
+                        "(32; --quick: 8), each target's loss under each, Spearman against each method's prediction")
+    e.add_argument("--lds-subsets", type=int, default=None, help="LDS subset models S (implies --lds)")
+    e.add_argument("--lds-steps", type=int, default=None,
+                   help="training steps of each subset model (implies --lds; default: the full model's epochs)")
+    e.add_argument("--stop-after", default=None, choices=("lds-models", "pre", "generate", "attribute", "post",
+                                                          "regenerate"),
+                   help="stop once this phase is done (its artifacts stay for a later run, e.g. to train the LDS "
+                        "subset models in a process of their own)")
     e.add_argument("--device", default=None, help="torch device (default cpu)")
     e.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on the shared 2-core machine, 2 threads ran MUCS 6.5x "
@@ -44,7 +54,7 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
 
 
 def config_from_args(args):
-    from .pipeline import QUICK, EvalConfig
+    from .pipeline import QUICK, QUICK_LDS, EvalConfig
 
     base = dict(QUICK) if args.quick else {}
     over = {}
@@ -64,6 +74,13 @@ def config_from_args(args):
         over["n_train"] = args.n_train
     if args.image_size is not None:
         over["image_size"] = args.image_size
+    if args.lds or args.lds_subsets is not None or args.lds_steps is not None:
+        lds = dict(QUICK_LDS) if args.quick else {}
+        if args.lds_subsets is not None:
+            lds["subsets"] = args.lds_subsets
+        if args.lds_steps is not None:
+            lds["steps"] = args.lds_steps
+        over["lds"] = lds
     cfg = EvalConfig(data=args.data, **{**base, **over})
     if args.train_steps is not None:
         cfg.train = {**cfg.train, "steps": args.train_steps}
@@ -77,12 +94,17 @@ def config_from_args(args):
 def cmd_evaluate(args) -> int:
     import torch
 
-    from .pipeline import evaluate
+    from .pipeline import StopEvaluation, evaluate
 
     cfg = config_from_args(args)
     torch.set_num_threads(max(1, args.threads))
     t0 = time.perf_counter()
-    evaluate(args.out, cfg, device=args.device, progress=not args.quiet)
+    try:
+        evaluate(args.out, cfg, device=args.device, progress=not args.quiet, stop_after=args.stop_after)
+    except StopEvaluation as stop:
+        print(f"[mucs-fast evaluate] stopped after phase {stop} in {(time.perf_counter() - t0) / 60:.1f} min; "
+              f"rerun without --stop-after to continue from {args.out}", file=sys.stderr, flush=True)
+        return 0
     seconds = time.perf_counter() - t0
     with open(os.path.join(args.out, "results.md")) as f:
         sys.stdout.write(f.read())

@@ -36,11 +36,12 @@ import torch
 from .. import __version__
 from .._io import atomic_write, atomic_write_json, derive_seed, tensor_digest
 from . import stats
+from .lds import lds_options, lds_per_target, model_outputs, subset_masks, subset_seed, subset_train
 from .methods import MethodContext, check_method, get_method, method_key
 from .metrics import DEFAULT_METRICS, METRICS, compute_metrics, train_feature_net
 
 FORMAT = 1
-PHASES = ("pre", "generate", "attribute", "post", "regenerate")
+PHASES = ("lds-models", "pre", "generate", "attribute", "post", "regenerate")
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,6 +55,8 @@ class EvalConfig:
     train: steps / batch_size / lr / ema_decay of both pre and post; sample_steps: EDM Heun steps;
     mucs / dtrak / abu: settings of those methods (MUCSConfig fields; DTRAK_DEFAULTS;
     ABU_DEFAULTS); top_k: None → max(1, round(top_k_frac·N)); classifier: FeatureNet training.
+    lds: None (off) or the linear datamodeling score's settings (lds.LDS_DEFAULTS: subsets S,
+    alpha, steps, num_noises, seed; missing fields take the defaults).
     target_classes: class ids cycled over the targets (None: every class in turn); controls always
     cycle over every class.
     """
@@ -80,8 +83,10 @@ class EvalConfig:
     abu: dict = dataclasses.field(default_factory=dict)
     classifier: dict = dataclasses.field(default_factory=lambda: dict(steps=500, batch_size=128, lr=2e-3, width=16))
     metrics: tuple = DEFAULT_METRICS
+    lds: Optional[dict] = None
 
     def __post_init__(self):
+        self.lds = lds_options(self.lds)
         self.seeds = tuple(int(s) for s in self.seeds)
         if self.target_classes is not None:
             self.target_classes = tuple(int(c) for c in self.target_classes)
@@ -111,12 +116,13 @@ class EvalConfig:
         return {"mucs": dict(self.mucs), "dtrak": dict(self.dtrak), "abu": dict(self.abu)}
 
 
-# The --quick preset: one seed, 6 targets + 6 controls, mucs / pixel / random, shorter training
-# (≈ 15–25 min on 2 busy CPU cores). Numbers from it are a smoke test, not a result.
+# The --quick preset: one seed, 6 targets + 6 controls, mucs / pixel / random, shorter training;
+# QUICK_LDS: its LDS (with --lds) on 8 subset models. Numbers from it are a smoke test, not a result.
 QUICK = dict(seeds=(0,), methods=("mucs", "pixel", "random"), num_targets=6, num_controls=6,
              train=dict(steps=1500, batch_size=128, lr=2e-3, ema_decay=0.999),
              mucs=dict(num_noises=32, safety_steps=200, targets_per_batch=1),
              classifier=dict(steps=300, batch_size=128, lr=2e-3, width=16))
+QUICK_LDS = dict(subsets=8)
 
 
 def quick_config(**overrides) -> EvalConfig:
@@ -178,14 +184,16 @@ class Store:
 # the phases
 # --------------------------------------------------------------------------------------------
 def _model_phase(store: Store, cfg: EvalConfig, x, y, seed: int, removed: torch.Tensor, data_key: str,
-                 device, progress: bool):
-    """Train (or load) the model on x without the rows `removed`; returns (den, key, info)."""
+                 device, progress: bool, recipe: Optional[dict] = None):
+    """Train (or load) the model on x without the rows `removed` (training recipe `recipe`, default
+    cfg.train); returns (den, key, info)."""
     from ..denoisers import EDMDenoiser
     from ..models import DiT
     from ..train import load_checkpoint, save_checkpoint, train
 
+    train_cfg = cfg.train if recipe is None else recipe
     removed = torch.unique(torch.as_tensor(removed, dtype=torch.int64))
-    key = _digest({"data": data_key, "model": cfg.model, "train": cfg.train, "seed": seed,
+    key = _digest({"data": data_key, "model": cfg.model, "train": train_cfg, "seed": seed,
                    "removed": tensor_digest(removed) if removed.numel() else "none", "format": FORMAT,
                    "conditional": y is not None})
     name = f"model-{key}.pt"
@@ -205,7 +213,7 @@ def _model_phase(store: Store, cfg: EvalConfig, x, y, seed: int, removed: torch.
         net = DiT(tuple(x.shape[1:]), label_dim=label_dim, **cfg.model)
     t0 = time.perf_counter()
     den, info = train(EDMDenoiser(net), x[keep], None if y is None else y[keep], seed=seed, device=device,
-                      progress=progress, **cfg.train)
+                      progress=progress, **train_cfg)
     summary = {"n_train": int(keep.sum()), "removed": int(removed.numel()), "seconds": time.perf_counter() - t0,
                "final_loss": float(sum(info["loss"][-100:]) / max(1, len(info["loss"][-100:]))),
                "num_params": info["num_params"]}
@@ -266,6 +274,46 @@ def topk_of(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Training positions [K, k] by descending score (NaN ranks last; ties: lower position first)."""
     s = torch.nan_to_num(scores.float(), nan=-math.inf)
     return torch.argsort(s, dim=1, descending=True, stable=True)[:, :k]
+
+
+def _lds_models(store: Store, cfg: EvalConfig, x, y, data_key: str, device, progress: bool) -> dict:
+    """The LDS subset models (trained or loaded): {"masks" [S, N], "models", "keys", "info"}."""
+    o = cfg.lds
+    masks = subset_masks(x.shape[0], o["subsets"], o["alpha"], o["seed"])
+    train = subset_train(cfg.train, o)
+    models, keys, infos = [], [], []
+    for s in range(o["subsets"]):
+        _log(f"LDS: subset model {s + 1}/{o['subsets']} ({int(masks[s].sum())} images, {train['steps']} steps)")
+        den, key, info = _model_phase(store, cfg, x, y, subset_seed(o["seed"], s), (~masks[s]).nonzero()[:, 0],
+                                      data_key, device, progress, recipe=train)
+        models.append(den)
+        keys.append(key)
+        infos.append(info)
+    return {"masks": masks, "models": models, "keys": keys,
+            "info": {**o, "train_steps": train["steps"], "subset_size": int(masks[0].sum()), "models": infos}}
+
+
+def _lds_phase(store: Store, cfg: EvalConfig, lds: dict, targets, target_labels, gen_key: str, scores: dict,
+               device) -> dict:
+    """One seed's LDS: the targets' outputs under every subset model (an artifact), then each
+    method's LDS per target."""
+    o = cfg.lds
+    bank_seed = derive_seed(o["seed"], "lds-bank")
+    key = _digest({"gen": gen_key, "T": targets.shape[0], "models": lds["keys"], "num_noises": o["num_noises"],
+                   "bank_seed": bank_seed, "format": FORMAT})
+    name = f"lds-outputs-{key}.safetensors"
+    got = store.load_tensors(name)
+    if got is not None:
+        outputs = got[0]["outputs"].double()
+        store.note(name, False)
+    else:
+        t0 = time.perf_counter()
+        outputs = torch.stack([model_outputs(den, targets, target_labels, o["num_noises"], bank_seed, device)
+                               for den in lds["models"]], dim=1)  # [T, S]
+        store.save_tensors(name, {"outputs": outputs}, {"seconds": time.perf_counter() - t0})
+        store.note(name, True)
+    return {"outputs": outputs, "per_target": {m: lds_per_target(sc, lds["masks"], outputs)
+                                               for m, sc in scores.items()}}
 
 
 def _classifier(store: Store, cfg: EvalConfig, x, y, data_key: str, progress: bool):
@@ -329,6 +377,9 @@ def evaluate(out: str, config: Optional[EvalConfig] = None, *, device=None, prog
                                                               "top_k": k, "mucs_fast": __version__})
     _log(f"data: {desc}; N={N}, top-k={k}; seeds {list(cfg.seeds)}; methods {list(cfg.methods)}")
     classifier, clf_info = _classifier(store, cfg, x, y, data_key, progress)
+    lds = _lds_models(store, cfg, x, y, data_key, device, progress) if cfg.lds else None
+    if stop_after == "lds-models":
+        raise StopEvaluation("lds-models")
     G, T = cfg.num_targets + cfg.num_controls, cfg.num_targets
     classes = 0 if y is None else int(y.max()) + 1
     per_seed = {}
@@ -360,6 +411,10 @@ def evaluate(out: str, config: Optional[EvalConfig] = None, *, device=None, prog
             _log(f"seed {seed}: attribution with {m}")
             scores[m], infos[m] = _scores_phase(store, cfg, m, ctx_base, targets, t_labels, base_key, memo)
             topk[m] = topk_of(scores[m], k)
+        lds_seed = None
+        if lds is not None:
+            _log(f"seed {seed}: LDS of the targets under {len(lds['models'])} subset models")
+            lds_seed = _lds_phase(store, cfg, lds, targets, t_labels, gen_key, scores, device)
         if stop_after == "attribute":
             raise StopEvaluation("attribute")
         posts = {}
@@ -379,8 +434,10 @@ def evaluate(out: str, config: Optional[EvalConfig] = None, *, device=None, prog
             raise StopEvaluation("regenerate")
         per_seed[seed] = {"pre": pre_info, "post": {m: posts[m][2] for m in cfg.methods}, "sims": sims,
                           "topk": topk, "union": {m: int(stats.union(topk[m]).numel()) for m in cfg.methods},
-                          "method_info": infos, "gen_pre": gen_pre, "gen_post": gens, "targets_labels": t_labels}
-    results = summarize(cfg, per_seed, N=N, k=k, data_desc=desc, classifier_info=clf_info)
+                          "method_info": infos, "gen_pre": gen_pre, "gen_post": gens, "targets_labels": t_labels,
+                          "lds": lds_seed}
+    results = summarize(cfg, per_seed, N=N, k=k, data_desc=desc, classifier_info=clf_info,
+                        lds_info=None if lds is None else lds["info"])
     results["artifacts"] = {"computed": store.computed, "reused": store.reused}
     results["timings"] = {"total_seconds": time.perf_counter() - t_start}
     results["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
@@ -392,8 +449,9 @@ def evaluate(out: str, config: Optional[EvalConfig] = None, *, device=None, prog
 
 
 def summarize(cfg: EvalConfig, per_seed: dict, *, N: int, k: int, data_desc: str = "",
-              classifier_info: Optional[dict] = None) -> dict:
-    """Pool per-image similarities over seeds and compute every statistic (results.json's dict)."""
+              classifier_info: Optional[dict] = None, lds_info: Optional[dict] = None) -> dict:
+    """Pool per-image similarities over seeds and compute every statistic (results.json's dict);
+    with LDS (per_seed[s]["lds"]), its per-target values pooled over seeds → "lds"."""
     seeds = list(per_seed)
     methods = list(cfg.methods)
 
@@ -427,7 +485,7 @@ def summarize(cfg: EvalConfig, per_seed: dict, *, N: int, k: int, data_desc: str
     per_seed_auc = {str(s): {m: {metric: stats.auc(per_seed[s]["sims"][m]["targets"][metric],
                                                    per_seed[s]["sims"]["random"]["targets"][metric])
                                  for metric in cfg.metrics} for m in methods} for s in seeds}
-    return {
+    results = {
         "format": FORMAT,
         "mucs_fast": __version__,
         "config": {**cfg.to_dict(), "N": N, "top_k": k, "data_description": data_desc},
@@ -443,6 +501,15 @@ def summarize(cfg: EvalConfig, per_seed: dict, *, N: int, k: int, data_desc: str
         "method_info": {m: {str(s): per_seed[s]["method_info"][m] for s in seeds} for m in methods},
         "classifier": classifier_info,
     }
+    if lds_info is not None:
+        lds = {}
+        for m in methods:
+            vals = [v for s in seeds for v in per_seed[s]["lds"]["per_target"][m]]
+            mu, ci = stats.mean_ci(vals)
+            lds[m] = {"mean": mu, "ci": ci, "per_target": vals}
+        results["lds"] = lds
+        results["lds_models"] = lds_info
+    return results
 
 
 def _nanmean(vals: Sequence[float]) -> float:

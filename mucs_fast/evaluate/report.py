@@ -80,6 +80,18 @@ def results_markdown(results: dict) -> str:
     table("Ratio %, targets (more negative is better; ± 1.98·std/√n)", "targets", "ratio", "+.1f", True)
     table("AUC, controls (should stay ≈ 0.5)", "controls", "auc", ".3f")
     table("Ratio %, controls (should stay ≈ 0)", "controls", "ratio", "+.1f", True)
+    if results.get("lds"):
+        info = results.get("lds_models", {})
+        lines.extend(["## LDS (linear datamodeling score; higher is better; ± 1.98·std/√n over targets)", "",
+                      f"{info.get('subsets')} subset models on random {info.get('alpha')} subsets "
+                      f"({info.get('subset_size')} images, {info.get('train_steps')} steps each); output: each "
+                      f"target's diffusion loss over a fixed bank of {info.get('num_noises')} noises.", "",
+                      "| method | LDS | targets |", "|---|---:|---:|"])
+        for m in methods:
+            v = results["lds"][m]
+            n = sum(1 for t in v["per_target"] if t is not None and math.isfinite(t))
+            lines.append(f"| {m} | {_fmt(v['mean'], '+.3f')} ± {_fmt(v['ci'], '.3f')} | {n} |")
+        lines.append("")
     lines.extend(["## p-values vs random (Mann–Whitney U; targets one-sided \"less\", controls two-sided)", "",
                   "| method | group | " + " | ".join(heads[:-1]) + " |", "|---|---|" + "---:|" * len(metrics)])
     for m in methods:
