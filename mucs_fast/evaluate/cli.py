@@ -35,6 +35,9 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--metrics", default=None, help="comma-separated subset of ssim,cos,neg_mae,neg_euc,correl,feat")
     e.add_argument("--n-train", type=int, default=None, help="subsample the training set (mnist default 2000)")
     e.add_argument("--image-size", type=int, default=None, help="image side (default 16)")
+    e.add_argument("--adaptive", action="store_true",
+                   help="MUCS and its ablations score adaptively for the evaluation's top-k (exact scores only "
+                        "for each target's top-k candidates; mucs-indep stays exact)")
     e.add_argument("--lds", action="store_true",
                    help="also the linear datamodeling score: subset models on random halves of the training set "
                         "(32; --quick: 8), each target's loss under each, Spearman against each method's prediction")
@@ -75,6 +78,8 @@ def config_from_args(args):
         over["n_train"] = args.n_train
     if args.image_size is not None:
         over["image_size"] = args.image_size
+    if args.adaptive:
+        over["adaptive"] = True
     if args.lds or args.lds_subsets is not None or args.lds_steps is not None:
         lds = dict(QUICK_LDS) if args.quick else {}
         if args.lds_subsets is not None:

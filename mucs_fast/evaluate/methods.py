@@ -159,13 +159,17 @@ def _mucs(overrides: dict) -> MethodFn:
         from ..config import MUCSConfig
         from ..engine import attribute
 
-        cfg = MUCSConfig(**{**ctx.settings.get("mucs", {}), **overrides})
+        settings = {**ctx.settings.get("mucs", {}), **overrides}
+        if not settings.get("use_same_noise_infer", True):
+            settings.pop("adaptive_top_k", None)  # adaptive screening needs the shared bank: exact
+        cfg = MUCSConfig(**settings)
         res = _attribute_resumable(attribute, ctx, targets, target_labels, cfg)
         m = res.meta
         ctx.info.update({
             "steps": [t["steps"] for t in m["targets"]], "stop": [t["stop"] for t in m["targets"]],
             "flagged": m["flagged"], "loss_null": m["resolved"]["loss_null"], "lr": m["resolved"]["lr"],
-            "timings": m["timings"], "config": m["config"],
+            "timings": m["timings"], "config": m["config"], "pairs_evaluated": m.get("pairs_evaluated"),
+            "adaptive": m.get("adaptive"),
         })
         return res.scores
 

@@ -57,6 +57,10 @@ class EvalConfig:
     ABU_DEFAULTS); top_k: None → max(1, round(top_k_frac·N)); classifier: FeatureNet training.
     lds: None (off) or the linear datamodeling score's settings (lds.LDS_DEFAULTS: subsets S,
     alpha, steps, num_noises, seed; missing fields take the defaults).
+    adaptive: MUCS and its ablations score adaptively (mucs_fast.adaptive) for the evaluation's
+    top-k: exact scores for each target's top-k candidates, screening estimates for the rest
+    (mucs-indep stays exact: adaptive scoring needs the shared bank). The top-k, hence the
+    counterfactual, is what it keeps; the LDS then sums estimates for most images.
     target_classes: class ids cycled over the targets (None: every class in turn); controls always
     cycle over every class.
     """
@@ -84,6 +88,7 @@ class EvalConfig:
     classifier: dict = dataclasses.field(default_factory=lambda: dict(steps=500, batch_size=128, lr=2e-3, width=16))
     metrics: tuple = DEFAULT_METRICS
     lds: Optional[dict] = None
+    adaptive: bool = False
 
     def __post_init__(self):
         self.lds = lds_options(self.lds)
@@ -371,6 +376,8 @@ def evaluate(out: str, config: Optional[EvalConfig] = None, *, device=None, prog
     k = cfg.top_k if cfg.top_k is not None else max(1, round(cfg.top_k_frac * N))
     if not 1 <= k <= N:
         raise ValueError(f"top_k must lie in [1, N={N}], got {k}")
+    if cfg.adaptive and "adaptive_top_k" not in cfg.mucs:  # resolved here: k depends on N
+        cfg = dataclasses.replace(cfg, mucs={**cfg.mucs, "adaptive_top_k": k})
     data_key = tensor_digest({"x": x, "y": y if y is not None else torch.tensor([])})
     store = Store(out)
     atomic_write_json(os.path.join(out, "eval_config.json"), {"config": cfg.to_dict(), "data": desc, "N": N,

@@ -130,3 +130,14 @@ def test_mucs_variants_run_through_the_engine(tmp_path, name):
     assert cfg["use_same_noise_infer"] == (name != "mucs-indep")
     assert cfg["bounded"] == (name != "mucs-unbounded")
     assert len(ctx.info["steps"]) == 2
+
+
+@pytest.mark.parametrize("name", ["mucs", "mucs-indep"])
+def test_mucs_variants_adaptive_settings(tmp_path, name):
+    # adaptive_top_k reaches the engine; mucs-indep (no shared bank to screen with) stays exact
+    ctx = tiny_ctx(N=16, settings={"mucs": {"num_noises": 4, "safety_steps": 3, "loss_null": 1.0,
+                                            "adaptive_top_k": 3}}, work_dir=None, cache_dir=None)
+    s = get_method(name)(ctx, ctx.train[:2].clone(), ctx.train_labels[:2])
+    assert s.shape == (2, 16)
+    assert (ctx.info["adaptive"] is None) == (name == "mucs-indep")
+    assert ctx.info["config"]["adaptive_top_k"] == (None if name == "mucs-indep" else 3)

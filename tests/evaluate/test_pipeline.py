@@ -117,3 +117,20 @@ def test_cli_evaluate_on_a_tensor_file(tmp_path, capsys):
     assert res["config"]["methods"] == ["pixel", "random"] and res["config"]["N"] == 20
     assert "| pixel |" in capsys.readouterr().out
     assert main(["evaluate", "--data", str(tmp_path / "train.pt"), "--methods", "nope", "--out", str(out)]) == 2
+
+
+def test_adaptive_resolves_the_evaluations_top_k_into_the_mucs_settings(tmp_path):
+    seen = {}
+
+    @register_method("_settings_probe", "mucs")
+    def probe(ctx, targets, target_labels=None):
+        seen.update(ctx.settings["mucs"])
+        return torch.zeros(targets.shape[0], ctx.N)
+
+    try:
+        cfg = tiny_cfg(methods=("_settings_probe",), adaptive=True, top_k=3)
+        with pytest.raises(StopEvaluation):
+            evaluate(str(tmp_path), cfg, data=toy_data(), progress=False, stop_after="attribute")
+    finally:
+        METHODS.pop("_settings_probe")
+    assert seen["adaptive_top_k"] == 3
