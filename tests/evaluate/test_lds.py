@@ -181,3 +181,22 @@ def test_cli_lds_flags(tmp_path):
     bad = list(common)
     bad[bad.index("--lds-subsets") + 1] = "2"
     assert main(bad) == 2  # a clear error (at least 3 subsets), not a traceback
+
+
+def test_every_subset_model_sees_the_same_bank(tmp_path):
+    # three copies of one model: the same outputs in every column only if the noise bank is shared
+    from mucs_fast.denoisers import EDMDenoiser
+    from mucs_fast.evaluate.pipeline import Store, _lds_phase
+    from mucs_fast.models import DiT
+
+    from .test_pipeline import TINY_MODEL
+
+    torch.manual_seed(0)
+    den = EDMDenoiser(DiT((1, 8, 8), label_dim=2, **TINY_MODEL))
+    cfg = tiny_cfg(lds=dict(subsets=3, num_noises=8))
+    x, y = toy_data(12)
+    lds = {"masks": subset_masks(12, 3, 0.5, 0), "models": [den, den, den], "keys": ["a", "b", "c"]}
+    got = _lds_phase(Store(str(tmp_path)), cfg, lds, x[:4], y[:4], "gen", {"pixel": torch.rand(4, 12)}, "cpu")
+    out = got["outputs"]
+    assert out.shape == (4, 3) and torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])
+    assert len(got["per_target"]["pixel"]) == 4
