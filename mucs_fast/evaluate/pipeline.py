@@ -11,6 +11,8 @@ Per seed s:
  6. pre vs post similarities per image (metrics.py).
 Then, pooled over seeds, every method against `random`: AUC, Ratio, p-values (stats.py), top-k
 overlaps and union sizes → results.json, results.md, densities.png, pre_post_{targets,controls}.png.
+With cfg.lds (lds.py), first the S subset models (shared by every seed), then per seed after the
+attribution each method's linear datamodeling score on the targets → results.json "lds".
 
 Artifacts live under OUT/artifacts/, each named by a digest of everything it depends on and
 written atomically: pre/post checkpoints, generations, every method's scores (MUCS also keeps its
