@@ -69,21 +69,25 @@ def subset_train(train: dict, opts: dict) -> dict:
     return {**train, "steps": steps}
 
 
-@torch.inference_mode()
-def model_outputs(den, images: torch.Tensor, labels: Optional[torch.Tensor], num_noises: int, seed: int,
-                  device=None) -> torch.Tensor:
-    """f(x̂) [K] float64: each image's diffusion loss under `den`, averaged over a bank of
-    `num_noises` (ε, σ) drawn from `seed` (σ log-normal, the training distribution), the engine's
-    loss pass (so exactly the loss MUCS scores with)."""
+def lds_bank(den, chw, num_noises: int, seed: int):
+    """The one bank of (ε, σ) every subset model and target is scored under: σ log-normal (the
+    training distribution), drawn on the CPU from `seed`."""
     from ..config import MUCSConfig
     from ..engine import make_bank
+
+    return make_bank(den, tuple(chw), MUCSConfig(num_noises=num_noises, seed=seed), None)
+
+
+@torch.inference_mode()
+def model_outputs(den, images: torch.Tensor, labels: Optional[torch.Tensor], bank, device=None) -> torch.Tensor:
+    """f(x̂) [K] float64: each image's diffusion loss under `den` averaged over `bank` (lds_bank),
+    by the engine's loss pass (so exactly the loss MUCS scores with)."""
     from ..score import LossPass, original_losses, score_batch_images
 
     device = torch.device(device or "cpu")
     K = images.shape[0]
-    bank = make_bank(den, tuple(images.shape[1:]), MUCSConfig(num_noises=num_noises, seed=seed), None).to(device)
     y = den.prepare_labels(labels, K, "target_labels")
-    lp = LossPass(den, den.net.to(device).eval(), [], bank,
+    lp = LossPass(den, den.net.to(device).eval(), [], bank.to(device),
                   images_per_batch=score_batch_images(None, bank.M, device))
     losses = original_losses(lp, images.to(device), None if y is None else y.to(device), torch.arange(K))
     return losses.double().mean(1).cpu()

@@ -38,7 +38,7 @@ import torch
 from .. import __version__
 from .._io import atomic_write, atomic_write_json, derive_seed, tensor_digest
 from . import stats
-from .lds import lds_options, lds_per_target, model_outputs, subset_masks, subset_seed, subset_train
+from .lds import lds_bank, lds_options, lds_per_target, model_outputs, subset_masks, subset_seed, subset_train
 from .methods import MethodContext, check_method, get_method, method_key
 from .metrics import DEFAULT_METRICS, METRICS, compute_metrics, train_feature_net
 
@@ -315,7 +315,8 @@ def _lds_phase(store: Store, cfg: EvalConfig, lds: dict, targets, target_labels,
         store.note(name, False)
     else:
         t0 = time.perf_counter()
-        outputs = torch.stack([model_outputs(den, targets, target_labels, o["num_noises"], bank_seed, device)
+        bank = lds_bank(lds["models"][0], targets.shape[1:], o["num_noises"], bank_seed)
+        outputs = torch.stack([model_outputs(den, targets, target_labels, bank, device)
                                for den in lds["models"]], dim=1)  # [T, S]
         store.save_tensors(name, {"outputs": outputs}, {"seconds": time.perf_counter() - t0})
         store.note(name, True)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mucs_fast.evaluate import METHODS, StopEvaluation, evaluate, register_method
-from mucs_fast.evaluate.lds import (lds_options, lds_per_target, model_outputs, spearman, subset_masks,
-                                    subset_train)
+from mucs_fast.evaluate.lds import (lds_bank, lds_options, lds_per_target, model_outputs, spearman,
+                                    subset_masks, subset_train)
 
 from .test_pipeline import tiny_cfg, toy_data
 
@@ -99,15 +99,15 @@ def test_model_outputs_are_the_mean_loss_over_one_fixed_bank():
     torch.manual_seed(0)
     den = EDMDenoiser(DiT((1, 8, 8), label_dim=2, **TINY_MODEL).eval())
     x, y = toy_data(5)
-    out = model_outputs(den, x, y, num_noises=6, seed=11)
-    bank = make_bank(den, (1, 8, 8), MUCSConfig(num_noises=6, seed=11), None)
+    out = model_outputs(den, x, y, lds_bank(den, (1, 8, 8), num_noises=6, seed=11))
+    bank = make_bank(den, (1, 8, 8), MUCSConfig(num_noises=6, seed=11), None)  # log-normal σ, as in training
     with torch.no_grad():
         want = torch.stack([den.loss(x[k:k + 1].expand(6, -1, -1, -1), bank.eps, bank.level,
                                      den.prepare_labels(y[k:k + 1].expand(6), 6, "y")).double().mean()
                             for k in range(5)])
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(model_outputs(den, x, y, num_noises=6, seed=11), out, rtol=0, atol=0)
-    assert not torch.equal(model_outputs(den, x, y, num_noises=6, seed=12), out)
+    torch.testing.assert_close(model_outputs(den, x, y, lds_bank(den, (1, 8, 8), 6, 11)), out, rtol=0, atol=0)
+    assert not torch.equal(model_outputs(den, x, y, lds_bank(den, (1, 8, 8), 6, 12)), out)
 
 
 def test_pipeline_lds_finds_a_planted_influential_class_and_resumes(tmp_path):
