@@ -14,6 +14,8 @@ def _csv(s: str) -> list[str]:
 
 
 def add_evaluate_parser(sub) -> argparse.ArgumentParser:
+    from .pipeline import PHASES
+
     e = sub.add_parser("evaluate", help="counterfactual evaluation: remove top-attributed images, retrain, "
                                         "compare regenerated images with random removal")
     e.add_argument("--quick", action="store_true",
@@ -44,8 +46,7 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--lds-subsets", type=int, default=None, help="LDS subset models S (implies --lds)")
     e.add_argument("--lds-steps", type=int, default=None,
                    help="training steps of each subset model (implies --lds; default: the full model's epochs)")
-    e.add_argument("--stop-after", default=None, choices=("lds-models", "pre", "generate", "attribute", "post",
-                                                          "regenerate"),
+    e.add_argument("--stop-after", default=None, choices=PHASES,
                    help="stop once this phase is done (its artifacts stay for a later run, e.g. to train the LDS "
                         "subset models in a process of their own)")
     e.add_argument("--device", default=None, help="torch device (default cpu)")
