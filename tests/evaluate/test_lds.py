@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from mucs_fast.evaluate import METHODS, StopEvaluation, evaluate, register_method
+from mucs_fast.evaluate import StopEvaluation, evaluate
 from mucs_fast.evaluate.lds import (lds_bank, lds_options, lds_per_target, model_outputs, spearman,
                                     subset_masks, subset_train)
 
-from .test_pipeline import tiny_cfg, toy_data
+from .test_pipeline import planted_class_data, planted_method, tiny_cfg, toy_data
 
 
 def spearman_oracle(a, b):
@@ -113,26 +113,16 @@ def test_model_outputs_are_the_mean_loss_over_one_fixed_bank():
 def test_pipeline_lds_finds_a_planted_influential_class_and_resumes(tmp_path):
     # Class 0 (8 bright images of 40) and the targets are class 0: the fewer class-0 images a
     # subset model saw, the worse it fits the targets. A method scoring class-0 membership
-    # predicts exactly that (positive LDS); its negation predicts the opposite; random ≈ 0.
-    g = torch.Generator().manual_seed(0)
-    y = torch.cat([torch.zeros(8), torch.ones(32)]).long()
-    x = torch.where(y[:, None, None, None] == 0, 0.6, -0.6) + 0.05 * torch.randn(40, 1, 8, 8, generator=g)
-
-    @register_method("_planted_lds")
-    def planted(ctx, targets, target_labels=None):
-        return (ctx.train_labels == 0).float().expand(targets.shape[0], -1).clone()
-
-    try:
+    # predicts exactly that (positive LDS on every target).
+    x, y = planted_class_data(8)
+    with planted_method("_planted_lds"):
         cfg = tiny_cfg(methods=("_planted_lds", "center:_planted_lds", "random"), num_targets=3, num_controls=1,
                        top_k=8, target_classes=(0,), train=dict(steps=300, batch_size=16, lr=1e-2, ema_decay=0.9),
-                       sample_steps=16,
-                       metrics=("cos",), lds=dict(subsets=10, num_noises=32))
+                       sample_steps=16, metrics=("cos",), lds=dict(subsets=10, num_noises=32))
         with pytest.raises(StopEvaluation):
             evaluate(str(tmp_path), cfg, data=(x, y), progress=False, stop_after="lds-models")
         res = evaluate(str(tmp_path), cfg, data=(x, y), progress=False)
         again = evaluate(str(tmp_path), cfg, data=(x, y), progress=False)
-    finally:
-        METHODS.pop("_planted_lds")
     lds = res["lds"]
     assert set(lds) == set(cfg.methods)
     for m, v in lds.items():

@@ -1,6 +1,7 @@
 """The evaluation end to end at CI size: identical pre/post, a planted influential subset,
 resumability, the results.json schema and the CLI."""
 
+import contextlib
 import json
 import os
 
@@ -58,26 +59,37 @@ def test_identical_pre_post_gives_ratio_zero_auc_half_and_the_schema(tmp_path):
     assert "## AUC, targets" in md and "## Ratio %, targets" in md and "| pixel |" in md
 
 
+def planted_class_data(n_planted: int, N: int = 40):
+    """(x, y): class 0, the planted subset (n_planted images), bright; class 1 (the rest) dark."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.zeros(n_planted), torch.ones(N - n_planted)]).long()
+    return torch.where(y[:, None, None, None] == 0, 0.6, -0.6) + 0.05 * torch.randn(N, 1, 8, 8, generator=g), y
+
+
+@contextlib.contextmanager
+def planted_method(name: str):
+    """A registered toy method scoring membership in class 0 (the planted subset), for one test."""
+    @register_method(name)
+    def planted(ctx, targets, target_labels=None):
+        return (ctx.train_labels == 0).float().expand(targets.shape[0], -1).clone()
+
+    try:
+        yield name
+    finally:
+        METHODS.pop(name)
+
+
 def test_planted_influential_subset_is_found_and_detected(tmp_path):
     # Class 0 (the planted subset, 6 images) is bright, class 1 (34 images) is dark; the targets are
     # class 0. A toy method that scores membership in the planted subset removes exactly it: the
     # post model has never seen class 0, so the targets change far more than after removing the
     # same number of random images per target (whose union leaves some class-0 images in).
-    g = torch.Generator().manual_seed(0)
-    y = torch.cat([torch.zeros(6), torch.ones(34)]).long()
-    x = torch.where(y[:, None, None, None] == 0, 0.6, -0.6) + 0.05 * torch.randn(40, 1, 8, 8, generator=g)
-
-    @register_method("_planted_pipeline")
-    def planted(ctx, targets, target_labels=None):
-        return (ctx.train_labels == 0).float().expand(targets.shape[0], -1).clone()
-
-    try:
+    x, y = planted_class_data(6)
+    with planted_method("_planted_pipeline"):
         cfg = tiny_cfg(methods=("_planted_pipeline", "random"), num_targets=4, num_controls=2, top_k=6,
                        target_classes=(0,), train=dict(steps=120, batch_size=16, lr=1e-2, ema_decay=0.9),
                        metrics=("cos", "neg_mae"))
         res = evaluate(str(tmp_path), cfg, data=(x, y), progress=False)
-    finally:
-        METHODS.pop("_planted_pipeline")
     assert res["union_sizes"]["_planted_pipeline"] == 6
     assert res["overlap"]["within"]["_planted_pipeline"]["mean"] == 1.0
     for metric in cfg.metrics:
