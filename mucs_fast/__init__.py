@@ -5,12 +5,11 @@
     res.scores, res.topk(8), res.save("out/")
 """
 
-__version__ = "0.1.0"
-
-from .config import REFERENCE_FROZEN, MUCSConfig  # noqa: E402
-from .denoisers import DiffusersDenoiser, EDMDenoiser  # noqa: E402
-from .engine import attribute  # noqa: E402
-from .result import Attribution  # noqa: E402
+from ._version import __version__
+from .config import REFERENCE_FROZEN, MUCSConfig
+from .denoisers import DiffusersDenoiser, EDMDenoiser
+from .engine import attribute
+from .result import Attribution
 
 __all__ = ["MUCSConfig", "REFERENCE_FROZEN", "EDMDenoiser", "DiffusersDenoiser", "attribute", "Attribution",
            "__version__"]

@@ -182,7 +182,8 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: 
             loss_t.ensure(seg_lp, x, y, need, seg, cols, m, group)
             work = [(j, rc) for j, sc in enumerate(screens) for rc in torch.split(sc.running.nonzero().squeeze(1), per)]
             csum = torch.zeros(len(work), m + 1, dtype=torch.float64)  # per chunk: Σ r over alive rows, count
-            inc = torch.zeros(K, 3, N, dtype=torch.float64)  # per image: Σ r, Σ (r − c), Σ (r − c)²
+            # per image: Σ r, Σ (r − c), Σ (r − c)², and how often it was written (coverage.py)
+            inc = torch.zeros(K, 4, N, dtype=torch.float64)
             mine = []
             for w_i, (j, rc) in enumerate(work):
                 pairs[j] += len(rc) * m
@@ -206,9 +207,14 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: 
                 inc[j, 0, rc] = r.sum(1)
                 inc[j, 1, rc] = dr.sum(1)
                 inc[j, 2, rc] = (dr * dr).sum(1)
+                inc[j, 3, rc] += 1
             group.sum_(inc)
             for j, sc in enumerate(screens):
                 running = sc.running
+                if not torch.equal(inc[j, 3], running.double()):
+                    raise RuntimeError(f"adaptive scores of target {target_fps[j][:8]}, segment {seg}: "
+                                       f"{int((inc[j, 3] != running.double()).sum())} running images were "
+                                       "not scored exactly once; no result is returned")
                 sc.sum_r += inc[j, 0]
                 sc.sum_d += inc[j, 1]
                 sc.sum_d2 += inc[j, 2]

@@ -140,7 +140,7 @@ def cmd_attribute(args) -> int:
     from .engine import attribute
     from .parallel import rank_world
     from .report import write_report
-    from .sources import open_source, streamable
+    from .data import open_source, streamable
 
     if uses_reference_files(args):  # the reference implementation's samples.pt / dataset folder
         if args.adaptive:
@@ -176,8 +176,8 @@ def cmd_attribute(args) -> int:
 # pack
 # ------------------------------------------------------------------------------------------------
 def cmd_pack(args) -> int:
-    """SRC → the packed, memory-mappable folder OUT (mucs_fast/sources.py); `--train OUT` streams it."""
-    from .sources import pack
+    """SRC → the packed, memory-mappable folder OUT (mucs_fast/data/pack.py); `--train OUT` streams it."""
+    from .data import pack
 
     if args.shard_images < 1:
         raise ValueError(f"--shard-images must be >= 1, got {args.shard_images}")

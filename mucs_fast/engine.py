@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from ._io import derive_seed, key_digest, tensor_digest
 from .cache import LossCache
 from .config import MUCSConfig
@@ -40,7 +40,8 @@ from .params import trainable_names
 from .result import Attribution
 from .rundir import RunDir, load_loss_t_shard, save_loss_t_shard
 from .score import LossPass, original_losses, score_batch_images, score_stacked, use_compile
-from .sources import Source, TensorSource, open_source, source_digest, take
+from .coverage import Writes, nan_tensor
+from .data import Source, TensorSource, check_ids, open_source, source_digest
 from .unlearn import RetainStream, unlearn_batched
 from .adaptive import LazyLossT, adaptive_scores, screen_noises
 
@@ -73,37 +74,22 @@ def check_images(name: str, x, chw: Optional[tuple] = None) -> torch.Tensor:
     return x.float()
 
 
-def _check_train(train):
-    """The training set: a float tensor (validated, resident) or a streamed Source (a path to a
-    .npy / .safetensors file or a packed folder, or a Source): its files checked and its values
-    scanned for NaN/Inf (one streaming pass, shared with its fingerprint) before any compute."""
+def _check_train(train) -> Source:
+    """The training set as a Source — the one place a tensor becomes one: a float tensor is
+    validated and wrapped (resident); a streamed source (a path to a .npy / .safetensors file or a
+    packed folder, or a Source) gets its files checked and its values scanned for NaN/Inf (one
+    streaming pass, shared with its fingerprint) before any compute."""
+    if isinstance(train, TensorSource):
+        return TensorSource(check_images("train", train.x), train.labels, train.ids)
     if isinstance(train, torch.Tensor):
-        return check_images("train", train)
-    if isinstance(train, (str, os.PathLike)) or isinstance(train, Source):
+        return TensorSource(check_images("train", train))
+    if isinstance(train, (str, os.PathLike, Source)):
         src = open_source(train)
-        if isinstance(src, TensorSource):
-            return check_images("train", src.x)
         src.check()
         src.check_finite("train")
         return src
     raise TypeError(f"train: expected a float tensor [N, C, H, W] or a streamed source (a .npy / .safetensors "
-                    f"file, a packed folder, a mucs_fast.sources.Source), got {type(train).__name__}")
-
-
-def _chw(x) -> tuple:
-    return tuple(x.chw) if isinstance(x, Source) else tuple(x.shape[1:])
-
-
-def _check_ids(train_ids, N: int) -> torch.Tensor:
-    if train_ids is None:
-        return torch.arange(N, dtype=torch.int64)
-    ids = torch.as_tensor(train_ids).detach()
-    if ids.shape != (N,) or torch.is_floating_point(ids):
-        raise ValueError(f"train_ids: expected int64 [N={N}], got shape {tuple(ids.shape)} ({ids.dtype})")
-    ids = ids.long().cpu()
-    if torch.unique(ids).numel() != N:
-        raise ValueError("train_ids: ids must be unique")
-    return ids
+                    f"file, a packed folder, a mucs_fast.data.Source), got {type(train).__name__}")
 
 
 def resolve_lr(cfg: MUCSConfig, den: Denoiser) -> float:
@@ -116,16 +102,16 @@ def resolve_lr(cfg: MUCSConfig, den: Denoiser) -> float:
                      "or the denoiser's train_lr=")
 
 
-def _probe(den: Denoiser, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
+def _probe(den: Denoiser, x: Source, y: Optional[torch.Tensor]) -> None:
     """One tiny forward: architecture/data mismatches fail here, with context, not mid-run."""
     device = next(den.net.parameters()).device
-    x1 = take(x, torch.zeros(1, dtype=torch.int64), device)
+    x1 = x.take(torch.zeros(1, dtype=torch.int64), device)
     eps, level = den.training_noise(x1.shape, torch.Generator(device).manual_seed(0), None, device)
     try:
         with torch.no_grad():
             loss = den.loss(x1, eps, level, None if y is None else y[:1])
     except Exception as e:  # re-raised with what was fed in
-        raise ValueError(f"the model cannot process the data (one image of shape {tuple(x.shape[1:])}"
+        raise ValueError(f"the model cannot process the data (one image of shape {tuple(x.chw)}"
                          f"{'' if y is None else f', labels {tuple(y.shape[1:])}'}): "
                          f"{type(e).__name__}: {e}") from e
     if loss.shape != (1,):
@@ -141,7 +127,7 @@ def _fork_rng(device: torch.device):
 
 
 @torch.no_grad()
-def estimate_loss_null(den: Denoiser, x, y, cfg: MUCSConfig, device, progress=False) -> float:
+def estimate_loss_null(den: Denoiser, x: Source, y, cfg: MUCSConfig, device, progress=False) -> float:
     """L_null = mean loss of a freshly initialized model over up to `loss_null_batches` retain
     batches (one epoch at most, as the reference's loop over its DataLoader), training noise."""
     with _fork_rng(device):
@@ -155,7 +141,7 @@ def estimate_loss_null(den: Denoiser, x, y, cfg: MUCSConfig, device, progress=Fa
     total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in _bar(range(n_batches), "L_null", progress):
         idx = next(retain)  # CPU positions: a streamed source gathers them on the host
-        xb = take(x, idx, device)
+        xb = x.take(idx, device)
         eps, level = den.training_noise(xb.shape, gen, cfg.t_sched_train, device)
         total += den.loss(xb, eps, level, None if y is None else y[idx.to(y.device)], net=net0).double().sum()
     return float(total) / (n_batches * B)
@@ -212,13 +198,14 @@ class JobBar:
 @dataclasses.dataclass
 class Run:
     """What the phases share. `den` is the engine's own view of the caller's denoiser (its net on
-    the run's device); `cfg` has t_sched resolved; `x`, `y`, `x_hat`, `y_hat` live on the device."""
+    the run's device); `cfg` has t_sched resolved; `x` is the training set (a Source: resident
+    ones on the device, streamed ones read in chunks); `y`, `x_hat`, `y_hat` live on the device."""
 
     den: Denoiser
     cfg: MUCSConfig
     device: torch.device
     progress: bool
-    x: torch.Tensor
+    x: Source
     y: Optional[torch.Tensor]
     ids: torch.Tensor
     x_hat: torch.Tensor
@@ -268,13 +255,13 @@ def prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, de
     group, device = join(device)
     progress = progress and group.rank == 0  # one set of bars and logs per job
     train = _check_train(train)
-    targets = check_images("targets", targets, _chw(train))
+    targets = check_images("targets", targets, train.chw)
     N, K = len(train), targets.shape[0]
-    if isinstance(train, Source):  # a streamed set may carry its own ids and labels (a packed folder)
-        train_ids = train.ids if train_ids is None else train_ids
-        if train_labels is None and den.conditional:
-            train_labels = train.labels
-    ids = _check_ids(train_ids, N)
+    # a source may carry its own ids and labels (a packed folder)
+    train_ids = train.ids if train_ids is None else train_ids
+    if train_labels is None and den.conditional:
+        train_labels = train.labels
+    ids = torch.arange(N, dtype=torch.int64) if train_ids is None else check_ids(train_ids, N, "train_ids")
     y_train = den.prepare_labels(train_labels, N, "train_labels")
     y_targets = den.prepare_labels(target_labels, K, "target_labels")
     if cfg.adaptive_top_k is not None and cfg.adaptive_top_k > N:
@@ -296,7 +283,8 @@ def prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, de
     }
     view = copy.copy(den)
     view.net = _engine_net(den.net, device)
-    x = train if isinstance(train, Source) else train.to(device)  # streamed: read in chunks, never whole
+    # resident: on the device once; streamed: read in chunks, never whole
+    x = TensorSource(train.x.to(device)) if isinstance(train, TensorSource) else train
     run = Run(den=view, cfg=copy.copy(cfg), device=device, progress=progress, x=x,
               y=None if y_train is None else y_train.to(device), ids=ids, x_hat=targets.to(device),
               y_hat=None if y_targets is None else y_targets.to(device), fingerprints=fingerprints,
@@ -324,7 +312,7 @@ def resolve(run: Run, need_loss_null: bool) -> None:
         if not (math.isfinite(run.loss_null) and run.loss_null > 0):
             raise ValueError(f"loss_null='auto' gave {run.loss_null}: the freshly initialized model "
                              "produces non-finite losses; pass MUCSConfig(loss_null=<number>)")
-    run.bank = make_bank(den, _chw(run.x), cfg, cfg.t_sched_infer).to(device)
+    run.bank = make_bank(den, run.x.chw, cfg, cfg.t_sched_infer).to(device)
     run.compiled = use_compile(cfg.compile, run.N * run.bank.M)
     run.loss_pass = LossPass(den, den.net, run.names, run.bank, precision=cfg.precision, compile=run.compiled,
                              images_per_batch=score_batch_images(cfg.score_batch, run.bank.M, device), N=run.N)
@@ -352,7 +340,9 @@ def compute_loss_t(run: Run, plan: Plan, cache_dir) -> None:
         run.bar.pairs(sum(plan.shards[i][1] - plan.shards[i][0] for i in plan.my_shards()) * run.bank.M)
     else:
         seed = None if cfg.use_same_noise_infer else derive_seed(cfg.seed, "infer", "original")
+        # zeros outside this rank's shards (the sum over ranks fills them); the writes prove it
         loss_t = torch.zeros(run.N, run.bank.M, dtype=torch.float32, device=run.device)
+        writes = Writes(run.N, "L_t")
         run.bar.phase("L_t (original model)")
         for i in plan.my_shards():
             s0, s1 = plan.shards[i]
@@ -362,8 +352,11 @@ def compute_loss_t(run: Run, plan: Plan, cache_dir) -> None:
                 if run.run_path is not None:
                     save_loss_t_shard(run.run_path, i, key, part)
             loss_t[s0:s1] = part.to(run.device)
+            writes.mark(s0, s1)
             run.bar.pairs((s1 - s0) * run.bank.M)
         g.sum_(loss_t)
+        g.sum_(writes.count)
+        writes.require_full()
         if g.rank == 0:
             cache.put(key, loss_t)
     run.loss_t = loss_t.to(run.device)
@@ -407,8 +400,9 @@ def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> tuple[lis
     cfg, N = run.cfg, run.N
     t0 = time.perf_counter()
     ok = [i for i, info in enumerate(infos) if info["stop"] != "nan"]
-    S = torch.zeros(len(ok), N, dtype=torch.float32, device=run.device)
+    S = torch.zeros(len(ok), N, dtype=torch.float32, device=run.device)  # summed over ranks
     E = torch.ones(len(ok), N, dtype=torch.bool)
+    writes = Writes(N, f"scores of targets {[infos[i]['target'][:8] for i in ok]}")
     if ok:
         params = dict(run.den.net.named_parameters())
         weights = flat_views(W[ok], {n: tuple(params[n].shape) for n in run.names})
@@ -427,8 +421,11 @@ def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> tuple[lis
             S[:, s0:s1] = score_stacked(run.loss_pass, weights, run.x, run.y, run.ids, run.loss_t, eps=cfg.eps,
                                         use_loss_ratio=cfg.use_loss_ratio, use_same_noise_infer=cfg.use_same_noise_infer,
                                         infer_seeds=seeds, start=s0, stop=s1)
+            writes.mark(s0, s1)
             run.bar.pairs((s1 - s0) * run.bank.M * len(ok))
         run.group.sum_(S)
+        run.group.sum_(writes.count)
+        writes.require_full()
     rows = [torch.full((N,), math.nan) for _ in infos]
     exact = [torch.zeros(N, dtype=torch.bool) for _ in infos]
     for j, i in enumerate(ok):
@@ -524,9 +521,10 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
     try:
         run = prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, device, progress)
         run.run_path = None if run_dir is None else os.fspath(run_dir)
-        scores = torch.empty(run.K, run.N, dtype=torch.float32)
+        scores = nan_tensor(run.K, run.N)
         exact = torch.ones(run.K, run.N, dtype=torch.bool)
         infos: list = [None] * run.K
+        target_rows = Writes(run.K, "targets")  # a target's row: resumed, scored, or NaN when it diverged
         done = {}
         if run.group.rank == 0 and run_dir is not None:  # one writer per job: rank 0 holds the folder
             key = {"config": cfg.score_fields(), "model": run.fingerprints["model"],
@@ -539,6 +537,7 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
         done = run.group.broadcast_object(done, 0)  # also the barrier after the folder is set up
         for k, (row, info, row_exact) in done.items():
             scores[k], infos[k], exact[k] = row, info, row_exact
+            target_rows.mark(k, k + 1)
         todo = [k for k in range(run.K) if k not in done]
         resolve(run, need_loss_null=bool(todo))
         if not todo and run.loss_null is None:  # everything was resumed: report the L_null used
@@ -558,10 +557,12 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
                 run.timings["unlearn"] += info["unlearn_seconds"]
                 run.timings["score"] += info["score_seconds"]
                 scores[k], exact[k], infos[k] = row, row_exact, info
+                target_rows.mark(k, k + 1)
                 if run.run_dir is not None:
                     run.run_dir.save_target(k, row, info, row_exact)
 
         run_blocks(run, plan, on_done)
+        target_rows.require_full()
         res = result(run, scores, exact, infos, t_start)
         res.meta.update(meta or {})
         if run.run_dir is not None:  # rank 0 only

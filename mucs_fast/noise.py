@@ -12,6 +12,9 @@ from typing import Optional
 
 import torch
 
+from ._io import tensor_digest
+from .data import Source
+
 
 def karras_sigmas(num: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                   device=None) -> torch.Tensor:
@@ -49,12 +52,10 @@ class NoiseBank:
         return NoiseBank(self.eps[idx], self.level[idx])
 
     def fingerprint(self) -> str:
-        from ._io import tensor_digest
-
         return tensor_digest({"eps": self.eps, "level": self.level})
 
 
-def estimate_t_sched(x: torch.Tensor, sigmas_full: torch.Tensor, B: int,
+def estimate_t_sched(x: Source, sigmas_full: torch.Tensor, B: int,
                      generator: Optional[torch.Generator] = None, num_consec: int = 3,
                      qtl: float = 0.05) -> float:
     """t_sched="auto": the fraction of the full σ grid above half the `qtl` quantile of pairwise
@@ -63,18 +64,16 @@ def estimate_t_sched(x: torch.Tensor, sigmas_full: torch.Tensor, B: int,
     As the reference intends (its version crashes): images are shuffled into batches of B, and each
     batch is compared with the previous `num_consec` batches; distance = ‖a − b‖₂ / √D.
 
-    x: [N, C, H, W] training images (a tensor or a Source: batches are read as they are
-    compared); sigmas_full: [M] σ of every level of the full grid.
+    x: the N training images (batches are read as they are compared); sigmas_full: [M] σ of
+    every level of the full grid (its device is where the distances are computed).
     """
-    from .sources import take
-
     N = len(x)
-    device = x.device if isinstance(x, torch.Tensor) else sigmas_full.device
+    device = sigmas_full.device
     perm = torch.randperm(N, generator=generator, device="cpu")
     starts = list(range(0, N - B + 1, B))
 
     def batch(idx):  # flattened float images of the batch (read when needed: x may be streamed)
-        b = take(x, idx, device).float()
+        b = x.take(idx, device)
         return b.reshape(b.shape[0], -1)
 
     if len(starts) <= 1:  # a single batch: compare it with itself, off-diagonal only

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ._io import atomic_path
+from .data import open_source
 
 
 def _to_display(img: torch.Tensor):
@@ -47,6 +48,7 @@ def write_report(path, targets: torch.Tensor, train: torch.Tensor, res, top: int
 
     K = res.K
     top = min(top, res.N)
+    train = open_source(train)
     order = torch.argsort(res.scores, dim=1, descending=True, stable=True)[:, :top]
     fig, axes = plt.subplots(K, top + 1, figsize=(1.3 * (top + 1), 1.45 * K + 0.4), squeeze=False)
     cmap = "gray" if targets.shape[1] == 1 else None
@@ -60,7 +62,7 @@ def write_report(path, targets: torch.Tensor, train: torch.Tensor, res, top: int
         for j in range(top):
             pos = int(order[k, j])
             ax = axes[k, j + 1]
-            img = train[pos] if isinstance(train, torch.Tensor) else train.gather(torch.tensor([pos]))[0]
+            img = train.gather(torch.tensor([pos]))[0]
             ax.imshow(_to_display(img), cmap=cmap, vmin=0, vmax=1)
             lab = "" if train_labels is None else f" y={int(train_labels[pos])}"
             ax.set_title(f"#{int(res.train_ids[pos])}{lab}\n{format_score(res.scores[k, pos].item())}", fontsize=6)

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from ._io import atomic_write, atomic_write_json, is_temp_name, key_digest, tensor_digest
 
 RUN_FILE = "run.json"

@@ -22,12 +22,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ._io import derive_seed
+from .coverage import Writes, nan_tensor
+from .data import Source
 from .denoisers import Denoiser
 from .functional import StackedNet
 from .noise import NoiseBank
 from .ops import skew_accumulate
-from .sources import chunks as read_chunks
-from .sources import take
 
 DEFAULT_SCORE_BATCH = {"cpu": 1600, "cuda": 8192}
 # compile="auto" compiles scoring passes of at least this many image·noise pairs: on 2 CPU cores the
@@ -146,15 +146,15 @@ class LossPass:
         K = next(iter(weights.values())).shape[0]
         return [{n: w[k] for n, w in weights.items()} for k in range(K)]  # built once per pass, not per chunk
 
-    def chunks(self, x, y, ids, seeds: Optional[Sequence[int]], start: int = 0, stop: Optional[int] = None):
-        """(n0, n1, x, y, ε) per chunk of `per` images of x[start:stop] (a resident tensor, or a
-        Source read ahead in the background), padded to `per` when compiled; ε is the bank or,
-        with `seeds` (independent noise), each model's own [K, M, n, ...]."""
+    def chunks(self, x: Source, y, ids, seeds: Optional[Sequence[int]], start: int = 0,
+               stop: Optional[int] = None):
+        """(n0, n1, x, y, ε) per chunk of `per` images of x[start:stop], padded to `per` when
+        compiled; ε is the bank or, with `seeds` (independent noise), each model's own [K, M, n, ...]."""
         N, per, M = len(x), self.per, self.bank.M
         stop = N if stop is None else stop
         pad = self.compile and (N if self.N is None else self.N) > per
         ranges = [(n0, min(stop, n0 + per)) for n0 in range(start, stop, per)]
-        for n0, n1, xc in read_chunks(x, ranges, self.device):
+        for n0, n1, xc in x.chunks(ranges, self.device):
             yc = None if y is None else y[n0:n1]
             e = self.bank.eps
             if seeds is not None:
@@ -164,10 +164,10 @@ class LossPass:
                 e = e if seeds is None else _pad_rows(e, per, dim=2)
             yield n0, n1, xc, yc, e
 
-    def gather(self, x, y, rows: torch.Tensor):
-        """(x, y) of the training images `rows` (≤ `per` positions, CPU int64), gathered from a
-        tensor or a Source, padded to `per` when compiled: one chunk of a row subset."""
-        xc = take(x, rows, self.device)
+    def gather(self, x: Source, y, rows: torch.Tensor):
+        """(x, y) of the training images `rows` (≤ `per` positions, CPU int64), padded to `per`
+        when compiled: one chunk of a row subset."""
+        xc = x.take(rows, self.device)
         yc = None if y is None else y[rows.to(y.device)]
         if self.compile:
             xc, yc = _pad_rows(xc, self.per), _pad_rows(yc, self.per)
@@ -188,20 +188,22 @@ class LossPass:
 
 
 @torch.inference_mode()
-def original_losses(lp: LossPass, x, y: Optional[torch.Tensor], ids: torch.Tensor, *,
+def original_losses(lp: LossPass, x: Source, y: Optional[torch.Tensor], ids: torch.Tensor, *,
                     infer_seed: Optional[int] = None, start: int = 0, stop: Optional[int] = None,
                     progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """L_t [n, M] float32 of the original model on training images start..stop (default all) of
-    x (a tensor [N, C, H, W] or a Source) under the bank (with `infer_seed`: under its own
-    independent ε per image, same levels)."""
+    x under the bank (with `infer_seed`: under its own independent ε per image, same levels)."""
     stop = len(x) if stop is None else stop
-    out = torch.empty(stop - start, lp.bank.M, dtype=torch.float32, device=lp.device)
+    out = nan_tensor(stop - start, lp.bank.M, device=lp.device)
+    writes = Writes(stop - start, f"L_t of images {start}..{stop - 1}")
     models = lp.prepare(None)
     with autocast_for(lp.device, lp.precision):
         for n0, n1, xc, yc, e in lp.chunks(x, y, ids, None if infer_seed is None else [infer_seed], start, stop):
             out[n0 - start:n1 - start] = lp.losses(models, xc, yc, e)[0, :, :n1 - n0].t()
+            writes.mark(n0 - start, n1 - start)
             if progress is not None:
                 progress(n1 - n0)
+    writes.require_full()
     return out
 
 
@@ -216,12 +218,12 @@ def skew_scores(loss_u: torch.Tensor, loss_t: torch.Tensor, *, eps: float, use_l
 
 
 @torch.inference_mode()
-def score_stacked(lp: LossPass, weights: dict, x, y: Optional[torch.Tensor], ids: torch.Tensor,
+def score_stacked(lp: LossPass, weights: dict, x: Source, y: Optional[torch.Tensor], ids: torch.Tensor,
                   loss_t: torch.Tensor, *, eps: float, use_loss_ratio: bool, use_same_noise_infer: bool,
                   infer_seeds: Optional[Sequence[int]] = None, start: int = 0, stop: Optional[int] = None,
                   progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """Scores [K, n] of the K copies `weights` ({name: [K, ...]}) against L_t [N, M] on training
-    images start..stop (default all) of x (a tensor or a Source), in one pass.
+    images start..stop (default all) of x, in one pass.
 
     Per chunk the training images (and the bank's noisy inputs) are read once for all K copies and
     their losses [K, n, M] are reduced to skew sums on the spot; no host sync inside the loop.
@@ -230,21 +232,16 @@ def score_stacked(lp: LossPass, weights: dict, x, y: Optional[torch.Tensor], ids
     stop = len(x) if stop is None else stop
     models = lp.prepare(weights)
     K = len(models) if isinstance(models, list) else next(iter(models.values())).shape[0]
-    scores = torch.empty(K, stop - start, dtype=torch.float32, device=lp.device)
+    scores = nan_tensor(K, stop - start, device=lp.device)
+    writes = Writes(stop - start, f"scores of images {start}..{stop - 1}")
     with autocast_for(lp.device, lp.precision):
         for n0, n1, xc, yc, e in lp.chunks(x, y, ids, infer_seeds, start, stop):
             loss_u = lp.losses(models, xc, yc, e)[:, :, :n1 - n0].transpose(1, 2)  # [K, n, M]
             scores[:, n0 - start:n1 - start] = skew_scores(loss_u, loss_t[n0:n1], eps=eps,
                                                            use_loss_ratio=use_loss_ratio,
                                                            use_same_noise_infer=use_same_noise_infer)
+            writes.mark(n0 - start, n1 - start)
             if progress is not None:
                 progress(n1 - n0)
+    writes.require_full()
     return scores
-
-
-def inference_losses(den: Denoiser, net: torch.nn.Module, x: torch.Tensor, y: Optional[torch.Tensor],
-                     bank: NoiseBank, *, images_per_batch: int, precision: str = "auto", compile: bool = False,
-                     progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-    """L [N, M] float32 of one model `net` under the bank (a one-model LossPass)."""
-    lp = LossPass(den, net, [], bank, images_per_batch=images_per_batch, precision=precision, compile=compile)
-    return original_losses(lp, x, y, torch.arange(x.shape[0]), progress=progress)

@@ -22,7 +22,10 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .config import MUCSConfig
+from .data import Source
 from .denoisers import Denoiser
+from .functional import StackedNet, flat_views
+from .ops import bounded_adamw_step
 
 
 class RetainStream:
@@ -90,7 +93,7 @@ def mirrored_objective(loss_r: torch.Tensor, loss_f: torch.Tensor, loss_null: fl
     return L_r, L_f, L_r - lamb * L_f
 
 
-def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: torch.Tensor,
+def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: Source,
                     train_y: Optional[torch.Tensor], x_hats: torch.Tensor, y_hats: Optional[torch.Tensor], *,
                     cfg: MUCSConfig, loss_null: float, lr: float, retains: list, generators: list,
                     progress: Optional[Callable] = None):
@@ -108,10 +111,6 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
 
     Returns ({name: [K, ...] unlearned weights}, [UnlearnInfo] * K).
     """
-    from .functional import StackedNet, flat_views
-    from .ops import bounded_adamw_step
-    from .sources import take
-
     t0 = time.perf_counter()
     net.eval()
     K = x_hats.shape[0]
@@ -131,7 +130,7 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: t
     while active:
         A = len(active)
         idx = torch.stack([next(retains[k]) for k in active])  # [A, B] on the CPU, like a DataLoader's
-        x_r = take(train_x, idx, device)  # train_x: a resident tensor or a streamed Source
+        x_r = train_x.take(idx, device)
         y_r = None if train_y is None else train_y[idx.to(train_y.device)]
         noise_r, noise_f = [], []
         for k in active:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mucs_fast as mf
+from mucs_fast.data import TensorSource
 from mucs_fast.denoisers import DiffusersDenoiser, EDMDenoiser
 from mucs_fast.engine import make_bank
 from mucs_fast.functional import StackedNet, group_norm, sdpa_math, vmap_safe
@@ -55,7 +56,7 @@ def _sequential_and_batched(family, dtype=torch.float32, threads=None):
 
     def run(ks):
         ss = [streams(k) for k in ks]
-        weights, infos = unlearn_batched(den, den.net, names, x, y, x_hats[ks],
+        weights, infos = unlearn_batched(den, den.net, names, TensorSource(x), y, x_hats[ks],
                                          None if y_hats is None else y_hats[ks], cfg=cfg, loss_null=1.0, lr=lr,
                                          retains=[r for r, _ in ss], generators=[gen for _, gen in ss])
         assert [i.steps for i in infos] == [3] * len(ks)
@@ -78,10 +79,11 @@ def _sequential_and_batched(family, dtype=torch.float32, threads=None):
     s_bat = {}
     for mode in ("vmap", "loop"):
         lp = LossPass(den, den.net, names, bank, images_per_batch=5, mode=mode)
-        loss_t = original_losses(lp, x, y, ids)
+        xs = TensorSource(x)
+        loss_t = original_losses(lp, xs, y, ids)
         if mode == "loop":
-            s_seq = torch.cat([score_stacked(lp, seq[k], x, y, ids, loss_t, **kw) for k in range(K)])
-        s_bat[mode] = score_stacked(lp, weights, x, y, ids, loss_t, **kw)
+            s_seq = torch.cat([score_stacked(lp, seq[k], xs, y, ids, loss_t, **kw) for k in range(K)])
+        s_bat[mode] = score_stacked(lp, weights, xs, y, ids, loss_t, **kw)
     w0 = {n: dict(den.net.named_parameters())[n].detach() for n in names}
     return w0, w_seq, weights, s_seq, s_bat
 @pytest.mark.parametrize("family, dtype", [("dit_edm", torch.float32), ("dit_diffusers", torch.float32),
@@ -214,7 +216,8 @@ def test_compiled_scoring_equals_eager(raw):
     s = {}
     for compile in (False, True):
         lp = LossPass(den, den.net, names, bank, images_per_batch=8, mode="vmap", compile=compile)
-        s[compile] = score_stacked(lp, stack.weights, train, y, ids, original_losses(lp, train, y, ids), **kw)
+        xs = TensorSource(train)
+        s[compile] = score_stacked(lp, stack.weights, xs, y, ids, original_losses(lp, xs, y, ids), **kw)
     s_eager, s_comp = s[False], s[True]
     assert (s_eager - s_comp).abs().max().item() <= 1e-6 and s_eager.abs().max().item() > 1e-3
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mucs_fast as mf
+from mucs_fast.data import TensorSource
 from mucs_fast import noise
 from mucs_fast.config import REFERENCE_FROZEN
 from mucs_fast.params import trainable_names
@@ -99,7 +100,7 @@ def test_unlearn_stops_at_the_rule_and_counts_steps():
     den = ScriptedDenoiser(net, [0.4, 0.9, 1.3, 1.45, 0.1])
     x = torch.randn(8, 1, 4, 4)
     names = [n for n, _ in net.named_parameters()]
-    _, (info,) = unlearn_batched(den, net, names, x, None, x[:1], None, cfg=mf.MUCSConfig(batch_size=4),
+    _, (info,) = unlearn_batched(den, net, names, TensorSource(x), None, x[:1], None, cfg=mf.MUCSConfig(batch_size=4),
                                  loss_null=1.5, lr=1e-3, retains=[RetainStream(8, 4, torch.Generator().manual_seed(0))],
                                  generators=[torch.Generator().manual_seed(0)])
     assert info.stop == "rule" and info.steps == 3
@@ -229,7 +230,7 @@ def test_loss_null_auto_is_near_one_for_zero_output_nets():
     from mucs_fast.engine import estimate_loss_null
 
     cfg = mf.MUCSConfig(batch_size=20)
-    Ln = estimate_loss_null(mf.EDMDenoiser(net), train, None, cfg, torch.device("cpu"))
+    Ln = estimate_loss_null(mf.EDMDenoiser(net), TensorSource(train), None, cfg, torch.device("cpu"))
     assert Ln == pytest.approx(1.0, abs=0.05)
 
 

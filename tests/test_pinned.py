@@ -13,6 +13,7 @@ import torch
 from nets import TinyEDMNet, trained_digits_dit
 
 import mucs_fast as mf
+from mucs_fast.data import TensorSource
 from mucs_fast.params import trainable_names
 from mucs_fast.unlearn import RetainStream, unlearn_batched
 
@@ -67,7 +68,7 @@ def _engine_and_oracle(label_dim, K, cfg, loss_null, lr):
     names = trainable_names(net, mf.REFERENCE_FROZEN)
     N, B = x.shape[0], cfg.B
     weights, infos = unlearn_batched(
-        mf.EDMDenoiser(net), net, names, x, y, x_hats, y_hats, cfg=cfg, loss_null=loss_null, lr=lr,
+        mf.EDMDenoiser(net), net, names, TensorSource(x), y, x_hats, y_hats, cfg=cfg, loss_null=loss_null, lr=lr,
         retains=[RetainStream(N, B, torch.Generator().manual_seed(100 + k)) for k in range(K)],
         generators=[torch.Generator().manual_seed(200 + k) for k in range(K)])
     runs = [_oracle_run(problem, names, k, cfg, loss_null, lr) for k in range(K)]
@@ -284,7 +285,7 @@ def test_t_sched_auto_on_known_distances():
     for a, want in [(1.0, 4 / 8), (0.3, 6 / 8)]:  # threshold a/2: 0.5 → 4 levels above; 0.15 → 6
         x = a * math.sqrt(D / 2) * basis
         for B in (4, 16):
-            got = estimate_t_sched(x, grid, B, torch.Generator().manual_seed(0))
+            got = estimate_t_sched(TensorSource(x), grid, B, torch.Generator().manual_seed(0))
             assert got == pytest.approx(want), (a, B)
 
     # The 5 % quantile, neither the minimum nor the median: 10 near-duplicate pairs among 20 images,
@@ -298,7 +299,7 @@ def test_t_sched_auto_on_known_distances():
     x = torch.cat([base, dup]).view(2 * n, 1, 8, 8)
     full = torch.linspace(0, 1, 100)
     full = (80 ** (1 / 7) + full * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
-    got = estimate_t_sched(x, full, 2 * n, torch.Generator().manual_seed(0))
+    got = estimate_t_sched(TensorSource(x), full, 2 * n, torch.Generator().manual_seed(0))
     # s* = (80^{1/7} − 0.05^{1/7}) / (80^{1/7} − 0.002^{1/7}) = 0.8353 → levels i ≤ 82 of 0..99
     assert got == pytest.approx(_karras_fraction_above(0.05, 100)) == pytest.approx(0.83)
 

@@ -1,4 +1,4 @@
-"""Streamed training sets (mucs_fast/sources.py): every Source reads, gathers and fingerprints as the
+"""Streamed training sets (mucs_fast/data/): every Source reads, gathers and fingerprints as the
 in-memory tensor of its float32 values; `pack` round-trips every input format; damaged folders fail
 in check(); prefetch matches direct reads, re-raises, stops its thread; memory stays bounded."""
 
@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from mucs_fast import sources
+from mucs_fast import data as sources
 from mucs_fast._io import tensor_digest
 from mucs_fast.cli import main
 from mucs_fast.compat.reference_files import load_dataset, save_dataset
-from mucs_fast.data import _as_images, load_image_folder
-from mucs_fast.sources import (
+from mucs_fast.data import as_images, load_image_folder
+from mucs_fast.data import (
     NpySource,
     SafetensorsSource,
     ShardSource,
@@ -121,7 +121,7 @@ def _reopen_args(src):
 
 def test_uint8_values_are_data_as_images():
     x8 = torch.arange(256, dtype=torch.uint8).reshape(4, 1, 8, 8)
-    _same(TensorSource(x8).read(0, 4), _as_images(x8, "x"))
+    _same(TensorSource(x8).read(0, 4), as_images(x8, "x"))
 
 
 def test_bad_reads_and_gathers(tmp_path):
@@ -466,7 +466,7 @@ def test_streaming_memory(kind, tmp_path, monkeypatch):
     np.save(tmp_path / "big.npy", rng.integers(0, 256, (n, 1, 8, 8), dtype=np.uint8))  # 12.8 MB
     expected_sum = float(np.load(tmp_path / "big.npy", mmap_mode="r").astype(np.float64).sum())
     if kind == "shard":  # pack streams too: reads of at most a chunk, memory flat between them
-        monkeypatch.setattr(sources, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(sources.source, "CHUNK_BYTES", chunk_bytes)
         reads, real = [], NpySource.read_raw
 
         def sampled(self, a, b):

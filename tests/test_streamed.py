@@ -7,7 +7,7 @@ import torch
 
 import mucs_fast as mf
 from mucs_fast import engine
-from mucs_fast.sources import NpySource, pack
+from mucs_fast.data import NpySource, pack
 
 from nets import TinyEDMNet
 

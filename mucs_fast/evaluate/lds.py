@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .._io import derive_seed
+from ..data import TensorSource
 
 LDS_DEFAULTS = dict(subsets=32, alpha=0.5, steps=None, num_noises=256, seed=0)
 
@@ -89,7 +90,7 @@ def model_outputs(den, images: torch.Tensor, labels: Optional[torch.Tensor], ban
     y = den.prepare_labels(labels, K, "target_labels")
     lp = LossPass(den, den.net.to(device).eval(), [], bank.to(device),
                   images_per_batch=score_batch_images(None, bank.M, device))
-    losses = original_losses(lp, images.to(device), None if y is None else y.to(device), torch.arange(K))
+    losses = original_losses(lp, TensorSource(images.to(device)), None if y is None else y.to(device), torch.arange(K))
     return losses.double().mean(1).cpu()
 
 

@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 
 from .._io import derive_seed
+from ..coverage import nan_tensor
+from ..data import TensorSource
 
 MethodFn = Callable[["MethodContext", torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -262,7 +264,7 @@ def abu_scores(ctx: MethodContext, targets, target_labels=None):
     K, N = targets.shape[0], ctx.N
     lr = (den.train_lr or 1e-3) / opts["lr_factor"]
     net0 = den.net.to(device).eval()
-    x = ctx.train.to(device)
+    x = TensorSource(ctx.train.to(device))
     y = _labels(ctx, ctx.train_labels, N, "train_labels")
     y = None if y is None else y.to(device)
     yt = _labels(ctx, target_labels, K, "target_labels")
@@ -276,7 +278,7 @@ def abu_scores(ctx: MethodContext, targets, target_labels=None):
     loss_t = original_losses(lp, x, y, ids)
     from tqdm.auto import tqdm
 
-    out = torch.empty(K, N)
+    out = nan_tensor(K, N)  # every row is written below
     gains = []
     for k in tqdm(range(K), desc="abu", disable=not ctx.progress, leave=False):
         net = copy.deepcopy(net0)

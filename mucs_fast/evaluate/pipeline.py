@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from .._io import atomic_write, atomic_write_json, derive_seed, tensor_digest
 from . import stats
 from .lds import lds_bank, lds_options, lds_per_target, model_outputs, subset_masks, subset_seed, subset_train
