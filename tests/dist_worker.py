@@ -29,6 +29,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("--targets", type=int, default=3)
+    p.add_argument("--n", type=int, default=40, help="training images (37: a short last chunk and shard)")
     p.add_argument("--targets-per-batch", type=int, default=1)
     p.add_argument("--independent-noise", action="store_true")
     p.add_argument("--streamed", action="store_true", help="train from a .npy file (read in chunks)")
@@ -39,7 +40,7 @@ def main():
     p.add_argument("--fail-on-rank1", action="store_true", help="rank 1 raises in its first unlearning")
     a = p.parse_args()
     torch.set_num_threads(1)
-    net, train, targets, ytr, ytg = problem(a.targets)
+    net, train, targets, ytr, ytg = problem(a.targets, a.n)
     cfg = mf.MUCSConfig(num_noises=8, lr=1e-2, safety_steps=6, score_batch=32, targets_per_batch=a.targets_per_batch,
                         use_same_noise_infer=not a.independent_noise, adaptive_top_k=a.adaptive,
                         adaptive_margin=1.0)

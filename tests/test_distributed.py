@@ -36,8 +36,9 @@ def _scores(out, nproc):
 
 @pytest.mark.parametrize("args", [[], ["--targets-per-batch", "2"], ["--independent-noise"],
                                   ["--targets", "1"], ["--streamed", "--targets-per-batch", "2"],
+                                  ["--streamed", "--n", "37", "--targets-per-batch", "2"],
                                   ["--adaptive", "5", "--targets-per-batch", "2"]],
-                         ids=["K1", "K2", "independent", "one-target", "streamed", "adaptive"])
+                         ids=["K1", "K2", "independent", "one-target", "streamed", "streamed-N37", "adaptive"])
 def test_two_processes_give_the_scores_of_one_bitwise(tmp_path, args):
     one = _scores(_run(tmp_path / "one", *args) and tmp_path / "one", 1)
     two = _scores(_run(tmp_path / "two", *args, nproc=2) and tmp_path / "two", 2)
