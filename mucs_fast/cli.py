@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from . import _io
 from .cli_common import (
     attribute_config,
     check_device,
@@ -29,6 +30,16 @@ from .cli_common import (
     say,
 )
 from .compat.cli import add_reference_arguments, cmd_attribute_reference, uses_reference_files
+from .config import MUCSConfig
+from .data import load_digits, load_images, load_labels, open_source, pack, streamable
+from .denoisers import EDMDenoiser
+from .engine import attribute
+from .evaluate.cli import add_evaluate_parser
+from .models import DiT
+from .parallel import rank_world
+from .report import write_report
+from .sample import sample_edm
+from .train import load_checkpoint, save_checkpoint, train
 
 __all__ = ["build_parser", "load_model", "main"]
 
@@ -58,10 +69,6 @@ def _cache_dir(arg: str | None) -> str:
 # ------------------------------------------------------------------------------------------------
 def demo_model(args, images, labels, device):
     """Train (or load from the cache) the demo's DiT; the cache key is its full config."""
-    from . import _io
-    from .denoisers import EDMDenoiser
-    from .models import DiT
-    from .train import load_checkpoint, save_checkpoint, train
 
     spec = {"model": DEMO_MODEL, "train": {**DEMO_TRAIN, "steps": args.train_steps, "seed": args.seed},
             "data": _io.tensor_digest({"x": images, "y": labels}), "format": 1}
@@ -85,12 +92,6 @@ def demo_model(args, images, labels, device):
 
 
 def cmd_demo(args) -> int:
-    from . import _io
-    from .config import MUCSConfig
-    from .data import load_digits
-    from .engine import attribute
-    from .report import write_report
-    from .sample import sample_edm
 
     preset = DEMO["quick" if args.quick else "default"]
     for k, v in preset.items():
@@ -136,11 +137,6 @@ def cmd_demo(args) -> int:
 # attribute
 # ------------------------------------------------------------------------------------------------
 def cmd_attribute(args) -> int:
-    from .data import load_images, load_labels
-    from .engine import attribute
-    from .parallel import rank_world
-    from .report import write_report
-    from .data import open_source, streamable
 
     if uses_reference_files(args):  # the reference implementation's samples.pt / dataset folder
         if args.adaptive:
@@ -177,7 +173,6 @@ def cmd_attribute(args) -> int:
 # ------------------------------------------------------------------------------------------------
 def cmd_pack(args) -> int:
     """SRC → the packed, memory-mappable folder OUT (mucs_fast/data/pack.py); `--train OUT` streams it."""
-    from .data import pack
 
     if args.shard_images < 1:
         raise ValueError(f"--shard-images must be >= 1, got {args.shard_images}")
@@ -256,7 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_pack)
 
     # `mucs-fast evaluate` (mucs_fast/evaluate/cli.py)
-    from .evaluate.cli import add_evaluate_parser
 
     add_evaluate_parser(sub)
     return p

@@ -16,6 +16,11 @@ import tempfile
 
 import torch
 
+from .config import MUCSConfig
+from .denoisers import DiffusersDenoiser, EDMDenoiser
+from .rundir import RUN_FILE, TARGETS_DIR, check_run_dir
+from .train import CHECKPOINT_FORMAT, load_checkpoint
+
 PREFIX = "[mucs-fast]"
 
 
@@ -44,7 +49,6 @@ def load_model(path: str, device=None, trust_pickle: bool = False):
         return _load_diffusers(path, trust_pickle=trust_pickle)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--model {path}: no such file or directory")
-    from .train import CHECKPOINT_FORMAT, load_checkpoint
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -67,7 +71,6 @@ def load_model(path: str, device=None, trust_pickle: bool = False):
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return load_checkpoint(path, device=device)
     if isinstance(obj, torch.nn.Module):
-        from .denoisers import EDMDenoiser
 
         return EDMDenoiser(obj.eval())
     kind = "a state dict (weights without the model)" if isinstance(obj, dict) else type(obj).__name__
@@ -86,7 +89,6 @@ def _one_line(e: BaseException) -> str:
 
 
 def _load_diffusers(path: str, trust_pickle: bool = False):
-    from .denoisers import DiffusersDenoiser
 
     try:
         import diffusers
@@ -142,7 +144,6 @@ def check_out(out: str) -> None:
     """--out: create the folder and write a probe file now, so that a bad path fails in a second,
     not after the model, the data and the first targets. Also refuses a folder that is not a
     run directory, or one a running process holds (mucs_fast.rundir.check_run_dir)."""
-    from .rundir import check_run_dir
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is an existing file, not a folder; give a new folder or a previous "
@@ -210,7 +211,6 @@ def attribute_config(args):
     """The MUCSConfig of `mucs-fast attribute`'s flags; checks --model exists, --out, --device,
     --loss-null and --top-k first (all before any model or data is read). MUCSConfig's own checks name fields;
     main() rewords them as flags (cli_message)."""
-    from .config import MUCSConfig
 
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"--model {args.model}: no such file or directory")
@@ -262,7 +262,6 @@ def cli_message(msg: str) -> str:
 
 def interrupted_message(out: str | None) -> str:
     """What Ctrl-C leaves behind and how to continue."""
-    from .rundir import RUN_FILE, TARGETS_DIR
 
     if out and os.path.isfile(os.path.join(out, RUN_FILE)):
         tdir = os.path.join(out, TARGETS_DIR)

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from . import noise as _noise
+from ._io import tensor_digest
 from .config import REFERENCE_FROZEN, FrozenSpec
 from .ops import edm_loss, noisy_inputs
 
@@ -107,7 +108,6 @@ class Denoiser:
 
     def fingerprint(self) -> str:
         """Digest of the architecture and weights (the cache key of the original model)."""
-        from ._io import tensor_digest
 
         sd = {k: v for k, v in self.net.state_dict().items()}
         h = hashlib.sha256(type(self).__name__.encode())

@@ -28,22 +28,23 @@ from typing import Optional
 
 import torch
 
-from ._version import __version__
 from ._io import derive_seed, key_digest, tensor_digest
+from ._version import __version__
+from .adaptive import LazyLossT, adaptive_scores, screen_noises
 from .cache import LossCache
 from .config import MUCSConfig
+from .coverage import Writes, nan_tensor
+from .data import Source, TensorSource, check_ids, open_source, source_digest
 from .denoisers import Denoiser
-from .noise import NoiseBank, estimate_t_sched
 from .functional import flat_views
+from .noise import NoiseBank, estimate_t_sched
+from .ops import backends
 from .parallel import Group, Plan, join
 from .params import trainable_names
 from .result import Attribution
 from .rundir import RunDir, load_loss_t_shard, save_loss_t_shard
 from .score import LossPass, original_losses, score_batch_images, score_stacked, use_compile
-from .coverage import Writes, nan_tensor
-from .data import Source, TensorSource, check_ids, open_source, source_digest
 from .unlearn import RetainStream, unlearn_batched
-from .adaptive import LazyLossT, adaptive_scores, screen_noises
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +324,6 @@ def compute_loss_t(run: Run, plan: Plan, cache_dir) -> None:
     """L_t [N, M] through the run's loss pass (the callable that scores the unlearned copies):
     from the cache when an entry for exactly this evaluation exists, else each rank its shards
     (persisted per shard in the run directory, so an interrupted pass resumes), combined."""
-    from .ops import backends
 
     cfg, lp, g = run.cfg, run.loss_pass, run.group
     t0 = time.perf_counter()
@@ -457,7 +457,6 @@ def run_blocks(run: Run, plan: Plan, on_done) -> None:
 
 
 def result(run: Run, scores: torch.Tensor, exact: torch.Tensor, infos: list, t_start: float) -> Attribution:
-    from .ops import backends
 
     cfg, names = run.cfg, set(run.names)
     run.timings["total"] = time.perf_counter() - t_start

@@ -17,7 +17,7 @@ Two ops have no usable batching rule and are rerouted while a batched call runs 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -87,24 +87,6 @@ class StackedNet:
         # the wrapper of `network` exists before any call: made inside a compiled function, a new
         # module is a pending mutation that breaks the graph at every functional_call after it
         self._methods: dict = {"network": _MethodAsForward(net, "network")} if hasattr(net, "network") else {}
-
-    @classmethod
-    def replicate(cls, net: torch.nn.Module, names: Sequence[str], K: int) -> "StackedNet":
-        """K copies of net's current values of `names` (fresh tensors, no grad)."""
-        params = dict(net.named_parameters())
-        w = {n: params[n].detach().unsqueeze(0).repeat(K, *([1] * params[n].dim())).contiguous() for n in names}
-        return cls(net, w)
-
-    def copy(self, k: int) -> torch.nn.Module:
-        """Copy k as a standalone module (for checks and for callers that want the weights)."""
-        import copy as _copy
-
-        m = _copy.deepcopy(self.net)
-        with torch.no_grad():
-            p = dict(m.named_parameters())
-            for n in self.names:
-                p[n].copy_(self.weights[n][k])
-        return m
 
     def module(self, weights: dict) -> "_Call":
         """The net with trainable parameters `weights` ({name: tensor of the parameter's shape},

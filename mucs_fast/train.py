@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .denoisers import DiffusersDenoiser, EDMDenoiser
+from .models.dit import DiT
 
 CHECKPOINT_FORMAT = "mucs_fast.dit"
 CHECKPOINT_VERSION = 1
@@ -192,7 +193,6 @@ def save_checkpoint(path, den: EDMDenoiser, extra: dict | None = None) -> None:
     """Write our DiT (constructor args + state dict), its EDM settings and train_lr to one file,
     atomically (a temporary file in the same folder, then os.replace). `extra`: plain values only
     (str/int/float/bool/None/tensors, dicts and lists of them), returned by load_checkpoint."""
-    from .models.dit import DiT
 
     if not isinstance(den, EDMDenoiser) or not isinstance(den.net, DiT):
         raise TypeError(
@@ -234,7 +234,6 @@ def save_checkpoint(path, den: EDMDenoiser, extra: dict | None = None) -> None:
 def load_checkpoint(path, device=None, with_extra: bool = False):
     """Read a file written by save_checkpoint (torch.load with weights_only=True) → EDMDenoiser
     around a DiT in eval mode (or (den, extra) with `with_extra`)."""
-    from .models.dit import DiT
 
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -68,3 +68,33 @@ def trained_digits_dit(n_images: int, steps: int = 200):
     net = DiT((1, 8, 8), label_dim=0, patch_size=2, width=32, depth=2, heads=2, cond_width=16)
     den, info = train(mf.EDMDenoiser(net), x, steps=steps, batch_size=32, lr=3e-3, warmup=20, progress=False)
     return den, x, info
+
+
+def inference_losses(den, net, x, y, bank, *, images_per_batch, precision="auto", compile=False):
+    """L [N, M] float32 of one model `net` under the bank: a one-model LossPass over resident x."""
+    from mucs_fast.data import TensorSource
+    from mucs_fast.score import LossPass, original_losses
+
+    lp = LossPass(den, net, [], bank, images_per_batch=images_per_batch, precision=precision, compile=compile)
+    return original_losses(lp, TensorSource(x), y, torch.arange(x.shape[0]))
+
+
+def replicated(net, names, K):
+    """A StackedNet of K copies of net's current values of `names` (fresh tensors, no grad)."""
+    from mucs_fast.functional import StackedNet
+
+    params = dict(net.named_parameters())
+    w = {n: params[n].detach().unsqueeze(0).repeat(K, *([1] * params[n].dim())).contiguous() for n in names}
+    return StackedNet(net, w)
+
+
+def standalone(stack, k):
+    """Copy k of a StackedNet as a module of its own (a deep copy of the net with k's weights)."""
+    import copy
+
+    m = copy.deepcopy(stack.net)
+    with torch.no_grad():
+        p = dict(m.named_parameters())
+        for n in stack.names:
+            p[n].copy_(stack.weights[n][k])
+    return m

@@ -7,11 +7,12 @@ import mucs_fast as mf
 from mucs_fast.data import TensorSource
 from mucs_fast.denoisers import DiffusersDenoiser, EDMDenoiser
 from mucs_fast.engine import make_bank
-from mucs_fast.functional import StackedNet, group_norm, sdpa_math, vmap_safe
+from mucs_fast.functional import group_norm, sdpa_math, vmap_safe
 from mucs_fast.models.unet import ddpm_scheduler, tiny_dit, tiny_unet
 from mucs_fast.params import trainable_names
 from mucs_fast.score import LossPass, original_losses, score_stacked
 from mucs_fast.unlearn import RetainStream, unlearn_batched
+from nets import replicated, standalone
 
 
 def _family(name):
@@ -156,7 +157,7 @@ def test_vmap_safe_reroutes_match_the_native_ops():
     # the failure this works around: a diffusers UNet (GroupNorm after batched convs) under vmap
     net = tiny_unet(1, 8).eval()
     names = [n for n, _ in net.named_parameters() if n.endswith("weight") and "norm" not in n]
-    stack = StackedNet.replicate(net, names, 2)
+    stack = replicated(net, names, 2)
     for w in stack.weights.values():
         w.add_(0.01 * torch.randn(w.shape, generator=g))
     xin, t = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([1, 50, 99])
@@ -168,7 +169,7 @@ def test_vmap_safe_reroutes_match_the_native_ops():
         torch.func.vmap(fwd)(stack.weights)
     with vmap_safe():
         out = torch.func.vmap(fwd)(stack.weights)
-    torch.testing.assert_close(out, torch.stack([stack.copy(k)(xin, t).sample for k in range(2)]),
+    torch.testing.assert_close(out, torch.stack([standalone(stack, k)(xin, t).sample for k in range(2)]),
                                rtol=1e-4, atol=1e-5)
 
 
@@ -205,7 +206,7 @@ def test_compiled_scoring_equals_eager(raw):
     assert a.scores.abs().max().item() > 1e-3
     # the vmapped pass (the CUDA default) compiled vs eager on the same unlearned weights
     den = EDMDenoiser(net)
-    stack = StackedNet.replicate(den.net, trainable_names(den.net, den.default_frozen()), 3)
+    stack = replicated(den.net, trainable_names(den.net, den.default_frozen()), 3)
     with torch.no_grad():
         for w in stack.weights.values():
             w.add_(0.05 * torch.randn(w.shape, generator=g))

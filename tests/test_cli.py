@@ -133,12 +133,10 @@ def test_a_diffusers_folder_loads_its_safetensors_and_refuses_bin_pickles(tmp_pa
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """Fail the test if the command gets as far as reading data or the model."""
-    import mucs_fast.data
-
     def boom(*a, **kw):
         raise AssertionError("read data or model before checking the flags")
 
-    monkeypatch.setattr(mucs_fast.data, "load_images", boom)
+    monkeypatch.setattr(cli, "load_images", boom)
     monkeypatch.setattr(cli, "load_model", boom)
 
 
@@ -221,7 +219,6 @@ def _main_catching_ctrl_c(argv):
 
 
 def test_ctrl_c_during_attribute_says_how_to_resume(data, capsys, monkeypatch):
-    import mucs_fast.engine
     from mucs_fast.rundir import RunDir
 
     def interrupted(den, train, targets, cfg, run_dir=None, resume=False, **kw):
@@ -229,7 +226,7 @@ def test_ctrl_c_during_attribute_says_how_to_resume(data, capsys, monkeypatch):
         run.save_target(0, torch.zeros(N), {"steps": 1})
         raise KeyboardInterrupt  # while the second target runs
 
-    monkeypatch.setattr(mucs_fast.engine, "attribute", interrupted)
+    monkeypatch.setattr(cli, "attribute", interrupted)
     out = data / "out"
     assert _main_catching_ctrl_c(_argv(data, _tiny_dit_checkpoint(data / "m.pt"), out)) == 130
     err = capsys.readouterr().err
@@ -240,12 +237,10 @@ def test_ctrl_c_during_attribute_says_how_to_resume(data, capsys, monkeypatch):
 
 
 def test_ctrl_c_during_the_demo(tmp_path, capsys, monkeypatch):
-    import mucs_fast.data
-
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mucs_fast.data, "load_digits", interrupted)
+    monkeypatch.setattr(cli, "load_digits", interrupted)
     assert _main_catching_ctrl_c(["demo", "--quick", "--out", str(tmp_path / "demo"), "--device", "cpu"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("[mucs-fast] interrupted")

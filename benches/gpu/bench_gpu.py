@@ -2,7 +2,7 @@
 
     python benches/gpu/bench_gpu.py --out results.json [--dry-run]
 
-1. scoring: images·noises per second of the original-model loss pass (`inference_losses`, the
+1. scoring: images·noises per second of the original-model loss pass (`score.original_losses` of a one-model `LossPass`, the
    per-chunk work of every scoring pass) on the CIFAR-10 reference DiT config (32×32×3, patch 2,
    256 + 32 tokens, width 768, 12 blocks, 12 heads, MLP 4, adaLN width 256), bf16 autocast with fp32
    loss accumulation, eager and torch.compile; FLOPs per image from torch.utils.flop_counter;
@@ -77,8 +77,9 @@ def flops_per_image(den, net, shape, device):
 
 def bench_scoring(args, device, log):
     import mucs_fast as mf
+    from mucs_fast.data import TensorSource
     from mucs_fast.noise import NoiseBank
-    from mucs_fast.score import inference_losses
+    from mucs_fast.score import LossPass, original_losses
 
     if args.dry_run:
         cfg = dict(image_size=(3, 8, 8), patch_size=2, width=32, depth=2, heads=2, cond_width=16, extra_tokens=4)
@@ -106,9 +107,10 @@ def bench_scoring(args, device, log):
             run_net = torch.compile(net, dynamic=False)
         den_m = mf.EDMDenoiser(run_net, raw=False) if mode != "raw" else den
 
+        lp = LossPass(den_m, den_m.net, [], bank, images_per_batch=per_batch, precision=precision)
+
         def run():
-            return inference_losses(den_m, den_m.net, x, None, bank, images_per_batch=per_batch,
-                                    precision=precision)
+            return original_losses(lp, TensorSource(x), None, torch.arange(N))
 
         t_first = time.perf_counter()
         out = run()
@@ -131,7 +133,7 @@ def bench_scoring(args, device, log):
 
 def bench_ktargets(args, device, log):
     import mucs_fast as mf
-    from mucs_fast.functional import StackedNet
+    from mucs_fast.data import TensorSource
     from mucs_fast.noise import NoiseBank
     from mucs_fast.params import trainable_names
     from mucs_fast.score import LossPass, score_stacked
@@ -162,7 +164,7 @@ def bench_ktargets(args, device, log):
     for K in Ks:
         def batched():
             r, gs = streams(K)
-            unlearn_batched(den, net, names, x, y, x[:K], y[:K], cfg=conf, loss_null=1.0, lr=1e-4, retains=r,
+            unlearn_batched(den, net, names, TensorSource(x), y, x[:K], y[:K], cfg=conf, loss_null=1.0, lr=1e-4, retains=r,
                             generators=gs)
 
         med, _ = timed(batched, device, repeats=3, warmup=1)
@@ -177,12 +179,13 @@ def bench_ktargets(args, device, log):
     precision = "bf16" if device.type == "cuda" else "fp32"
     base = None
     for K in Ks:
-        stack = StackedNet.replicate(net, names, K)
+        params = dict(net.named_parameters())
+        weights = {n: params[n].detach()[None].repeat(K, *([1] * params[n].dim())) for n in names}
         lp = LossPass(den, net, names, bank, images_per_batch=max(1, 8192 // (M * K)), precision=precision)
         ids = torch.arange(n_score)
 
         def score():
-            return score_stacked(lp, stack.weights, x[:n_score], y[:n_score], ids, loss_t, eps=1e-3,
+            return score_stacked(lp, weights, TensorSource(x[:n_score]), y[:n_score], ids, loss_t, eps=1e-3,
                                  use_loss_ratio=True, use_same_noise_infer=True)
 
         med, _ = timed(score, device, repeats=3, warmup=1)

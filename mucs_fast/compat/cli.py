@@ -17,6 +17,10 @@ import os
 import time
 
 from ..cli_common import attribute_config, check_top_k, load_model, print_summary
+from ..engine import attribute
+from ..report import write_report
+from .reference import distributed, load_reference_model, save_attrib_ids
+from .reference_files import load_dataset, load_metadata, load_samples
 
 
 def add_reference_arguments(parser) -> None:
@@ -67,10 +71,6 @@ def uses_reference_files(args) -> bool:
 
 
 def cmd_attribute_reference(args) -> int:
-    from ..engine import attribute
-    from ..report import write_report
-    from .reference import distributed, load_reference_model, save_attrib_ids
-    from .reference_files import load_dataset, load_metadata, load_samples
 
     if not (args.reference_samples and args.reference_data):
         raise ValueError(

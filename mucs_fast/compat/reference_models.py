@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from ..denoisers import EDMDenoiser
 from .reference_files import load_checkpoint
 
 
@@ -79,7 +80,6 @@ def load_reference_model(checkpoint, code_dir=None, metadata=None, which: str = 
     `code_dir` (default: already importable); weights `which` ("ema", else "model") of the
     checkpoint, read with `load_checkpoint` (omegaconf-safe, weights_only=True). The denoiser knows
     the sampler's σ range, the training lr (unlearning lr = lr / 10) and how to build a fresh model."""
-    from ..denoisers import EDMDenoiser
 
     fn = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "configuration.yaml")
     if not os.path.isfile(fn):

@@ -8,13 +8,14 @@ import os
 import sys
 import time
 
+from .pipeline import PHASES, QUICK, QUICK_LDS, EvalConfig, StopEvaluation, evaluate
+
 
 def _csv(s: str) -> list[str]:
     return [p.strip() for p in s.split(",") if p.strip()]
 
 
 def add_evaluate_parser(sub) -> argparse.ArgumentParser:
-    from .pipeline import PHASES
 
     e = sub.add_parser("evaluate", help="counterfactual evaluation: remove top-attributed images, retrain, "
                                         "compare regenerated images with random removal")
@@ -59,7 +60,6 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
 
 
 def config_from_args(args):
-    from .pipeline import QUICK, QUICK_LDS, EvalConfig
 
     base = dict(QUICK) if args.quick else {}
     over = {}
@@ -101,7 +101,6 @@ def config_from_args(args):
 def cmd_evaluate(args) -> int:
     import torch
 
-    from .pipeline import StopEvaluation, evaluate
 
     cfg = config_from_args(args)
     torch.set_num_threads(max(1, args.threads))

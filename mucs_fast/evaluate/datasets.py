@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
+from ..data import load_digits, load_images, load_labels
+
 MNIST_DEFAULT_N = 2000
 MNIST5K_FILE = os.path.join("data", "data", "mnist_5k.csv.gz")
 
@@ -174,7 +176,6 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 def load_dataset(spec: str, image_size: int = 16, n_train: Optional[int] = None,
                  seed: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor], str]:
     """(images float32 [N, C, H, W] in [-1, 1], class ids int64 [N] or None, description)."""
-    from ..data import load_digits, load_images, load_labels
 
     if spec == "digits":
         x, y = load_digits(image_size)

@@ -25,6 +25,9 @@ from typing import Optional
 import torch
 
 from .._io import derive_seed
+from ..functional import StackedNet
+from ..noise import karras_sigmas
+from ..params import trainable_names
 
 DTRAK_DEFAULTS = dict(num_levels=8, proj_dim=512, lamb=1e-3, batch_size=64, block=32768,
                       projection="rademacher", params="all")
@@ -85,9 +88,6 @@ def dtrak_features(den, images: torch.Tensor, labels: Optional[torch.Tensor], *,
     `grad` support)."""
     from tqdm.auto import tqdm
 
-    from ..functional import StackedNet
-    from ..noise import karras_sigmas
-    from ..params import trainable_names
 
     device = torch.device(device or "cpu")
     net = den.net.to(device).eval()

@@ -22,7 +22,10 @@ import numpy as np
 import torch
 
 from .._io import derive_seed
+from ..config import MUCSConfig
 from ..data import TensorSource
+from ..engine import make_bank
+from ..score import LossPass, original_losses, score_batch_images
 
 LDS_DEFAULTS = dict(subsets=32, alpha=0.5, steps=None, num_noises=256, seed=0)
 
@@ -73,8 +76,6 @@ def subset_train(train: dict, opts: dict) -> dict:
 def lds_bank(den, chw, num_noises: int, seed: int):
     """The one bank of (ε, σ) every subset model and target is scored under: σ log-normal (the
     training distribution), drawn on the CPU from `seed`."""
-    from ..config import MUCSConfig
-    from ..engine import make_bank
 
     return make_bank(den, tuple(chw), MUCSConfig(num_noises=num_noises, seed=seed), None)
 
@@ -83,7 +84,6 @@ def lds_bank(den, chw, num_noises: int, seed: int):
 def model_outputs(den, images: torch.Tensor, labels: Optional[torch.Tensor], bank, device=None) -> torch.Tensor:
     """f(x̂) [K] float64: each image's diffusion loss under `den` averaged over `bank` (lds_bank),
     by the engine's loss pass (so exactly the loss MUCS scores with)."""
-    from ..score import LossPass, original_losses, score_batch_images
 
     device = torch.device(device or "cpu")
     K = images.shape[0]

@@ -31,8 +31,14 @@ from typing import Optional
 import torch
 
 from .._io import derive_seed
+from ..config import MUCSConfig
 from ..coverage import nan_tensor
 from ..data import TensorSource
+from ..engine import attribute, make_bank
+from ..params import set_trainable, trainable_names
+from ..score import LossPass, original_losses, score_batch_images, score_stacked
+from .dtrak import dtrak
+from .stats import rank_average
 
 MethodFn = Callable[["MethodContext", torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -110,7 +116,6 @@ def get_method(name: str) -> MethodFn:
         parts = _components(name)
 
         def ensemble(ctx, targets, target_labels):
-            from .stats import rank_average
 
             get = ctx.scores_of or (lambda m: get_method(m)(ctx, targets, target_labels))
             return rank_average([get(p) for p in parts])
@@ -158,8 +163,6 @@ MUCS_VARIANTS = {
 
 def _mucs(overrides: dict) -> MethodFn:
     def fn(ctx: MethodContext, targets, target_labels):
-        from ..config import MUCSConfig
-        from ..engine import attribute
 
         settings = {**ctx.settings.get("mucs", {}), **overrides}
         if not settings.get("use_same_noise_infer", True):
@@ -230,7 +233,6 @@ def pixel_l2_scores(ctx: MethodContext, targets, target_labels=None):
 # --------------------------------------------------------------------------------------------
 @register_method("dtrak", "dtrak")
 def dtrak_scores(ctx: MethodContext, targets, target_labels=None):
-    from .dtrak import dtrak
 
     return dtrak(ctx.den, ctx.train, targets, ctx.train_labels, target_labels, seed=ctx.seed,
                  device=_device(ctx), progress=ctx.progress, info=ctx.info, **ctx.settings.get("dtrak", {}))
@@ -251,10 +253,6 @@ def abu_scores(ctx: MethodContext, targets, target_labels=None):
     regularizer), then score[j] = mean_m L_u(x_j; ε_m, σ_m) − L_t(x_j; ε_m, σ_m) over a fixed bank
     of num_noises (ε, σ) shared by both models and every image: the raw loss increase.
     params: "mucs" (the parameters MUCS unlearns) or "all"."""
-    from ..config import MUCSConfig
-    from ..engine import make_bank
-    from ..params import set_trainable, trainable_names
-    from ..score import LossPass, original_losses, score_batch_images, score_stacked
 
     opts = {**ABU_DEFAULTS, **ctx.settings.get("abu", {})}
     unknown = set(opts) - set(ABU_DEFAULTS)

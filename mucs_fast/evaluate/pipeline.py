@@ -35,12 +35,26 @@ from typing import Optional
 
 import torch
 
-from .._version import __version__
 from .._io import atomic_write, atomic_write_json, derive_seed, tensor_digest
+from .._version import __version__
+from ..denoisers import EDMDenoiser
+from ..models import DiT
+from ..sample import sample_edm
+from ..train import load_checkpoint, save_checkpoint, train
 from . import stats
-from .lds import lds_bank, lds_options, lds_per_target, model_outputs, subset_masks, subset_seed, subset_train
+from .datasets import load_dataset
+from .lds import (
+    lds_bank,
+    lds_options,
+    lds_per_target,
+    model_outputs,
+    subset_masks,
+    subset_seed,
+    subset_train,
+)
 from .methods import MethodContext, check_method, get_method, method_key
-from .metrics import DEFAULT_METRICS, METRICS, compute_metrics, train_feature_net
+from .metrics import DEFAULT_METRICS, METRICS, FeatureNet, compute_metrics, train_feature_net
+from .report import write_outputs
 
 FORMAT = 1
 PHASES = ("lds-models", "pre", "generate", "attribute", "post", "regenerate")
@@ -194,9 +208,6 @@ def _model_phase(store: Store, cfg: EvalConfig, x, y, seed: int, removed: torch.
                  device, progress: bool, recipe: Optional[dict] = None):
     """Train (or load) the model on x without the rows `removed` (training recipe `recipe`, default
     cfg.train); returns (den, key, info)."""
-    from ..denoisers import EDMDenoiser
-    from ..models import DiT
-    from ..train import load_checkpoint, save_checkpoint, train
 
     train_cfg = cfg.train if recipe is None else recipe
     removed = torch.unique(torch.as_tensor(removed, dtype=torch.int64))
@@ -231,7 +242,6 @@ def _model_phase(store: Store, cfg: EvalConfig, x, y, seed: int, removed: torch.
 
 def _generate_phase(store: Store, cfg: EvalConfig, den, model_key: str, seeds: torch.Tensor,
                     labels: Optional[torch.Tensor], device, progress: bool):
-    from ..sample import sample_edm
 
     key = _digest({"model": model_key, "seeds": seeds.tolist(), "labels": None if labels is None else labels.tolist(),
                    "steps": cfg.sample_steps, "format": FORMAT})
@@ -325,7 +335,6 @@ def _lds_phase(store: Store, cfg: EvalConfig, lds: dict, targets, target_labels,
 
 
 def _classifier(store: Store, cfg: EvalConfig, x, y, data_key: str, progress: bool):
-    from .metrics import FeatureNet
 
     if y is None or "feat" not in cfg.metrics:
         return None, None
@@ -360,8 +369,6 @@ def evaluate(out: str, config: Optional[EvalConfig] = None, *, device=None, prog
     artifacts for a later call to reuse; data: (images [N, C, H, W], class ids [N] or None) to use
     instead of loading config.data (tests).
     """
-    from .datasets import load_dataset
-    from .report import write_outputs
 
     cfg = config if config is not None else EvalConfig()
     if stop_after is not None and stop_after not in PHASES:

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from nets import TinyEDMNet
+from nets import TinyEDMNet, inference_losses
 from refkit import FakeFabric, TensorDataset, Wrapped, make_conf, toy_data
 
 import mucs_fast as mf
@@ -18,7 +18,6 @@ from mucs_fast import noise
 from mucs_fast.compat import reference as ref
 from mucs_fast.compat.reference import Attributor, ResidentLoader
 from mucs_fast.noise import NoiseBank
-from mucs_fast.score import inference_losses
 
 M, B = 4, 4  # noises, batch: tiny on purpose (2 CPU cores)
 
