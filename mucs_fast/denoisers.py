@@ -19,6 +19,7 @@ import torch
 from . import noise as _noise
 from ._io import tensor_digest
 from .config import REFERENCE_FROZEN, FrozenSpec
+from .data import check_labels
 from .ops import edm_loss, noisy_inputs
 
 
@@ -99,9 +100,11 @@ class Denoiser:
                 f"{what}: the model is class-conditional (label_dim={self.label_dim}) but no labels "
                 f"were given; pass {what}=<tensor [{n}] of class ids or [{n}, {self.label_dim}]>")
         y = torch.as_tensor(y).detach()
-        if y.shape[0] != n:
+        if y.ndim and y.shape[0] != n:
             raise ValueError(f"{what}: expected {n} labels (one per image), got shape {tuple(y.shape)}")
-        return self._convert_labels(y, what)
+        # class ids int64 [n] or finite label vectors float32 [n, D] (data.checks: one rule for
+        # labels, whatever reads them); then what this model takes
+        return self._convert_labels(check_labels(y, n, what), what)
 
     def _convert_labels(self, y: torch.Tensor, what: str) -> torch.Tensor:
         raise NotImplementedError
@@ -134,6 +137,18 @@ def _label_rows(y: Optional[torch.Tensor], M: int) -> Optional[torch.Tensor]:
 
 def _is_class_ids(y: torch.Tensor) -> bool:
     return y.ndim == 1 and not torch.is_floating_point(y)
+
+
+def _check_class_range(y: torch.Tensor, label_dim: int, what: str) -> None:
+    if y.numel() and (y.min() < 0 or y.max() >= label_dim):
+        raise ValueError(f"{what}: class ids must lie in [0, {label_dim}), "
+                         f"got range [{int(y.min())}, {int(y.max())}]")
+
+
+def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """λ(σ) = (σ² + σ_d²)/(σ·σ_d)², the EDM loss weight, written as in the reference for bitwise
+    agreement (the drop-in's replay weighs its losses with this too)."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
 
 class EDMDenoiser(Denoiser):
@@ -180,9 +195,7 @@ class EDMDenoiser(Denoiser):
 
     # σ and λ(σ) --------------------------------------------------------------------------------
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        """λ(σ) = (σ² + σ_d²)/(σ·σ_d)², written as in the reference for bitwise agreement."""
-        sd = self.sigma_data
-        return (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+        return edm_weight(sigma, self.sigma_data)
 
     def precond(self, sigma: torch.Tensor):
         """EDM preconditioning (c_skip, c_out, c_in, c_noise), each [B], as the reference's nets."""
@@ -211,9 +224,7 @@ class EDMDenoiser(Denoiser):
         else:
             num = _noise.grid_size(B, t_sched)
             s = torch.rand(num, generator=generator, device=device).sort().values
-            sigma = ((self.sigma_max ** (1 / self.rho)
-                      + s * (self.sigma_min ** (1 / self.rho) - self.sigma_max ** (1 / self.rho)))
-                     ** self.rho)[:B]
+            sigma = _noise.karras_sigma(s, self.sigma_min, self.sigma_max, self.rho)[:B]
         eps = torch.randn(tuple(shape), generator=generator, device=device)
         return eps, sigma
 
@@ -264,16 +275,11 @@ class EDMDenoiser(Denoiser):
     # labels / models ---------------------------------------------------------------------------
     def _convert_labels(self, y, what):
         if _is_class_ids(y):
-            if y.numel() and (y.min() < 0 or y.max() >= self.label_dim):
-                raise ValueError(f"{what}: class ids must lie in [0, {self.label_dim}), "
-                                 f"got range [{int(y.min())}, {int(y.max())}]")
-            return torch.nn.functional.one_hot(y.long(), self.label_dim).float()
-        if y.ndim != 2 or y.shape[1] != self.label_dim:
+            _check_class_range(y, self.label_dim, what)
+            return torch.nn.functional.one_hot(y, self.label_dim).float()
+        if y.shape[1] != self.label_dim:
             raise ValueError(f"{what}: expected class ids [N] or label vectors [N, {self.label_dim}], "
                              f"got shape {tuple(y.shape)} ({y.dtype})")
-        y = y.float()
-        if not torch.isfinite(y).all():
-            raise ValueError(f"{what}: labels contain NaN or Inf")
         return y
 
     def fresh_net_error(self):
@@ -389,14 +395,12 @@ class DiffusersDenoiser(Denoiser):
 
     def _convert_labels(self, y, what):
         if not _is_class_ids(y):
-            if y.ndim == 2 and y.shape[1] == self.label_dim:
+            if y.shape[1] == self.label_dim:
                 return y.argmax(1)  # one-hot → class ids
             raise ValueError(f"{what}: expected class ids [N] (int) or one-hot [N, {self.label_dim}], "
                              f"got shape {tuple(y.shape)} ({y.dtype})")
-        if y.numel() and (y.min() < 0 or y.max() >= self.label_dim):
-            raise ValueError(f"{what}: class ids must lie in [0, {self.label_dim}), "
-                             f"got range [{int(y.min())}, {int(y.max())}]")
-        return y.long()
+        _check_class_range(y, self.label_dim, what)
+        return y
 
     def fresh_net(self):
         return type(self.net).from_config(self.net.config)

@@ -19,6 +19,7 @@ mode and `requires_grad` flags come back as they were.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -43,8 +44,15 @@ from .parallel import Group, Plan, join
 from .params import trainable_names
 from .result import Attribution
 from .rundir import RunDir, load_loss_t_shard, save_loss_t_shard
-from .score import LossPass, original_losses, score_batch_images, score_stacked, use_compile
-from .unlearn import RetainStream, unlearn_batched
+from .score import (
+    LossPass,
+    original_losses,
+    resolve_precision,
+    score_batch_images,
+    score_stacked,
+    use_compile,
+)
+from .unlearn import RetainStream, check_loss_null, unlearn_batched
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,6 +133,17 @@ def _probe(den: Denoiser, x: Source, y: Optional[torch.Tensor]) -> None:
 def _fork_rng(device: torch.device):
     devices = [device] if device.type == "cuda" else []
     return torch.random.fork_rng(devices=devices)
+
+
+@contextlib.contextmanager
+def forward_rng(cfg: MUCSConfig, device: torch.device, *tags):
+    """The global RNG seeded from (seed, tags) for one phase, the caller's state restored after.
+    A model that draws random numbers in forward (the reference's conditional DiT draws a
+    label-dropout mask even in eval mode) takes them from the global RNG: seeded per block of
+    targets, a target's draws do not depend on the targets before it, nor on the caller's RNG."""
+    with _fork_rng(device):
+        torch.manual_seed(derive_seed(cfg.seed, "forward", *tags))
+        yield
 
 
 @torch.no_grad()
@@ -291,7 +310,8 @@ def prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, de
               y_hat=None if y_targets is None else y_targets.to(device), fingerprints=fingerprints,
               names=names, lr=lr, group=group)
     view.net.eval()
-    _probe(view, run.x, run.y)
+    with forward_rng(cfg, device, "probe"):
+        _probe(view, run.x, run.y)
     return run
 
 
@@ -302,17 +322,13 @@ def resolve(run: Run, need_loss_null: bool) -> None:
     if "auto" in (cfg.t_sched_infer, cfg.t_sched_train):
         full = den.sigma_of(den.full_grid(cfg.num_noises).to(device))
         t_auto = estimate_t_sched(run.x, full, cfg.B, torch.Generator().manual_seed(derive_seed(cfg.seed, "t_sched")))
-        t_auto = max(t_auto, 1.0 / cfg.num_noises)  # at least one grid level
         cfg.t_sched_infer = t_auto if cfg.t_sched_infer == "auto" else cfg.t_sched_infer
         cfg.t_sched_train = t_auto if cfg.t_sched_train == "auto" else cfg.t_sched_train
     if cfg.loss_null != "auto":
         run.loss_null = float(cfg.loss_null)
     elif need_loss_null:  # rank 0's value on every rank: identical stopping everywhere
         value = estimate_loss_null(den, run.x, run.y, cfg, device, run.progress) if run.group.rank == 0 else None
-        run.loss_null = run.group.broadcast_object(value, 0)
-        if not (math.isfinite(run.loss_null) and run.loss_null > 0):
-            raise ValueError(f"loss_null='auto' gave {run.loss_null}: the freshly initialized model "
-                             "produces non-finite losses; pass MUCSConfig(loss_null=<number>)")
+        run.loss_null = check_loss_null(run.group.broadcast_object(value, 0))
     run.bank = make_bank(den, run.x.chw, cfg, cfg.t_sched_infer).to(device)
     run.compiled = use_compile(cfg.compile, run.N * run.bank.M)
     run.loss_pass = LossPass(den, den.net, run.names, run.bank, precision=cfg.precision, compile=run.compiled,
@@ -348,7 +364,8 @@ def compute_loss_t(run: Run, plan: Plan, cache_dir) -> None:
             s0, s1 = plan.shards[i]
             part = None if run.run_path is None else load_loss_t_shard(run.run_path, i, key, (s1 - s0, run.bank.M))
             if part is None:
-                part = original_losses(lp, run.x, run.y, run.ids, infer_seed=seed, start=s0, stop=s1)
+                with forward_rng(cfg, run.device, "loss_t", i):  # per shard: any world size
+                    part = original_losses(lp, run.x, run.y, run.ids, infer_seed=seed, start=s0, stop=s1)
                 if run.run_path is not None:
                     save_loss_t_shard(run.run_path, i, key, part)
             loss_t[s0:s1] = part.to(run.device)
@@ -377,10 +394,11 @@ def unlearn_block(run: Run, block: list) -> tuple[torch.Tensor, list]:
         run.bar.phase(f"unlearn ×{K}: step {max(i.steps for i in infos)}/{cap}, {len(active)} running, "
                       f"L_f {' '.join(f'{i.loss_f:.3f}' for i in infos)} → {goal:.3f}")
 
-    weights, infos = unlearn_batched(
-        den, den.net, run.names, run.x, run.y, run.x_hat[block], None if run.y_hat is None else run.y_hat[block],
-        cfg=cfg, loss_null=run.loss_null, lr=run.lr, retains=[r for r, _, _ in streams],
-        generators=[g for _, g, _ in streams], progress=show if run.progress else None)
+    with forward_rng(cfg, run.device, "unlearn", *fps):
+        weights, infos = unlearn_batched(
+            den, den.net, run.names, run.x, run.y, run.x_hat[block], None if run.y_hat is None else run.y_hat[block],
+            cfg=cfg, loss_null=run.loss_null, lr=run.lr, retains=[r for r, _, _ in streams],
+            generators=[g for _, g, _ in streams], progress=show if run.progress else None)
     seconds = time.perf_counter() - t0
     out = []
     for i, info in enumerate(infos):
@@ -418,9 +436,11 @@ def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> tuple[lis
         run.bar.phase(f"score ×{len(ok)}")
         for i in plan.my_shards():
             s0, s1 = plan.shards[i]
-            S[:, s0:s1] = score_stacked(run.loss_pass, weights, run.x, run.y, run.ids, run.loss_t, eps=cfg.eps,
-                                        use_loss_ratio=cfg.use_loss_ratio, use_same_noise_infer=cfg.use_same_noise_infer,
-                                        infer_seeds=seeds, start=s0, stop=s1)
+            with forward_rng(cfg, run.device, "score", i, *(infos[j]["target"] for j in ok)):
+                S[:, s0:s1] = score_stacked(run.loss_pass, weights, run.x, run.y, run.ids, run.loss_t,
+                                            eps=cfg.eps, use_loss_ratio=cfg.use_loss_ratio,
+                                            use_same_noise_infer=cfg.use_same_noise_infer,
+                                            infer_seeds=seeds, start=s0, stop=s1)
             writes.mark(s0, s1)
             run.bar.pairs((s1 - s0) * run.bank.M * len(ok))
         run.group.sum_(S)
@@ -526,8 +546,11 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
         target_rows = Writes(run.K, "targets")  # a target's row: resumed, scored, or NaN when it diverged
         done = {}
         if run.group.rank == 0 and run_dir is not None:  # one writer per job: rank 0 holds the folder
+            # what the rows of a run depend on: a resume with any of it changed would mix rows
             key = {"config": cfg.score_fields(), "model": run.fingerprints["model"],
-                   "train": run.fingerprints["train"], "targets": run.fingerprints["targets"], "lr": run.lr}
+                   "train": run.fingerprints["train"], "targets": run.fingerprints["targets"], "lr": run.lr,
+                   "mucs_fast": __version__, "backend": backends(), "device": run.device.type,
+                   "precision": resolve_precision(run.device, cfg.precision)}
             run.run_dir = RunDir(run_dir, key, resume)
             for k in range(run.K) if resume else ():
                 hit = run.run_dir.load_target(k)

@@ -16,6 +16,7 @@ Two ops have no usable batching rule and are rerouted while a batched call runs 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -178,3 +179,9 @@ class _Call:
         if not (callable(attr) and getattr(attr, "__self__", None) is self._net):
             return attr
         return lambda *args, **kwargs: self.call_method(name, *args, **kwargs)
+
+
+def working_copy(net: torch.nn.Module, device) -> torch.nn.Module:
+    """A deep copy of `net` on `device` in eval mode: what a method computes with, so that the
+    caller's module keeps its device, train/eval mode and requires_grad flags."""
+    return copy.deepcopy(net).to(device).eval()

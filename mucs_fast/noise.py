@@ -16,15 +16,19 @@ from ._io import tensor_digest
 from .data import Source
 
 
+def karras_sigma(s: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 rho: float = 7.0) -> torch.Tensor:
+    """σ(s) = (σ_max^{1/ρ} + s·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ at positions s ∈ [0, 1] (0: σ_max).
+
+    The operation order of the reference (and of every grid mucs_fast draws: the inference bank,
+    sorted-uniform training levels, the drop-in's replay), so grids are bitwise identical to it."""
+    return (sigma_max ** (1 / rho) + s * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
 def karras_sigmas(num: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                   device=None) -> torch.Tensor:
-    """σ_i = (σ_max^{1/ρ} + s_i·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, s = linspace(0, 1, num), largest first.
-
-    Computed in float32 with the same operation order as the reference, so the grid is bitwise
-    identical to it.
-    """
-    s = torch.linspace(0, 1, num, device=device)
-    return (sigma_max ** (1 / rho) + s * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    """The Karras grid of `num` levels, largest first: σ(s) at s = linspace(0, 1, num)."""
+    return karras_sigma(torch.linspace(0, 1, num, device=device), sigma_min, sigma_max, rho)
 
 
 def grid_size(M: int, t_sched: float) -> int:
@@ -90,8 +94,16 @@ def estimate_t_sched(x: Source, sigmas_full: torch.Tensor, B: int,
                 prev = torch.cat(window)
                 dists.append((torch.cdist(cur[None], prev[None]).squeeze(0) / D ** 0.5).flatten().cpu())
             window = (window + [cur])[-num_consec:]
-    d = torch.sort(torch.cat(dists).cpu()).values
+    d = torch.cat(dists).cpu()
     if d.numel() == 0:
         raise ValueError('t_sched="auto" needs at least 2 training images')
+    return t_sched_from_distances(d, sigmas_full, qtl)
+
+
+def t_sched_from_distances(distances: torch.Tensor, sigmas_full: torch.Tensor, qtl: float = 0.05) -> float:
+    """The fraction of the full grid `sigmas_full` [M] above half the `qtl` quantile of the pairwise
+    distances, and at least 1/M (one level: the bank is never empty)."""
+    d = torch.sort(distances.reshape(-1).cpu()).values
     threshold = d[int(qtl * d.numel())] / 2
-    return (sigmas_full.cpu() > threshold).float().mean().item()
+    M = sigmas_full.numel()
+    return max((sigmas_full.cpu() > threshold).float().mean().item(), 1.0 / M)

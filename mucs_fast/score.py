@@ -47,10 +47,15 @@ def score_batch_images(score_batch: Optional[int], M: int, device: torch.device)
     return max(1, pairs // M)
 
 
-def autocast_for(device: torch.device, precision: str):
-    """The reference's policy: bf16 autocast on CUDA (fp32 loss accumulation), fp32 elsewhere."""
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """"auto" → the reference's policy: bf16 autocast on CUDA (fp32 loss accumulation), fp32 elsewhere."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_for(device: torch.device, precision: str):
+    precision = resolve_precision(device, precision)
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     if precision == "fp32":

@@ -81,6 +81,16 @@ def stop_reason(step: int, loss_f: float, loss_null: float, cfg: MUCSConfig) -> 
     return None
 
 
+def check_loss_null(value: float) -> float:
+    """L_null as a bound: finite and > 0 (a fresh model whose losses are NaN or 0 cannot bound the
+    ascent); ValueError naming the way out otherwise."""
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"loss_null='auto' gave {value}: the freshly initialized model produces "
+                         "non-finite or zero losses; pass loss_null=<number> (MUCSConfig(loss_null=...))")
+    return value
+
+
 def mirrored_objective(loss_r: torch.Tensor, loss_f: torch.Tensor, loss_null: float, lamb: float,
                        bounded: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(L_r, L_f, objective) from per-sample losses [..., B] of the retain and forget batches.

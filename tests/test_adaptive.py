@@ -8,7 +8,7 @@ import torch
 from nets import trained_digits_dit
 
 import mucs_fast as mf
-from mucs_fast.adaptive import checkpoints, screening_order, wilson
+from mucs_fast.adaptive import checkpoints, screen_noises, screening_order, wilson
 from mucs_fast.rundir import RunDir
 
 PLANTED = [9, 25, 40, 50]  # training images that rank themselves first on this model
@@ -166,3 +166,12 @@ def test_bad_adaptive_settings_are_clear_errors(problem):
     with pytest.raises(ValueError, match="adaptive_top_k=65 exceeds the training set size N=64"):
         run(problem, adaptive_top_k=65)
     assert math.isfinite(mf.MUCSConfig(adaptive_top_k=5).adaptive_margin)
+
+
+def test_the_adaptive_defaults_are_pinned():
+    """The documented defaults (README, API.md): margin z = 3.0, a 2 % audit, ⌈M/16⌉ screening
+    noises per segment (at least 2, at most M); exact scoring unless adaptive_top_k is set."""
+    cfg = mf.MUCSConfig()
+    assert cfg.adaptive_top_k is None
+    assert (cfg.adaptive_margin, cfg.adaptive_audit, cfg.adaptive_screen_noises) == (3.0, 0.02, None)
+    assert [screen_noises(M, None) for M in (1, 16, 33, 100)] == [1, 2, 3, 7]

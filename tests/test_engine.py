@@ -260,3 +260,52 @@ def test_unbounded_ablation_changes_the_forget_term():
     assert max(lf for _, lf in a.meta["targets"][0]["trace"]) <= 0.05 + 1e-7
     assert max(lf for _, lf in b.meta["targets"][0]["trace"]) > 0.05
     assert not torch.equal(a.scores, b.scores)
+
+
+class _NoisyForward(torch.nn.Module):
+    """A net whose forward draws from the global RNG (as the reference's conditional DiT draws a
+    label-dropout mask even in eval mode), with a trainable weight the loss never reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.args = ()
+        self.sigma_data, self.sigma_P_mean, self.sigma_P_std = 0.5, -1.2, 1.2
+        self.dit_backbone = torch.nn.ModuleList([torch.nn.Module()])
+        self.dit_backbone[0].mlp = torch.nn.Linear(16, 16)
+        self.dit_backbone[0].unused = torch.nn.Linear(3, 3)
+
+    def forward(self, x, sigma, y=None, a=None):
+        h = self.dit_backbone[0].mlp(x.reshape(x.shape[0], -1)).view_as(x)
+        return h + 1e-2 * torch.randn_like(x)
+
+
+def test_random_draws_in_forward_do_not_depend_on_other_targets_or_the_callers_rng():
+    """The global RNG is seeded per block of targets (engine.forward_rng): a target scores the same
+    alone or after another one, and the caller's RNG state is left as it was."""
+    torch.manual_seed(0)
+    den = mf.EDMDenoiser(_NoisyForward())
+    x = torch.rand(12, 1, 4, 4) * 2 - 1
+    t = torch.rand(2, 1, 4, 4) * 2 - 1
+    cfg = mf.MUCSConfig(num_noises=4, lr=1e-2, max_steps=2, loss_null=5.0, targets_per_batch=1)
+    torch.manual_seed(123)
+    alone = mf.attribute(den, x, t[1:], cfg, progress=False, cache_dir=None)
+    state = torch.get_rng_state()
+    both = mf.attribute(den, x, t, cfg, progress=False, cache_dir=None)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(both.scores[1], alone.scores[0]) and alone.scores.abs().max() > 1e-4
+
+
+def test_a_trainable_weight_the_loss_never_reaches_changes_no_score():
+    """Difference from the reference (README): the flat AdamW decays such a weight (torch's AdamW
+    skips a parameter whose grad stays None); it does not reach the loss, so every score is the
+    one of the same run with it frozen."""
+    torch.manual_seed(0)
+    den = mf.EDMDenoiser(_NoisyForward())
+    x = torch.rand(12, 1, 4, 4) * 2 - 1
+    cfg = dict(num_noises=4, lr=1e-2, max_steps=2, loss_null=5.0)
+    with_it = mf.attribute(den, x, x[:2], mf.MUCSConfig(**cfg), progress=False, cache_dir=None)
+    frozen = mf.MUCSConfig(**cfg, frozen=[*mf.REFERENCE_FROZEN, "unused"])
+    without = mf.attribute(den, x, x[:2], frozen, progress=False, cache_dir=None)
+    assert "dit_backbone.0.unused.weight" in with_it.meta["resolved"]["trainable"]
+    assert "dit_backbone.0.unused.weight" not in without.meta["resolved"]["trainable"]
+    assert torch.equal(with_it.scores, without.scores)

@@ -180,3 +180,33 @@ def test_run_dir_files_follow_the_umask(tmp_path, umask):
         run.save_target(0, torch.zeros(3), {"steps": 1})
     for p in ("run.json", LOCK_FILE, f"{TARGETS_DIR}/000000.safetensors"):
         assert stat.S_IMODE(os.stat(tmp_path / "run" / p).st_mode) == 0o644, p
+
+
+@pytest.mark.parametrize("field, value", [("mucs_fast", "9.9.9"), ("backend", {"edm_loss": {"cpu": "triton"}}),
+                                          ("device", "cuda"), ("precision", "bf16")])
+def test_a_resume_under_another_version_backend_device_or_precision_is_refused(tmp_path, field, value):
+    """The engine's run key holds what a row depends on beyond the config: resuming a CPU fp32 run on
+    CUDA bf16 (or another version or op backend) would mix rows computed two ways."""
+    import json
+    import unittest.mock
+
+    import mucs_fast as mf
+    from mucs_fast import engine
+    from nets import TinyEDMNet
+
+    torch.manual_seed(0)
+    den = mf.EDMDenoiser(TinyEDMNet(C=1, width=8))
+    x = torch.rand(8, 1, 4, 4) * 2 - 1
+    cfg = mf.MUCSConfig(num_noises=4, lr=1e-2, max_steps=1, loss_null=5.0)
+    mf.attribute(den, x, x[:1], cfg, progress=False, cache_dir=None, run_dir=tmp_path / "run")
+    key = json.loads((tmp_path / "run" / "run.json").read_text())["key"]
+    assert {"mucs_fast", "backend", "device", "precision"} <= set(key) and key["device"] == "cpu"
+    assert key["precision"] == "fp32"
+    real = RunDir.__init__
+
+    def changed(self, path, key, resume):
+        real(self, path, {**key, field: value}, resume)
+
+    with unittest.mock.patch.object(engine.RunDir, "__init__", changed), \
+            pytest.raises(ValueError, match=rf"holds a different run \(differs in: {field}\)"):
+        mf.attribute(den, x, x[:1], cfg, progress=False, cache_dir=None, run_dir=tmp_path / "run", resume=True)

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from ..data import load_digits, load_images, load_labels
+from ..data import load_digits, load_images, load_labels, to_model_range
 
 MNIST_DEFAULT_N = 2000
 MNIST5K_FILE = os.path.join("data", "data", "mnist_5k.csv.gz")
@@ -99,7 +99,7 @@ def load_mnist(folder: Optional[str] = None, image_size: int = 16, n_train: Opti
     if n_train is not None and n_train < x.shape[0]:
         idx = balanced_subsample(y, n_train, seed)
         x, y = x[idx], y[idx]
-    return resize(x[:, None].float() / 127.5 - 1, image_size), y
+    return resize(to_model_range(x[:, None]), image_size), y
 
 
 def mnist5k_file(explicit: Optional[str] = None) -> str:
@@ -137,12 +137,12 @@ def load_mnist5k(path: Optional[str] = None, image_size: int = 16, n_train: Opti
         raise ValueError(f"{path}: expected 785 columns (28×28 pixels, then the label), found {rows.shape[1]}")
     if rows[:, :-1].min() < 0 or rows[:, :-1].max() > 255:
         raise ValueError(f"{path}: pixel values outside 0..255")
-    x = torch.from_numpy(rows[:, :-1].reshape(-1, 1, 28, 28).astype(np.float32))
+    x = torch.from_numpy(rows[:, :-1].reshape(-1, 1, 28, 28).astype(np.uint8))
     y = torch.from_numpy(rows[:, -1].copy())
     if n_train is not None and n_train < x.shape[0]:
         idx = balanced_subsample(y, n_train, seed)
         x, y = x[idx], y[idx]
-    return resize(x / 127.5 - 1, image_size), y
+    return resize(to_model_range(x), image_size), y
 
 
 def balanced_subsample(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:

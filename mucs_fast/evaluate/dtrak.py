@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from .._io import derive_seed
-from ..functional import StackedNet
+from ..functional import StackedNet, working_copy
 from ..noise import karras_sigmas
 from ..params import trainable_names
 
@@ -90,7 +90,7 @@ def dtrak_features(den, images: torch.Tensor, labels: Optional[torch.Tensor], *,
 
 
     device = torch.device(device or "cpu")
-    net = den.net.to(device).eval()
+    net = working_copy(den.net, device)
     n = images.shape[0]
     y_all = den.prepare_labels(labels, n, "labels")
     chw = tuple(images.shape[1:])

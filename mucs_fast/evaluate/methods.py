@@ -35,6 +35,7 @@ from ..config import MUCSConfig
 from ..coverage import nan_tensor
 from ..data import TensorSource
 from ..engine import attribute, make_bank
+from ..functional import working_copy
 from ..params import set_trainable, trainable_names
 from ..score import LossPass, original_losses, score_batch_images, score_stacked
 from .dtrak import dtrak
@@ -261,7 +262,7 @@ def abu_scores(ctx: MethodContext, targets, target_labels=None):
     den, device = ctx.den, _device(ctx)
     K, N = targets.shape[0], ctx.N
     lr = (den.train_lr or 1e-3) / opts["lr_factor"]
-    net0 = den.net.to(device).eval()
+    net0 = working_copy(den.net, device)
     x = TensorSource(ctx.train.to(device))
     y = _labels(ctx, ctx.train_labels, N, "train_labels")
     y = None if y is None else y.to(device)

@@ -141,3 +141,43 @@ def test_mucs_variants_adaptive_settings(tmp_path, name):
     assert s.shape == (2, 16)
     assert (ctx.info["adaptive"] is None) == (name == "mucs-indep")
     assert ctx.info["config"]["adaptive_top_k"] == (None if name == "mucs-indep" else 3)
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("dtrak", {"num_levels": 2, "proj_dim": 8, "batch_size": 8, "block": 1000}),
+    ("abu", {"steps": 1, "batch_size": 4, "num_noises": 4}),
+])
+def test_methods_leave_the_callers_net_as_it_was(name, settings):
+    """A method computes with a working copy: the caller's module keeps its mode, flags and weights."""
+    ctx = tiny_ctx(N=12, settings={name: settings})
+    net = ctx.den.net
+    modes = [(m, m.training) for m in net.modules()]
+    try:
+        net.train()
+        first = next(net.parameters()).requires_grad_(False)
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        grads = {n: p.requires_grad for n, p in net.named_parameters()}
+        get_method(name)(ctx, ctx.train[:2].clone(), ctx.train_labels[:2])
+        assert all(m.training for m in net.modules())
+        assert {n: p.requires_grad for n, p in net.named_parameters()} == grads and not first.requires_grad
+        assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+    finally:
+        first.requires_grad_(True)
+        for m, t in modes:
+            m.train(t)
+
+
+def test_lds_model_outputs_leave_the_callers_net_as_it_was():
+    from mucs_fast.evaluate.lds import lds_bank, model_outputs
+
+    ctx = tiny_ctx(N=12)
+    net = ctx.den.net
+    modes = [(m, m.training) for m in net.modules()]
+    try:
+        net.train()
+        bank = lds_bank(ctx.den, tuple(ctx.train.shape[1:]), 4, seed=0)
+        model_outputs(ctx.den, ctx.train[:2], ctx.train_labels[:2], bank)
+        assert all(m.training for m in net.modules())
+    finally:
+        for m, t in modes:
+            m.train(t)
