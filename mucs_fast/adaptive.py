@@ -78,9 +78,9 @@ def wilson(misses: int, n: int, z: float = 1.96) -> tuple:
     if n == 0:
         return 0.0, 1.0
     p = misses / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    scale = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / scale
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / scale
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
@@ -99,10 +99,10 @@ class LazyLossT:
             return
         part = torch.zeros(len(todo), m, dtype=torch.float32, device=self.values.device)
         models = lp.prepare(None)
-        for i, rc in enumerate(torch.split(todo, lp.per)):
+        for i, rc in enumerate(torch.split(todo, lp.images_per_forward)):
             if i % group.world == group.rank:  # chunks of the same rows whatever the world size
                 xc, yc = lp.gather(x, y, rc)
-                part[i * lp.per:i * lp.per + len(rc)] = lp.losses(models, xc, yc, lp.bank.eps)[0, :m, :len(rc)].t()
+                part[i * lp.images_per_forward:i * lp.images_per_forward + len(rc)] = lp.losses(models, xc, yc, lp.bank.eps)[0, :m, :len(rc)].t()
         group.sum_(part)  # zero outside each rank's chunks: an exact sum
         self.values[todo.to(part.device)[:, None], cols.to(part.device)[None, :]] = part
         self.known[todo, seg] = True
@@ -168,7 +168,7 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: 
     screens = [Screen(N, torch.rand(N, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "audit", fp)),
                                     dtype=torch.float64)) for fp in target_fps]
     pairs = [0] * K
-    per = max(1, lp.per * M // m_s)  # the same image·noise pairs per forward as the exact pass
+    per = max(1, lp.images_per_forward * M // m_s)  # the same image·noise pairs per forward as the exact pass
     dev = lp.device
     with torch.inference_mode(), autocast_for(dev, lp.precision):
         for seg in range(n_seg):
@@ -184,7 +184,7 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: 
             csum = torch.zeros(len(work), m + 1, dtype=torch.float64)  # per chunk: Σ r over alive rows, count
             # per image: Σ r, Σ (r − c), Σ (r − c)², and how often it was written (coverage.py)
             inc = torch.zeros(K, 4, N, dtype=torch.float64)
-            mine = []
+            done_here = []  # this rank's chunks: (copy, rows, r)
             for w_i, (j, rc) in enumerate(work):
                 pairs[j] += len(rc) * m
                 if w_i % group.world != group.rank:
@@ -195,14 +195,14 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: 
                                    cfg.use_loss_ratio).double().cpu()  # the statistics live on the CPU
                 a = screens[j].alive[rc]
                 csum[w_i, :m], csum[w_i, m] = r[a].sum(0), a.sum()
-                mine.append((j, rc, r))
+                done_here.append((j, rc, r))
                 if progress is not None:
                     progress(len(rc) * m)
             group.sum_(csum)
             c = torch.zeros(K, m + 1, dtype=torch.float64)
             for w_i, (j, _) in enumerate(work):  # chunk order: the same sum on every rank
                 c[j] += csum[w_i]
-            for j, rc, r in mine:
+            for j, rc, r in done_here:
                 dr = r - c[j, :m] / c[j, m].clamp_min(1)
                 inc[j, 0, rc] = r.sum(1)
                 inc[j, 1, rc] = dr.sum(1)

@@ -46,9 +46,9 @@ from .result import Attribution
 from .rundir import RunDir, load_loss_t_shard, save_loss_t_shard
 from .score import (
     LossPass,
+    images_per_forward,
     original_losses,
     resolve_precision,
-    score_batch_images,
     score_stacked,
     use_compile,
 )
@@ -332,7 +332,7 @@ def resolve(run: Run, need_loss_null: bool) -> None:
     run.bank = make_bank(den, run.x.chw, cfg, cfg.t_sched_infer).to(device)
     run.compiled = use_compile(cfg.compile, run.N * run.bank.M)
     run.loss_pass = LossPass(den, den.net, run.names, run.bank, precision=cfg.precision, compile=run.compiled,
-                             images_per_batch=score_batch_images(cfg.score_batch, run.bank.M, device), N=run.N)
+                             images_per_forward=images_per_forward(cfg.score_batch, run.bank.M, device), N=run.N)
     run.timings["setup"] = time.perf_counter() - t0
 
 
@@ -346,7 +346,7 @@ def compute_loss_t(run: Run, plan: Plan, cache_dir) -> None:
     cache = LossCache(cache_dir if g.rank == 0 else None)
     key = key_digest(run.fingerprints["model"], run.fingerprints["train"], run.bank.fingerprint(),
                      cfg.use_same_noise_infer, cfg.precision, run.device.type, cfg.seed, run.names,
-                     {"compiled": run.compiled, "mode": lp.mode, "per": lp.per, "backend": backends(),
+                     {"compiled": run.compiled, "mode": lp.mode, "per": lp.images_per_forward, "backend": backends(),
                       "mucs_fast": __version__, "torch": torch.__version__})
     loss_t = cache.get(key) if g.rank == 0 else None
     cached = g.broadcast_object(loss_t is not None, 0)
@@ -465,9 +465,9 @@ def run_blocks(run: Run, plan: Plan, on_done) -> None:
     g = run.group
     P = sum(p.numel() for n, p in run.den.net.named_parameters() if n in set(run.names))
     for rnd in plan.rounds():
-        mine = {b: unlearn_block(run, plan.blocks[b]) for b, owner in rnd if owner == g.rank}
+        owned = {b: unlearn_block(run, plan.blocks[b]) for b, owner in rnd if owner == g.rank}
         for b, owner in rnd:
-            W, infos = mine.get(b, (None, None))
+            W, infos = owned.get(b, (None, None))
             if g.distributed:
                 if W is None:
                     W = torch.empty(len(plan.blocks[b]), P, device=run.device)
@@ -565,9 +565,9 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
         if not todo and run.loss_null is None:  # everything was resumed: report the L_null used
             run.loss_null = infos[0].get("loss_null")
         run.timings["unlearn"] = run.timings["score"] = 0.0
-        plan = Plan.make(run.N, run.loss_pass.per, todo, cfg.targets_per_batch, run.group)
-        mine = sum(plan.shards[i][1] - plan.shards[i][0] for i in plan.my_shards()) * run.bank.M
-        run.bar = JobBar(mine * (len(todo) + 1) if todo else 0, run.progress, run.group.world)
+        plan = Plan.make(run.N, run.loss_pass.images_per_forward, todo, cfg.targets_per_batch, run.group)
+        my_pairs = sum(plan.shards[i][1] - plan.shards[i][0] for i in plan.my_shards()) * run.bank.M
+        run.bar = JobBar(my_pairs * (len(todo) + 1) if todo else 0, run.progress, run.group.world)
         if todo and cfg.adaptive_top_k is not None:  # L_t on demand, pair by pair (adaptive.py)
             run.loss_t = LazyLossT(run.N, math.ceil(run.bank.M / screen_noises(run.bank.M, cfg.adaptive_screen_noises)),
                                    run.bank.M, run.device)

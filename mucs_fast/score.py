@@ -41,7 +41,7 @@ def use_compile(setting, pairs: int) -> bool:
     return bool(setting) if isinstance(setting, bool) else pairs >= COMPILE_MIN_PAIRS
 
 
-def score_batch_images(score_batch: Optional[int], M: int, device: torch.device) -> int:
+def images_per_forward(score_batch: Optional[int], M: int, device: torch.device) -> int:
     """Training images per scoring forward: (image·noise pairs per forward) // M, at least 1."""
     pairs = score_batch or DEFAULT_SCORE_BATCH.get(device.type, 1600)
     return max(1, pairs // M)
@@ -103,10 +103,10 @@ class LossPass:
     """
 
     def __init__(self, den: Denoiser, net: torch.nn.Module, names: Sequence[str], bank: NoiseBank, *,
-                 images_per_batch: int, precision: str = "auto", compile: bool = False, mode: str = "auto",
+                 images_per_forward: int, precision: str = "auto", compile: bool = False, mode: str = "auto",
                  N: Optional[int] = None):
-        self.den, self.bank, self.per = den, bank, int(images_per_batch)
-        # compiled: every chunk has `per` rows (the last one padded) unless the whole set of N
+        self.den, self.bank, self.images_per_forward = den, bank, int(images_per_forward)
+        # compiled: every chunk has images_per_forward rows (the last one padded) unless the whole set of N
         # images fits one chunk; decided for the whole set, so a shard's chunks are the set's chunks
         self.N = N
         self.device = bank.eps.device
@@ -134,11 +134,11 @@ class LossPass:
         self._one = wrap(one)
         self._batched = wrap(batched) if mode == "vmap" else None
 
-    def segment(self, bank: NoiseBank, images_per_batch: int) -> "LossPass":
+    def segment(self, bank: NoiseBank, images_per_forward: int) -> "LossPass":
         """This pass (the same compiled functions, so the same graph for every segment of one
         shape) over another bank: a segment of this one (adaptive scoring)."""
         view = copy.copy(self)
-        view.bank, view.per, view._terms = bank, int(images_per_batch), {}
+        view.bank, view.images_per_forward, view._terms = bank, int(images_per_forward), {}
         return view
 
     def prepare(self, weights: Optional[dict]):
@@ -153,9 +153,9 @@ class LossPass:
 
     def chunks(self, x: Source, y, ids, seeds: Optional[Sequence[int]], start: int = 0,
                stop: Optional[int] = None):
-        """(n0, n1, x, y, ε) per chunk of `per` images of x[start:stop], padded to `per` when
+        """(n0, n1, x, y, ε) per chunk of `images_per_forward` images of x[start:stop], padded to it when
         compiled; ε is the bank or, with `seeds` (independent noise), each model's own [K, M, n, ...]."""
-        N, per, M = len(x), self.per, self.bank.M
+        N, per, M = len(x), self.images_per_forward, self.bank.M
         stop = N if stop is None else stop
         pad = self.compile and (N if self.N is None else self.N) > per
         ranges = [(n0, min(stop, n0 + per)) for n0 in range(start, stop, per)]
@@ -170,12 +170,12 @@ class LossPass:
             yield n0, n1, xc, yc, e
 
     def gather(self, x: Source, y, rows: torch.Tensor):
-        """(x, y) of the training images `rows` (≤ `per` positions, CPU int64), padded to `per`
+        """(x, y) of the training images `rows` (≤ images_per_forward positions, CPU int64), padded
         when compiled: one chunk of a row subset."""
         xc = x.take(rows, self.device)
         yc = None if y is None else y[rows.to(y.device)]
         if self.compile:
-            xc, yc = _pad_rows(xc, self.per), _pad_rows(yc, self.per)
+            xc, yc = _pad_rows(xc, self.images_per_forward), _pad_rows(yc, self.images_per_forward)
         return xc, yc
 
     def losses(self, models, xc, yc, e) -> torch.Tensor:

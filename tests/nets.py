@@ -70,12 +70,12 @@ def trained_digits_dit(n_images: int, steps: int = 200):
     return den, x, info
 
 
-def inference_losses(den, net, x, y, bank, *, images_per_batch, precision="auto", compile=False):
+def inference_losses(den, net, x, y, bank, *, images_per_forward, precision="auto", compile=False):
     """L [N, M] float32 of one model `net` under the bank: a one-model LossPass over resident x."""
     from mucs_fast.data import TensorSource
     from mucs_fast.score import LossPass, original_losses
 
-    lp = LossPass(den, net, [], bank, images_per_batch=images_per_batch, precision=precision, compile=compile)
+    lp = LossPass(den, net, [], bank, images_per_forward=images_per_forward, precision=precision, compile=compile)
     return original_losses(lp, TensorSource(x), y, torch.arange(x.shape[0]))
 
 

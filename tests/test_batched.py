@@ -79,7 +79,7 @@ def _sequential_and_batched(family, dtype=torch.float32, threads=None):
     kw = dict(eps=1e-3, use_loss_ratio=True, use_same_noise_infer=True)
     s_bat = {}
     for mode in ("vmap", "loop"):
-        lp = LossPass(den, den.net, names, bank, images_per_batch=5, mode=mode)
+        lp = LossPass(den, den.net, names, bank, images_per_forward=5, mode=mode)
         xs = TensorSource(x)
         loss_t = original_losses(lp, xs, y, ids)
         if mode == "loop":
@@ -216,7 +216,7 @@ def test_compiled_scoring_equals_eager(raw):
     kw = dict(eps=1e-3, use_loss_ratio=True, use_same_noise_infer=True)
     s = {}
     for compile in (False, True):
-        lp = LossPass(den, den.net, names, bank, images_per_batch=8, mode="vmap", compile=compile)
+        lp = LossPass(den, den.net, names, bank, images_per_forward=8, mode="vmap", compile=compile)
         xs = TensorSource(train)
         s[compile] = score_stacked(lp, stack.weights, xs, y, ids, original_losses(lp, xs, y, ids), **kw)
     s_eager, s_comp = s[False], s[True]

@@ -13,7 +13,7 @@ FLOORS = [
      "functional", "params", "cache", "result", "rundir"},
     {"data"},
     {"noise", "denoisers"},
-    {"unlearn", "score", "adaptive", "sample", "train"},
+    {"unlearn", "score", "adaptive", "sample", "train", "loading"},
     {"parallel", "engine"},
     {"report", "cli_common", "compat", "evaluate"},
     {"cli", "__main__", "__init__"},

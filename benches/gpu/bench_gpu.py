@@ -87,7 +87,7 @@ def bench_scoring(args, device, log):
     else:
         cfg = dict(image_size=(3, 32, 32), patch_size=2, width=768, depth=12, heads=12, mlp_ratio=4,
                    cond_width=256, extra_tokens=32)
-        N, M, per_batch = args.scoring_images, 100, args.scoring_images_per_batch
+        N, M, per_batch = args.scoring_images, 100, args.scoring_images_per_forward
     net = dit(cfg, device)
     den = mf.EDMDenoiser(net)
     shape = cfg["image_size"]
@@ -107,7 +107,7 @@ def bench_scoring(args, device, log):
             run_net = torch.compile(net, dynamic=False)
         den_m = mf.EDMDenoiser(run_net, raw=False) if mode != "raw" else den
 
-        lp = LossPass(den_m, den_m.net, [], bank, images_per_batch=per_batch, precision=precision)
+        lp = LossPass(den_m, den_m.net, [], bank, images_per_forward=per_batch, precision=precision)
 
         def run():
             return original_losses(lp, TensorSource(x), None, torch.arange(N))
@@ -181,7 +181,7 @@ def bench_ktargets(args, device, log):
     for K in Ks:
         params = dict(net.named_parameters())
         weights = {n: params[n].detach()[None].repeat(K, *([1] * params[n].dim())) for n in names}
-        lp = LossPass(den, net, names, bank, images_per_batch=max(1, 8192 // (M * K)), precision=precision)
+        lp = LossPass(den, net, names, bank, images_per_forward=max(1, 8192 // (M * K)), precision=precision)
         ids = torch.arange(n_score)
 
         def score():

@@ -18,8 +18,9 @@ import time
 
 from ..cli_common import attribute_config, check_top_k, load_model, print_summary
 from ..engine import attribute
+from ..parallel import rank_world
 from ..report import write_report
-from .reference import distributed, load_reference_model, save_attrib_ids
+from .reference import load_reference_model, save_attrib_ids
 from .reference_files import load_dataset, load_metadata, load_samples
 
 
@@ -120,7 +121,7 @@ def cmd_attribute_reference(args) -> int:
         top_k=top_k,
         meta=meta,
     )
-    if distributed()[0] == 0:
+    if rank_world()[0] == 0:
         fn = args.attrib_ids or os.path.join(args.out, "attrib-ids.pt")
         save_attrib_ids(fn, res.topk(top_k), res.train_ids, res.scores)
         write_report(os.path.join(args.out, "report.png"), targets, train, res, top=min(8, res.N))

@@ -26,7 +26,7 @@ from ..config import MUCSConfig
 from ..data import TensorSource
 from ..engine import make_bank
 from ..functional import working_copy
-from ..score import LossPass, original_losses, score_batch_images
+from ..score import LossPass, original_losses, images_per_forward
 
 LDS_DEFAULTS = dict(subsets=32, alpha=0.5, steps=None, num_noises=256, seed=0)
 
@@ -90,7 +90,7 @@ def model_outputs(den, images: torch.Tensor, labels: Optional[torch.Tensor], ban
     K = images.shape[0]
     y = den.prepare_labels(labels, K, "target_labels")
     lp = LossPass(den, working_copy(den.net, device), [], bank.to(device),
-                  images_per_batch=score_batch_images(None, bank.M, device))
+                  images_per_forward=images_per_forward(None, bank.M, device))
     losses = original_losses(lp, TensorSource(images.to(device)), None if y is None else y.to(device), torch.arange(K))
     return losses.double().mean(1).cpu()
 

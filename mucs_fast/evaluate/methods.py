@@ -37,7 +37,7 @@ from ..data import TensorSource
 from ..engine import attribute, make_bank
 from ..functional import working_copy
 from ..params import set_trainable, trainable_names
-from ..score import LossPass, original_losses, score_batch_images, score_stacked
+from ..score import LossPass, original_losses, images_per_forward, score_stacked
 from .dtrak import dtrak
 from .stats import rank_average
 
@@ -272,7 +272,7 @@ def abu_scores(ctx: MethodContext, targets, target_labels=None):
     names = trainable_names(net0, den.default_frozen()) if opts["params"] == "mucs" else \
         [n for n, _ in net0.named_parameters()]
     # the engine's loss pass and score: the raw loss increase is its plain-difference skew
-    lp = LossPass(den, net0, names, bank, images_per_batch=score_batch_images(None, bank.M, device))
+    lp = LossPass(den, net0, names, bank, images_per_forward=images_per_forward(None, bank.M, device))
     ids = torch.arange(N)
     loss_t = original_losses(lp, x, y, ids)
     from tqdm.auto import tqdm

@@ -126,12 +126,12 @@ def test_inference_losses_equal_engine(data):
     assert losses.shape == (32, M) and losses.dtype == torch.float32
     den = mf.EDMDenoiser(net)
     bank = NoiseBank(noise_ / sigma.view(-1, 1, 1, 1), sigma)
-    expect = inference_losses(den, net, x, y, bank, images_per_batch=7, precision="fp32")
+    expect = inference_losses(den, net, x, y, bank, images_per_forward=7, precision="fp32")
     torch.testing.assert_close(losses, expect, rtol=1e-5, atol=0)
     # force_y: every image scored under one label
     _, forced, _ = att.compute_inference_losses(net, dl, noiseinfo=ni, force_y=y[0])
     expect = inference_losses(
-        den, net, x, y[:1].expand(32, 3), bank, images_per_batch=32, precision="fp32"
+        den, net, x, y[:1].expand(32, 3), bank, images_per_forward=32, precision="fp32"
     )
     torch.testing.assert_close(forced, expect, rtol=1e-5, atol=0)
 
