@@ -139,38 +139,15 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: S
     x_f = y_f = None
     while active:
         A = len(active)
-        idx = torch.stack([next(retains[k]) for k in active])  # [A, B] on the CPU, like a DataLoader's
-        x_r = train_x.take(idx, device)
-        y_r = None if train_y is None else train_y[idx.to(train_y.device)]
-        noise_r, noise_f = [], []
-        for k in active:
-            noise_r.append(den.training_noise(x_r.shape[1:], generators[k], cfg.t_sched_train, device))
-            noise_f.append(noise_r[-1] if cfg.use_same_noise_train else
-                           den.training_noise(x_r.shape[1:], generators[k], cfg.t_sched_train, device))
         if x_f is None or x_f.shape[0] != A:  # the forget batches change only when targets leave
-            x_f = x_hats[active].unsqueeze(1).expand_as(x_r)
+            x_f = x_hats[active].unsqueeze(1).expand(A, B, *x_hats.shape[1:])
             y_f = None if y_hats is None else y_hats[active].unsqueeze(1).expand(A, B, *y_hats.shape[1:])
-        x = torch.cat([x_r, x_f], 1)  # [A, 2B, ...]: retain then forget, one forward per step
-        eps = torch.cat([torch.stack([e for e, _ in noise_r]), torch.stack([e for e, _ in noise_f])], 1)
-        lev = torch.cat([torch.stack([s for _, s in noise_r]), torch.stack([s for _, s in noise_f])], 1)
-        y = None if train_y is None else torch.cat([y_r, y_f], 1)
+        x, eps, lev, y = _step_batch(den, train_x, train_y, x_f, y_f, active, retains, generators, cfg, device)
         W.requires_grad_(True)
         L = stack.loss(den, x, eps, lev, y, weights=flat_views(W, shapes))  # [A, 2B]
         loss_r, loss_f, objective = mirrored_objective(L[:, :B], L[:, B:], loss_null, cfg.lamb, cfg.bounded)
         vals = torch.stack([loss_r, loss_f], 1).detach().cpu()  # the one host sync per step (the stop rule)
-        keep = []
-        for i, k in enumerate(active):
-            info = infos[k]
-            info.loss_r, info.loss_f = float(vals[i, 0]), float(vals[i, 1])
-            info.trace.append((info.loss_r, info.loss_f))
-            reason = "nan" if not math.isfinite(info.loss_r) else \
-                stop_reason(info.steps, info.loss_f, loss_null, cfg)
-            if reason is None:
-                keep.append(i)
-            else:
-                info.stop = reason
-                info.seconds = time.perf_counter() - t0
-                final[k] = W[i].detach()
+        keep = _stop_or_keep(infos, active, vals, loss_null, cfg, t0, W, final)
         if keep:
             cont = torch.zeros(A, dtype=torch.bool)
             cont[keep] = True
@@ -189,3 +166,40 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: S
         if progress is not None:
             progress(infos, active)
     return flat_views(final, shapes), infos
+
+
+def _step_batch(den, train_x: Source, train_y, x_f, y_f, active, retains, generators, cfg, device):
+    """(x, ε, levels, y), each [A, 2B, ...]: every running target's retain batch (its own positions
+    and training noise), then its forget batch (x̂ repeated B times, its own noise) — one forward
+    per step for both."""
+    idx = torch.stack([next(retains[k]) for k in active])  # [A, B] on the CPU, like a DataLoader's
+    x_r = train_x.take(idx, device)
+    y_r = None if train_y is None else train_y[idx.to(train_y.device)]
+    noise_r, noise_f = [], []
+    for k in active:
+        noise_r.append(den.training_noise(x_r.shape[1:], generators[k], cfg.t_sched_train, device))
+        noise_f.append(noise_r[-1] if cfg.use_same_noise_train else
+                       den.training_noise(x_r.shape[1:], generators[k], cfg.t_sched_train, device))
+    x = torch.cat([x_r, x_f], 1)
+    eps = torch.cat([torch.stack([e for e, _ in noise_r]), torch.stack([e for e, _ in noise_f])], 1)
+    lev = torch.cat([torch.stack([s for _, s in noise_r]), torch.stack([s for _, s in noise_f])], 1)
+    y = None if train_y is None else torch.cat([y_r, y_f], 1)
+    return x, eps, lev, y
+
+
+def _stop_or_keep(infos, active, vals, loss_null, cfg, t0, W, final) -> list:
+    """Rows of the running targets that step on; the others get their stop reason (rule, cap or
+    NaN) and their weights kept in `final`. vals: [A, 2] (L_r, L_f) on the CPU."""
+    keep = []
+    for i, k in enumerate(active):
+        info = infos[k]
+        info.loss_r, info.loss_f = float(vals[i, 0]), float(vals[i, 1])
+        info.trace.append((info.loss_r, info.loss_f))
+        reason = "nan" if not math.isfinite(info.loss_r) else stop_reason(info.steps, info.loss_f, loss_null, cfg)
+        if reason is None:
+            keep.append(i)
+        else:
+            info.stop = reason
+            info.seconds = time.perf_counter() - t0
+            final[k] = W[i].detach()
+    return keep

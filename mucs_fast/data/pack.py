@@ -219,11 +219,11 @@ def _stored(inp: _Input) -> torch.dtype:
 
 def pack(src, out, shard_images: int = 65536, progress: bool = True, *, labels=None,
          split: str | None = None, threads: int = 8) -> dict:
-    """Write the packed folder OUT (module docstring) from SRC: an image folder (the files and
-    ids of `data.load_image_folder`), a tensor file (.npy / .safetensors streamed; .pt read whole
-    by `data.load_tensor_file`), a reference dataset folder (metadata.pt + pt_files/; `split`,
+    """Write the packed folder OUT (`shards` docstring) from SRC: an image folder (the files and
+    ids of `files.load_image_folder`), a tensor file (.npy / .safetensors streamed; .pt read whole
+    by `files.load_tensor_file`), a reference dataset folder (metadata.pt + pt_files/; `split`,
     default "train"; its ids and labels), a packed folder (to reshard it), or a Source / tensor.
-    labels: a labels file (`data.load_labels`) or tensor, for sources without their own.
+    labels: a labels file (`files.load_labels`) or tensor, for sources without their own.
     Reads and writes in chunks of at most `shard_images` images and CHUNK_BYTES of float32, so
     the dataset never needs to fit in memory (except a .pt file). uint8 and float16 stay as they
     are; other dtypes are stored as float32. Images with NaN/Inf are refused.
@@ -233,44 +233,68 @@ def pack(src, out, shard_images: int = 65536, progress: bool = True, *, labels=N
     inp = _pack_input(src, split, labels, threads)  # everything about SRC checked before OUT changes
     out = Path(out)
     _prepare_out(out, inp)
-    stored = _stored(inp)
-    npd = np.dtype(NUMPY_DTYPES[stored])
-    chunk = min(shard_images, images_per_chunk(inp.chw))
+    w = _Writer(inp, min(shard_images, images_per_chunk(inp.chw)))
     S = -(-inp.N // shard_images)
     width = max(5, len(str(S - 1)))
-    fp = hashlib.sha256(f"{torch.float32}{(inp.N, *inp.chw)}".encode())
-    ids_parts, label_parts = [], []
-    shards = []
     bar = tqdm(total=inp.N, desc="pack", unit="img", unit_scale=True, leave=False, dynamic_ncols=True,
                disable=not progress)
     try:
-        for k in range(S):
-            start, count = k * shard_images, min(shard_images, inp.N - k * shard_images)
-            name = f"shard-{k:0{width}d}.npy"
-            with atomic_path(out / name) as tmp, open(tmp, "wb") as f:
-                w = _HashingWriter(f)
-                w.write(_npy_header_bytes(npd, (count, *inp.chw)))
-                for a in range(start, start + count, chunk):
-                    b = min(a + chunk, start + count)
-                    raw, ids, lab = inp.items(a, b)
-                    x = to_model_range(raw)
-                    if stored != torch.uint8:
-                        ok = torch.isfinite(x).reshape(x.shape[0], -1).all(1)
-                        if not bool(ok.all()):
-                            raise ValueError(f"{inp.describe.get('path', 'pack')}: image "
-                                             f"{a + int((~ok).nonzero()[0])} contains NaN or Inf")
-                    fp.update(x.reshape(-1).view(torch.uint8).numpy())
-                    data = raw if raw.dtype == stored else x
-                    w.write(data.contiguous().reshape(-1).view(torch.uint8).numpy())
-                    if ids is not None:
-                        ids_parts.append(ids)
-                    if lab is not None:
-                        label_parts.append(lab)
-                    bar.update(b - a)
-            shards.append({"file": name, "start": start, "count": count, "bytes": w.n,
-                           "sha256": w.h.hexdigest()})
-        ids = inp.ids if inp.ids is not None else torch.cat(ids_parts)
-        ylab = inp.labels if inp.labels is not None else (torch.cat(label_parts) if label_parts else None)
+        shards = [w.shard(out / f"shard-{k:0{width}d}.npy", k * shard_images,
+                          min(shard_images, inp.N - k * shard_images), bar) for k in range(S)]
+        index = w.finish(out, shards)
+    except BaseException:
+        for n in os.listdir(out):  # no index.json: an incomplete folder; leave no shards behind
+            if _is_pack_file(n):
+                os.unlink(out / n)
+        raise
+    finally:
+        bar.close()
+    keep = {INDEX, IDS_FILE, *(s["file"] for s in shards), *([LABELS_FILE] if index["labels"] else [])}
+    for n in os.listdir(out):  # a previous, larger pack's shards
+        if _is_pack_file(n) and n not in keep:
+            os.unlink(out / n)
+    return index
+
+
+class _Writer:
+    """One pass over the input: its shards written chunk by chunk, the float32 fingerprint of what
+    the packed folder reads as, and the ids and labels the items carry, collected on the way."""
+
+    def __init__(self, inp: _Input, chunk: int):
+        self.inp, self.chunk = inp, chunk
+        self.stored = _stored(inp)
+        self.npd = np.dtype(NUMPY_DTYPES[self.stored])
+        self.fp = hashlib.sha256(f"{torch.float32}{(inp.N, *inp.chw)}".encode())
+        self.ids, self.labels = [], []
+
+    def shard(self, path: Path, start: int, count: int, bar) -> dict:
+        """Images start..start+count−1 into the shard file `path`; its index entry."""
+        inp = self.inp
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            w = _HashingWriter(f)
+            w.write(_npy_header_bytes(self.npd, (count, *inp.chw)))
+            for a in range(start, start + count, self.chunk):
+                b = min(a + self.chunk, start + count)
+                raw, ids, lab = inp.items(a, b)
+                x = to_model_range(raw)
+                if self.stored != torch.uint8:
+                    ok = torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+                    if not bool(ok.all()):
+                        raise ValueError(f"{inp.describe.get('path', 'pack')}: image "
+                                         f"{a + int((~ok).nonzero()[0])} contains NaN or Inf")
+                self.fp.update(x.reshape(-1).view(torch.uint8).numpy())
+                data = raw if raw.dtype == self.stored else x
+                w.write(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+                self.ids += [] if ids is None else [ids]
+                self.labels += [] if lab is None else [lab]
+                bar.update(b - a)
+        return {"file": path.name, "start": start, "count": count, "bytes": w.n, "sha256": w.h.hexdigest()}
+
+    def finish(self, out: Path, shards: list) -> dict:
+        """ids.npy, labels.npy and, last, index.json (what makes the folder a pack)."""
+        inp, stored = self.inp, self.stored
+        ids = inp.ids if inp.ids is not None else torch.cat(self.ids)
+        ylab = inp.labels if inp.labels is not None else (torch.cat(self.labels) if self.labels else None)
         atomic_write(out / IDS_FILE, lambda tmp: _save_npy(tmp, ids.long()))
         if ylab is not None:
             ylab = check_labels(ylab, inp.N, "labels")
@@ -279,21 +303,10 @@ def pack(src, out, shard_images: int = 65536, progress: bool = True, *, labels=N
                  "dtype": str(stored).removeprefix("torch."),
                  "values": "v/127.5 - 1" if stored == torch.uint8 else "float32(v)",
                  "shards": shards, "labels": LABELS_FILE if ylab is not None else None, "ids": IDS_FILE,
-                 "fingerprint": fp.hexdigest()[:32], "source": inp.describe,
+                 "fingerprint": self.fp.hexdigest()[:32], "source": inp.describe,
                  "writer": f"mucs_fast {__version__}"}
         atomic_write_json(out / INDEX, index)
-    except BaseException:
-        for n in os.listdir(out):  # no index.json: an incomplete folder; leave no shards behind
-            if _is_pack_file(n):
-                os.unlink(out / n)
-        raise
-    finally:
-        bar.close()
-    keep = {INDEX, IDS_FILE, *(s["file"] for s in shards), *([LABELS_FILE] if ylab is not None else [])}
-    for n in os.listdir(out):  # a previous, larger pack's shards
-        if _is_pack_file(n) and n not in keep:
-            os.unlink(out / n)
-    return index
+        return index
 
 
 def _save_npy(tmp: str, t: torch.Tensor) -> None:
