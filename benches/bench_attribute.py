@@ -28,7 +28,9 @@ _scores = {}
 
 def _problem(scale):
     torch.manual_seed(0)
-    net = DiT((1, 16, 16), label_dim=10, patch_size=4, width=64, depth=4, heads=4, cond_width=64).eval()
+    net = DiT(
+        (1, 16, 16), label_dim=10, patch_size=4, width=64, depth=4, heads=4, cond_width=64
+    ).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.02)
@@ -45,8 +47,13 @@ def test_attribute_per_target_time(benchmark, case):
     scale = TINY if benchmark.disabled else FULL
     K, compiled = min(int(case.rstrip("c")), scale["targets"]), case.endswith("c")
     den, train, targets, ytr, ytg = _problem(scale)
-    cfg = mf.MUCSConfig(num_noises=scale["M"], max_steps=scale["steps"], targets_per_batch=K,
-                        batch_size=min(100, scale["N"]), compile=compiled)
+    cfg = mf.MUCSConfig(
+        num_noises=scale["M"],
+        max_steps=scale["steps"],
+        targets_per_batch=K,
+        batch_size=min(100, scale["N"]),
+        compile=compiled,
+    )
     seconds = []
 
     def run():
@@ -60,9 +67,18 @@ def test_attribute_per_target_time(benchmark, case):
     if "1" in _scores and case != "1":
         assert (res.scores - _scores["1"]).abs().max().item() <= 1e-6, case
     t = res.meta["timings"]
-    benchmark.extra_info.update({
-        "K": K, "targets": scale["targets"], "N": scale["N"], "M": scale["M"], "steps": scale["steps"],
-        "seconds_per_target": seconds[-1] / scale["targets"], "loss_t_s": t["loss_t"],
-        "unlearn_s_per_target": t["unlearn"] / scale["targets"], "score_s_per_target": t["score"] / scale["targets"],
-        "compiled": res.meta["compiled"], "threads": torch.get_num_threads(),
-    })
+    benchmark.extra_info.update(
+        {
+            "K": K,
+            "targets": scale["targets"],
+            "N": scale["N"],
+            "M": scale["M"],
+            "steps": scale["steps"],
+            "seconds_per_target": seconds[-1] / scale["targets"],
+            "loss_t_s": t["loss_t"],
+            "unlearn_s_per_target": t["unlearn"] / scale["targets"],
+            "score_s_per_target": t["score"] / scale["targets"],
+            "compiled": res.meta["compiled"],
+            "threads": torch.get_num_threads(),
+        }
+    )

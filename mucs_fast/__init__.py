@@ -1,8 +1,8 @@
 """mucs_fast: fast MUCS training-data attribution for diffusion models.
 
-    import mucs_fast as mf
-    res = mf.attribute(mf.EDMDenoiser(net), train, targets, config=mf.MUCSConfig())
-    res.scores, res.topk(8), res.save("out/")
+import mucs_fast as mf
+res = mf.attribute(mf.EDMDenoiser(net), train, targets, config=mf.MUCSConfig())
+res.scores, res.topk(8), res.save("out/")
 """
 
 from ._version import __version__
@@ -11,5 +11,12 @@ from .denoisers import DiffusersDenoiser, EDMDenoiser
 from .engine import attribute
 from .result import Attribution
 
-__all__ = ["MUCSConfig", "REFERENCE_FROZEN", "EDMDenoiser", "DiffusersDenoiser", "attribute", "Attribution",
-           "__version__"]
+__all__ = [
+    "MUCSConfig",
+    "REFERENCE_FROZEN",
+    "EDMDenoiser",
+    "DiffusersDenoiser",
+    "attribute",
+    "Attribution",
+    "__version__",
+]

@@ -117,7 +117,9 @@ def tensor_digest(x: torch.Tensor | Mapping[str, torch.Tensor] | None) -> str:
 
 def key_digest(*parts) -> str:
     """sha256 of a JSON-able key (dicts sorted): names cache entries and runs."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=_json_default).encode()).hexdigest()[:32]
+    return hashlib.sha256(
+        json.dumps(parts, sort_keys=True, default=_json_default).encode()
+    ).hexdigest()[:32]
 
 
 def file_digest(path) -> str:

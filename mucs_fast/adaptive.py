@@ -55,7 +55,9 @@ def screening_order(level: torch.Tensor) -> torch.Tensor:
     bits = max(1, (M - 1).bit_length())
     ranks: dict = {}  # van der Corput points v = j/2^b as ranks ⌈v·M⌉ (the first rank of v's cell at
     for i in range(1 << bits):  # every scale), first occurrences (2^b ≥ M: every rank occurs)
-        ranks.setdefault(min(M - 1, (int(format(i, f"0{bits}b")[::-1], 2) * M + (1 << bits) - 1) >> bits), None)
+        ranks.setdefault(
+            min(M - 1, (int(format(i, f"0{bits}b")[::-1], 2) * M + (1 << bits) - 1) >> bits), None
+        )
     return by_level[torch.tensor(list(ranks), dtype=torch.int64)]
 
 
@@ -93,7 +95,9 @@ class LazyLossT:
         self.known = torch.zeros(N, n_segments, dtype=torch.bool)
         self.pairs = 0  # image·noise forwards of the original model (all ranks)
 
-    def ensure(self, lp: LossPass, x, y, need: torch.Tensor, seg: int, cols: torch.Tensor, m: int, group) -> None:
+    def ensure(
+        self, lp: LossPass, x, y, need: torch.Tensor, seg: int, cols: torch.Tensor, m: int, group
+    ) -> None:
         todo = (need & ~self.known[:, seg]).nonzero().squeeze(1)
         if len(todo) == 0:
             return
@@ -102,17 +106,23 @@ class LazyLossT:
         for i, rc in enumerate(torch.split(todo, lp.images_per_forward)):
             if i % group.world == group.rank:  # chunks of the same rows whatever the world size
                 xc, yc = lp.gather(x, y, rc)
-                part[i * lp.images_per_forward:i * lp.images_per_forward + len(rc)] = lp.losses(models, xc, yc, lp.bank.eps)[0, :m, :len(rc)].t()
+                part[i * lp.images_per_forward : i * lp.images_per_forward + len(rc)] = lp.losses(
+                    models, xc, yc, lp.bank.eps
+                )[0, :m, : len(rc)].t()
         group.sum_(part)  # zero outside each rank's chunks: an exact sum
         self.values[todo.to(part.device)[:, None], cols.to(part.device)[None, :]] = part
         self.known[todo, seg] = True
         self.pairs += len(todo) * m
 
 
-def per_noise_skew(loss_u: torch.Tensor, loss_t: torch.Tensor, eps: float, use_loss_ratio: bool) -> torch.Tensor:
+def per_noise_skew(
+    loss_u: torch.Tensor, loss_t: torch.Tensor, eps: float, use_loss_ratio: bool
+) -> torch.Tensor:
     """r [n, m]: the skew of each (image, noise) pair — the score formula's op, one term per sum."""
     n, m = loss_t.shape
-    return skew_accumulate(loss_u.reshape(1, n * m, 1), loss_t.reshape(n * m, 1), eps, use_loss_ratio).view(n, m)
+    return skew_accumulate(
+        loss_u.reshape(1, n * m, 1), loss_t.reshape(n * m, 1), eps, use_loss_ratio
+    ).view(n, m)
 
 
 class Screen:
@@ -148,8 +158,19 @@ class Screen:
             self.set_aside_at[m] = self.set_aside_at.get(m, 0) + len(out)
 
 
-def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: int, cfg,
-                    target_fps: Sequence[str], group, progress: Optional[Callable[[int], None]] = None) -> tuple:
+def adaptive_scores(
+    lp: LossPass,
+    loss_t: LazyLossT,
+    weights: dict,
+    x,
+    y,
+    *,
+    N: int,
+    cfg,
+    target_fps: Sequence[str],
+    group,
+    progress: Optional[Callable[[int], None]] = None,
+) -> tuple:
     """(scores [K, N] float32, exact [K, N] bool, per-target infos) of the K copies `weights`
     ({name: [K, ...]}), on the CPU; `loss_t` gains the L_t pairs they use (and counts them).
 
@@ -165,14 +186,25 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: 
     checks = set(checkpoints(n_seg))
     K = next(iter(weights.values())).shape[0]
     models = [{n: w[j] for n, w in weights.items()} for j in range(K)]  # each copy on its own rows
-    screens = [Screen(N, torch.rand(N, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "audit", fp)),
-                                    dtype=torch.float64)) for fp in target_fps]
+    screens = [
+        Screen(
+            N,
+            torch.rand(
+                N,
+                generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "audit", fp)),
+                dtype=torch.float64,
+            ),
+        )
+        for fp in target_fps
+    ]
     pairs = [0] * K
-    per = max(1, lp.images_per_forward * M // m_s)  # the same image·noise pairs per forward as the exact pass
+    per = max(
+        1, lp.images_per_forward * M // m_s
+    )  # the same image·noise pairs per forward as the exact pass
     dev = lp.device
     with torch.inference_mode(), autocast_for(dev, lp.precision):
         for seg in range(n_seg):
-            cols = order[seg * m_s:(seg + 1) * m_s]
+            cols = order[seg * m_s : (seg + 1) * m_s]
             cols_d, m = cols.to(dev), len(cols)
             idx = torch.cat([cols, cols[-1:].expand(m_s - m)])  # the last segment padded: one shape
             seg_lp = lp.segment(NoiseBank.select(bank, idx), per)
@@ -180,8 +212,14 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: 
             for sc in screens:
                 need |= sc.running
             loss_t.ensure(seg_lp, x, y, need, seg, cols, m, group)
-            work = [(j, rc) for j, sc in enumerate(screens) for rc in torch.split(sc.running.nonzero().squeeze(1), per)]
-            csum = torch.zeros(len(work), m + 1, dtype=torch.float64)  # per chunk: Σ r over alive rows, count
+            work = [
+                (j, rc)
+                for j, sc in enumerate(screens)
+                for rc in torch.split(sc.running.nonzero().squeeze(1), per)
+            ]
+            csum = torch.zeros(
+                len(work), m + 1, dtype=torch.float64
+            )  # per chunk: Σ r over alive rows, count
             # per image: Σ r, Σ (r − c), Σ (r − c)², and how often it was written (coverage.py)
             inc = torch.zeros(K, 4, N, dtype=torch.float64)
             done_here = []  # this rank's chunks: (copy, rows, r)
@@ -190,9 +228,19 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: 
                 if w_i % group.world != group.rank:
                     continue
                 xc, yc = seg_lp.gather(x, y, rc)
-                L_u = seg_lp.losses([models[j]], xc, yc, seg_lp.bank.eps)[0, :m, :len(rc)].t()  # [n, m]
-                r = per_noise_skew(L_u.float(), loss_t.values[rc.to(dev)][:, cols_d], cfg.eps,
-                                   cfg.use_loss_ratio).double().cpu()  # the statistics live on the CPU
+                L_u = seg_lp.losses([models[j]], xc, yc, seg_lp.bank.eps)[
+                    0, :m, : len(rc)
+                ].t()  # [n, m]
+                r = (
+                    per_noise_skew(
+                        L_u.float(),
+                        loss_t.values[rc.to(dev)][:, cols_d],
+                        cfg.eps,
+                        cfg.use_loss_ratio,
+                    )
+                    .double()
+                    .cpu()
+                )  # the statistics live on the CPU
                 a = screens[j].alive[rc]
                 csum[w_i, :m], csum[w_i, m] = r[a].sum(0), a.sum()
                 done_here.append((j, rc, r))
@@ -212,9 +260,11 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: 
             for j, sc in enumerate(screens):
                 running = sc.running
                 if not torch.equal(inc[j, 3], running.double()):
-                    raise RuntimeError(f"adaptive scores of target {target_fps[j][:8]}, segment {seg}: "
-                                       f"{int((inc[j, 3] != running.double()).sum())} running images were "
-                                       "not scored exactly once; no result is returned")
+                    raise RuntimeError(
+                        f"adaptive scores of target {target_fps[j][:8]}, segment {seg}: "
+                        f"{int((inc[j, 3] != running.double()).sum())} running images were "
+                        "not scored exactly once; no result is returned"
+                    )
                 sc.sum_r += inc[j, 0]
                 sc.sum_d += inc[j, 1]
                 sc.sum_d2 += inc[j, 2]
@@ -230,8 +280,16 @@ def adaptive_scores(lp: LossPass, loss_t: LazyLossT, weights: dict, x, y, *, N: 
         misses = int((scores[j][sc.audit] >= kth).sum())
         lo, hi = wilson(misses, audited)
         unaudited = int((~exact[j]).sum())
-        infos.append({"pairs_evaluated": pairs[j], "exact": int(exact[j].sum()), "set_aside": unaudited + audited,
-                      "set_aside_at": {str(d): c for d, c in sorted(sc.set_aside_at.items())},
-                      "audited": audited, "audit_misses": misses, "miss_rate_95": [lo, hi],
-                      "expected_missed_95": [lo * unaudited, hi * unaudited]})
+        infos.append(
+            {
+                "pairs_evaluated": pairs[j],
+                "exact": int(exact[j].sum()),
+                "set_aside": unaudited + audited,
+                "set_aside_at": {str(d): c for d, c in sorted(sc.set_aside_at.items())},
+                "audited": audited,
+                "audit_misses": misses,
+                "miss_rate_95": [lo, hi],
+                "expected_missed_95": [lo * unaudited, hi * unaudited],
+            }
+        )
     return scores, exact, infos

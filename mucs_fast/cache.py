@@ -23,8 +23,9 @@ def resolve_dir(cache_dir) -> Optional[str]:
     if cache_dir is None or cache_dir is False:
         return None
     if cache_dir == DEFAULT:
-        cache_dir = os.environ.get("MUCS_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                        "mucs_fast")
+        cache_dir = os.environ.get("MUCS_FAST_CACHE") or os.path.join(
+            os.path.expanduser("~"), ".cache", "mucs_fast"
+        )
     return os.fspath(cache_dir)
 
 

@@ -1,9 +1,9 @@
 """The `mucs-fast` command line (also `python -m mucs_fast`).
 
-    mucs-fast demo [--quick] [--out DIR]          the embedded end-to-end run on sklearn digits
-    mucs-fast attribute --model M --train T --targets G --out DIR [...]
-    mucs-fast evaluate [--quick] --data digits|mnist|PATH --methods mucs,random,... --out DIR
-    mucs-fast pack SRC OUT [--labels L] [--split S] [--shard-images N]   a streamable shard folder
+mucs-fast demo [--quick] [--out DIR]          the embedded end-to-end run on sklearn digits
+mucs-fast attribute --model M --train T --targets G --out DIR [...]
+mucs-fast evaluate [--quick] --data digits|mnist|PATH --methods mucs,random,... --out DIR
+mucs-fast pack SRC OUT [--labels L] [--split S] [--shard-images N]   a streamable shard folder
 """
 
 from __future__ import annotations
@@ -48,18 +48,39 @@ __all__ = ["build_parser", "load_model", "main"]
 # Model: the class-conditional DiT whose samples a digit classifier recognizes at 0.92 (3000 steps;
 # 0.82 at 1500) — see BENCHMARKS.md for the measured alternatives.
 DEMO = {
-    "default": {"train_steps": 3000, "targets": 8, "num_noises": 100, "safety_steps": 500,
-                "targets_per_batch": 8},
-    "quick": {"train_steps": 1500, "targets": 2, "num_noises": 50, "safety_steps": 150,
-              "targets_per_batch": 2},
+    "default": {
+        "train_steps": 3000,
+        "targets": 8,
+        "num_noises": 100,
+        "safety_steps": 500,
+        "targets_per_batch": 8,
+    },
+    "quick": {
+        "train_steps": 1500,
+        "targets": 2,
+        "num_noises": 50,
+        "safety_steps": 150,
+        "targets_per_batch": 2,
+    },
 }
-DEMO_MODEL = {"patch_size": 4, "width": 64, "depth": 4, "heads": 4, "mlp_ratio": 4, "cond_width": 64,
-              "extra_tokens": 0}
+DEMO_MODEL = {
+    "patch_size": 4,
+    "width": 64,
+    "depth": 4,
+    "heads": 4,
+    "mlp_ratio": 4,
+    "cond_width": 64,
+    "extra_tokens": 0,
+}
 DEMO_TRAIN = {"batch_size": 128, "lr": 2e-3, "ema_decay": 0.999}
 
 
 def _cache_dir(arg: str | None) -> str:
-    d = arg or os.environ.get("MUCS_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mucs_fast")
+    d = (
+        arg
+        or os.environ.get("MUCS_FAST_CACHE")
+        or os.path.join(os.path.expanduser("~"), ".cache", "mucs_fast")
+    )
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -70,8 +91,12 @@ def _cache_dir(arg: str | None) -> str:
 def demo_model(args, images, labels, device):
     """Train (or load from the cache) the demo's DiT; the cache key is its full config."""
 
-    spec = {"model": DEMO_MODEL, "train": {**DEMO_TRAIN, "steps": args.train_steps, "seed": args.seed},
-            "data": _io.tensor_digest({"x": images, "y": labels}), "format": 1}
+    spec = {
+        "model": DEMO_MODEL,
+        "train": {**DEMO_TRAIN, "steps": args.train_steps, "seed": args.seed},
+        "data": _io.tensor_digest({"x": images, "y": labels}),
+        "format": 1,
+    }
     key = _io.key_digest(spec)[:16]
     path = os.path.join(_cache_dir(args.cache_dir), f"demo-dit-{key}.pt")
     if os.path.isfile(path) and not args.no_cache:
@@ -81,11 +106,21 @@ def demo_model(args, images, labels, device):
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
         net = DiT((C, H, W), label_dim=10, **DEMO_MODEL)
-    say(f"model: training a {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M-parameter DiT for "
-           f"{args.train_steps} steps (cached afterwards at {path})")
+    say(
+        f"model: training a {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M-parameter DiT for "
+        f"{args.train_steps} steps (cached afterwards at {path})"
+    )
     t0 = time.perf_counter()
-    den, _ = train(EDMDenoiser(net), images, labels, steps=args.train_steps, seed=args.seed, device=device,
-                   progress=True, **{k: v for k, v in DEMO_TRAIN.items()})
+    den, _ = train(
+        EDMDenoiser(net),
+        images,
+        labels,
+        steps=args.train_steps,
+        seed=args.seed,
+        device=device,
+        progress=True,
+        **{k: v for k, v in DEMO_TRAIN.items()},
+    )
     seconds = time.perf_counter() - t0
     save_checkpoint(path, den, {"spec": json.dumps(spec)})
     return den, path, seconds
@@ -99,36 +134,73 @@ def cmd_demo(args) -> int:
             setattr(args, k, v)
     check_out(args.out)
     check_device(args.device)
-    cfg = MUCSConfig(num_noises=args.num_noises, safety_steps=args.safety_steps, seed=args.seed,
-                     targets_per_batch=args.targets_per_batch)
+    cfg = MUCSConfig(
+        num_noises=args.num_noises,
+        safety_steps=args.safety_steps,
+        seed=args.seed,
+        targets_per_batch=args.targets_per_batch,
+    )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_all = time.perf_counter()
     images, labels = load_digits(16)
-    say(f"data: sklearn digits, {images.shape[0]} images {tuple(images.shape[1:])} in [-1, 1] "
-        "(8×8 upsampled bilinearly to 16×16)")
+    say(
+        f"data: sklearn digits, {images.shape[0]} images {tuple(images.shape[1:])} in [-1, 1] "
+        "(8×8 upsampled bilinearly to 16×16)"
+    )
     den, model_path, train_s = demo_model(args, images, labels, device)
 
     K = args.targets
     seeds = list(range(1000, 1000 + K))
     target_labels = torch.arange(K) % 10
-    say(f"targets: {K} images sampled with seeds {seeds[0]}..{seeds[-1]}, labels {target_labels.tolist()}")
+    say(
+        f"targets: {K} images sampled with seeds {seeds[0]}..{seeds[-1]}, labels {target_labels.tolist()}"
+    )
     t0 = time.perf_counter()
     targets = sample_edm(den, seeds, target_labels, device=device, progress=True).clamp(-1, 1)
     sample_s = time.perf_counter() - t0
 
-    say(f"attribute: MUCS with M={cfg.num_noises} noises, B={cfg.B}, lr={den.train_lr / cfg.lr_factor:g}"
-        + (" (quick settings: fewer noises/steps than the paper's defaults)" if args.quick else ""))
+    say(
+        f"attribute: MUCS with M={cfg.num_noises} noises, B={cfg.B}, lr={den.train_lr / cfg.lr_factor:g}"
+        + (" (quick settings: fewer noises/steps than the paper's defaults)" if args.quick else "")
+    )
     # The demo's own record; the attribution's timings cover the rest (timings.total).
-    meta = {"demo": {"quick": bool(args.quick), "model": model_path, "target_seeds": seeds,
-                     "target_labels": target_labels.tolist(), "train_seconds": train_s,
-                     "sample_seconds": sample_s, "seconds_before_attribute": time.perf_counter() - t_all}}
-    res = attribute(den, images, targets, cfg, train_labels=labels, target_labels=target_labels,
-                    device=device, progress=True, run_dir=args.out, resume=args.resume, top_k=100, meta=meta)
+    meta = {
+        "demo": {
+            "quick": bool(args.quick),
+            "model": model_path,
+            "target_seeds": seeds,
+            "target_labels": target_labels.tolist(),
+            "train_seconds": train_s,
+            "sample_seconds": sample_s,
+            "seconds_before_attribute": time.perf_counter() - t_all,
+        }
+    }
+    res = attribute(
+        den,
+        images,
+        targets,
+        cfg,
+        train_labels=labels,
+        target_labels=target_labels,
+        device=device,
+        progress=True,
+        run_dir=args.out,
+        resume=args.resume,
+        top_k=100,
+        meta=meta,
+    )
     payload = {"targets": targets, "target_labels": target_labels, "seeds": torch.tensor(seeds)}
     _io.atomic_write(os.path.join(args.out, "targets.pt"), lambda tmp: torch.save(payload, tmp))
-    write_report(os.path.join(args.out, "report.png"), targets, images, res, top=8,
-                 target_labels=target_labels, train_labels=labels,
-                 title=f"mucs-fast demo{' --quick' if args.quick else ''}: digits, M={cfg.num_noises}")
+    write_report(
+        os.path.join(args.out, "report.png"),
+        targets,
+        images,
+        res,
+        top=8,
+        target_labels=target_labels,
+        train_labels=labels,
+        title=f"mucs-fast demo{' --quick' if args.quick else ''}: digits, M={cfg.num_noises}",
+    )
     print_summary(res, args.out, time.perf_counter() - t_all)
     return 0
 
@@ -140,10 +212,14 @@ def cmd_attribute(args) -> int:
 
     if uses_reference_files(args):  # the reference implementation's samples.pt / dataset folder
         if args.adaptive:
-            raise ValueError("--adaptive is not available with the reference's files (--reference-samples)")
+            raise ValueError(
+                "--adaptive is not available with the reference's files (--reference-samples)"
+            )
         return cmd_attribute_reference(args)
     if not (args.train and args.targets):
-        raise ValueError("--train and --targets are required (or --reference-samples and --reference-data)")
+        raise ValueError(
+            "--train and --targets are required (or --reference-samples and --reference-data)"
+        )
     cfg = attribute_config(args)  # --out, --device, --loss-null, ... before anything is read
     if streamable(args.train):  # .npy / .safetensors / a packed folder: read in chunks, never whole
         train = open_source(args.train)
@@ -158,14 +234,24 @@ def cmd_attribute(args) -> int:
         cfg = dataclasses.replace(cfg, adaptive_top_k=min(args.top_k or 100, len(train)))
     den = load_model(args.model, trust_pickle=args.trust_pickle)
     t0 = time.perf_counter()
-    res = attribute(den, train, targets, cfg, train_labels=ytr, target_labels=ytg, train_ids=ids,
-                    device=args.device, progress=not args.quiet, run_dir=args.out, resume=args.resume,
-                    top_k=args.top_k or 100)
+    res = attribute(
+        den,
+        train,
+        targets,
+        cfg,
+        train_labels=ytr,
+        target_labels=ytg,
+        train_ids=ids,
+        device=args.device,
+        progress=not args.quiet,
+        run_dir=args.out,
+        resume=args.resume,
+        top_k=args.top_k or 100,
+    )
     if rank_world()[0] == 0:  # under torchrun every rank has the result; one writes
         write_report(os.path.join(args.out, "report.png"), targets, train, res, top=min(8, res.N))
         print_summary(res, args.out, time.perf_counter() - t0)
     return 0
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,44 +264,74 @@ def cmd_pack(args) -> int:
         raise ValueError(f"--shard-images must be >= 1, got {args.shard_images}")
     t0 = time.perf_counter()
     try:
-        index = pack(args.src, args.out, shard_images=args.shard_images, progress=not args.quiet,
-                     labels=args.labels, split=args.split)
+        index = pack(
+            args.src,
+            args.out,
+            shard_images=args.shard_images,
+            progress=not args.quiet,
+            labels=args.labels,
+            split=args.split,
+        )
     except KeyboardInterrupt:
-        say(f"interrupted: {args.out} is not a packed folder (no index.json); rerun the same command")
+        say(
+            f"interrupted: {args.out} is not a packed folder (no index.json); rerun the same command"
+        )
         return 130
     size = sum(s["bytes"] for s in index["shards"])
     labels = f", {index['labels']}" if index["labels"] else ""
-    say(f"wrote {args.out}: {index['N']} images {index['C']}×{index['H']}×{index['W']} {index['dtype']} in "
+    say(
+        f"wrote {args.out}: {index['N']} images {index['C']}×{index['H']}×{index['W']} {index['dtype']} in "
         f"{len(index['shards'])} shard(s) of <= {args.shard_images} ({size / 2**20:.1f} MiB), "
         f"{index['ids']}{labels}, index.json in {time.perf_counter() - t0:.1f} s; "
-        f"stream it with --train {args.out}")
+        f"stream it with --train {args.out}"
+    )
     return 0
 
 
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mucs-fast", description="MUCS training-data attribution for diffusion models")
+    p = argparse.ArgumentParser(
+        prog="mucs-fast", description="MUCS training-data attribution for diffusion models"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="train a small model on sklearn digits, generate targets, attribute them")
+    d = sub.add_parser(
+        "demo", help="train a small model on sklearn digits, generate targets, attribute them"
+    )
     d.add_argument("--quick", action="store_true", help="a short run (≤ 3 min on 2 CPU cores)")
     d.add_argument("--out", default="mucs_demo", help="result directory (default: ./mucs_demo)")
     d.add_argument("--targets", type=int, default=None, help="number of generated targets")
     d.add_argument("--num-noises", type=int, default=None, help="M, noises in the bank")
     d.add_argument("--train-steps", type=int, default=None, help="training steps of the demo model")
-    d.add_argument("--safety-steps", type=int, default=None, help="cap on unlearning steps per target")
-    d.add_argument("--targets-per-batch", type=int, default=None, help="K targets unlearned and scored together")
+    d.add_argument(
+        "--safety-steps", type=int, default=None, help="cap on unlearning steps per target"
+    )
+    d.add_argument(
+        "--targets-per-batch",
+        type=int,
+        default=None,
+        help="K targets unlearned and scored together",
+    )
     d.add_argument("--seed", type=int, default=45)
     d.add_argument("--device", default=None)
-    d.add_argument("--cache-dir", default=None, help="model cache (default $MUCS_FAST_CACHE or ~/.cache/mucs_fast)")
+    d.add_argument(
+        "--cache-dir",
+        default=None,
+        help="model cache (default $MUCS_FAST_CACHE or ~/.cache/mucs_fast)",
+    )
     d.add_argument("--no-cache", action="store_true", help="retrain the demo model even if cached")
     d.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     d.set_defaults(func=cmd_demo)
 
     a = sub.add_parser("attribute", help="attribute generated images to training images")
-    a.add_argument("--model", required=True,
-                   help="diffusers model directory, mucs_fast checkpoint, or (with --trust-pickle) a saved nn.Module")
-    a.add_argument("--train", help="training images: .pt/.npy/.safetensors [N,C,H,W] or an image folder")
+    a.add_argument(
+        "--model",
+        required=True,
+        help="diffusers model directory, mucs_fast checkpoint, or (with --trust-pickle) a saved nn.Module",
+    )
+    a.add_argument(
+        "--train", help="training images: .pt/.npy/.safetensors [N,C,H,W] or an image folder"
+    )
     a.add_argument("--targets", help="generated images (same formats)")
     a.add_argument("--out", required=True, help="result/run directory")
     a.add_argument("--train-labels", default=None)
@@ -230,23 +346,43 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--top-k", type=int, default=None)
     a.add_argument("--device", default=None)
     a.add_argument("--resume", action="store_true")
-    a.add_argument("--adaptive", action="store_true",
-                   help="adaptive scoring: screen on a few noises, score on the full bank only the images that can "
-                        "reach each target's --top-k (default 100); the rest keep estimates (audited; see README)")
+    a.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="adaptive scoring: screen on a few noises, score on the full bank only the images that can "
+        "reach each target's --top-k (default 100); the rest keep estimates (audited; see README)",
+    )
     a.add_argument("--quiet", action="store_true", help="no progress bars")
-    a.add_argument("--trust-pickle", action="store_true",
-                   help="allow --model to be a pickled file (a whole saved nn.Module, diffusers .bin weights): "
-                        "unpickling runs the code the file holds, so only for files you trust")
+    a.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow --model to be a pickled file (a whole saved nn.Module, diffusers .bin weights): "
+        "unpickling runs the code the file holds, so only for files you trust",
+    )
     add_reference_arguments(a)  # --reference-samples / --reference-data (mucs_fast/compat/cli.py)
     a.set_defaults(func=cmd_attribute)
 
-    k = sub.add_parser("pack", help="write a packed, memory-mappable shard folder that --train streams")
-    k.add_argument("src", metavar="SRC", help="an image folder, a .pt/.npy/.safetensors [N,C,H,W] file, the "
-                   "reference's dataset folder (metadata.pt + pt_files/) or a packed folder (to reshard)")
-    k.add_argument("out", metavar="OUT", help="the folder to write (new, empty, or a previous pack)")
-    k.add_argument("--labels", default=None, help="labels file for SRC (class ids [N] or vectors [N, D])")
-    k.add_argument("--split", default=None, help="split of a reference dataset folder (default: train)")
-    k.add_argument("--shard-images", type=int, default=65536, help="images per shard (default: 65536)")
+    k = sub.add_parser(
+        "pack", help="write a packed, memory-mappable shard folder that --train streams"
+    )
+    k.add_argument(
+        "src",
+        metavar="SRC",
+        help="an image folder, a .pt/.npy/.safetensors [N,C,H,W] file, the "
+        "reference's dataset folder (metadata.pt + pt_files/) or a packed folder (to reshard)",
+    )
+    k.add_argument(
+        "out", metavar="OUT", help="the folder to write (new, empty, or a previous pack)"
+    )
+    k.add_argument(
+        "--labels", default=None, help="labels file for SRC (class ids [N] or vectors [N, D])"
+    )
+    k.add_argument(
+        "--split", default=None, help="split of a reference dataset folder (default: train)"
+    )
+    k.add_argument(
+        "--shard-images", type=int, default=65536, help="images per shard (default: 65536)"
+    )
     k.add_argument("--quiet", action="store_true", help="no progress bar")
     k.set_defaults(func=cmd_pack)
 

@@ -28,13 +28,16 @@ def check_out(out: str) -> None:
     run directory, or one a running process holds (mucs_fast.rundir.check_run_dir)."""
 
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is an existing file, not a folder; give a new folder or a previous "
-                         "run's")
+        raise ValueError(
+            f"--out {out} is an existing file, not a folder; give a new folder or a previous run's"
+        )
     check_run_dir(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror or one_line(e)})") from None
+        raise ValueError(
+            f"--out {out}: cannot create the folder ({e.strerror or one_line(e)})"
+        ) from None
     try:  # named like an atomic-write temporary, so a leftover is cleaned with them
         fd, probe = tempfile.mkstemp(prefix=".mucs-fast-probe.", suffix=".tmp", dir=out)
         os.close(fd)
@@ -50,21 +53,33 @@ def check_device(device: str | None) -> str | None:
     try:
         d = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"--device {device}: not a device name (expected cpu, cuda, cuda:N, mps, ...)") from None
+        raise ValueError(
+            f"--device {device}: not a device name (expected cpu, cuda, cuda:N, mps, ...)"
+        ) from None
     if d.type == "cpu":
         return device
     mod = torch.backends.mps if d.type == "mps" else getattr(torch, d.type, None)
     if mod is None or not callable(getattr(mod, "is_available", None)):
-        raise ValueError(f"--device {device}: mucs-fast runs on cpu or an accelerator (cuda, mps, xpu), "
-                         f"not {d.type}")
+        raise ValueError(
+            f"--device {device}: mucs-fast runs on cpu or an accelerator (cuda, mps, xpu), "
+            f"not {d.type}"
+        )
     if not mod.is_available():
-        why = " (this torch is built without CUDA)" if d.type == "cuda" and torch.version.cuda is None else ""
-        raise ValueError(f"--device {device}: no {d.type} device is available on this machine{why}; "
-                         "use --device cpu")
+        why = (
+            " (this torch is built without CUDA)"
+            if d.type == "cuda" and torch.version.cuda is None
+            else ""
+        )
+        raise ValueError(
+            f"--device {device}: no {d.type} device is available on this machine{why}; "
+            "use --device cpu"
+        )
     count = getattr(mod, "device_count", None)
     if d.index is not None and callable(count) and d.index >= count():
-        raise ValueError(f"--device {device}: this machine has {count()} {d.type} device(s) "
-                         f"({d.type}:0..{d.type}:{count() - 1})")
+        raise ValueError(
+            f"--device {device}: this machine has {count()} {d.type} device(s) "
+            f"({d.type}:0..{d.type}:{count() - 1})"
+        )
     return device
 
 
@@ -100,9 +115,15 @@ def attribute_config(args):
     check_device(args.device)
     loss_null = parse_loss_null(args.loss_null)
     check_top_k(args.top_k)
-    return MUCSConfig(num_noises=args.num_noises, max_steps=args.max_steps, lr=args.lr, loss_null=loss_null,
-                      seed=args.seed, targets_per_batch=args.targets_per_batch,
-                      **({"batch_size": args.batch_size} if args.batch_size is not None else {}))
+    return MUCSConfig(
+        num_noises=args.num_noises,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        loss_null=loss_null,
+        seed=args.seed,
+        targets_per_batch=args.targets_per_batch,
+        **({"batch_size": args.batch_size} if args.batch_size is not None else {}),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,27 +168,39 @@ def interrupted_message(out: str | None) -> str:
 
     if out and os.path.isfile(os.path.join(out, RUN_FILE)):
         tdir = os.path.join(out, TARGETS_DIR)
-        n = len([f for f in os.listdir(tdir) if f.endswith(".safetensors")]) if os.path.isdir(tdir) else 0
-        return (f"interrupted: finished targets ({n} so far) are kept in {out}; rerun the same command with "
-                "--resume to continue")
+        n = (
+            len([f for f in os.listdir(tdir) if f.endswith(".safetensors")])
+            if os.path.isdir(tdir)
+            else 0
+        )
+        return (
+            f"interrupted: finished targets ({n} so far) are kept in {out}; rerun the same command with "
+            "--resume to continue"
+        )
     return "interrupted before any target finished; rerun the same command to start again"
 
 
 def print_summary(res, out, seconds) -> None:
     t = res.meta.get("timings", {})
     steps = [i["steps"] for i in res.meta["targets"]]
-    say(f"done in {seconds:.1f} s (L_t {t.get('loss_t', 0):.1f} s, unlearning {t.get('unlearn', 0):.1f} s, "
-        f"scoring {t.get('score', 0):.1f} s); unlearning steps per target: {steps}")
+    say(
+        f"done in {seconds:.1f} s (L_t {t.get('loss_t', 0):.1f} s, unlearning {t.get('unlearn', 0):.1f} s, "
+        f"scoring {t.get('score', 0):.1f} s); unlearning steps per target: {steps}"
+    )
     ad = res.meta.get("adaptive")
     if ad:
         full = res.N * res.meta["M"]
         pairs = res.meta["pairs_evaluated"]
         hi = sum(a["expected_missed_95"][1] for a in ad["targets"] if a)
-        say(f"adaptive (top {ad['top_k']}): {sum(pairs) / max(1, len(pairs)) / full:.1%} of the exact forwards per "
+        say(
+            f"adaptive (top {ad['top_k']}): {sum(pairs) / max(1, len(pairs)) / full:.1%} of the exact forwards per "
             f"target, {res.exact.float().mean():.1%} of the scores exact; audit: "
             f"{sum(a['audit_misses'] for a in ad['targets'] if a)} misses in "
             f"{sum(a['audited'] for a in ad['targets'] if a)} audited set-aside images "
-            f"(≤ {hi:.0f} top-k images missed in all, 95 %)")
+            f"(≤ {hi:.0f} top-k images missed in all, 95 %)"
+        )
     if res.meta.get("flagged"):
-        say(f"WARNING: targets {res.meta['flagged']} stopped by NaN or the safety cap (see attribution.json)")
+        say(
+            f"WARNING: targets {res.meta['flagged']} stopped by NaN or the safety cap (see attribution.json)"
+        )
     say(f"wrote {out}/scores.safetensors, attribution.json" + (", report.png" if out else ""))

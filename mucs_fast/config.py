@@ -108,7 +108,9 @@ class MUCSConfig:
 
     def __post_init__(self) -> None:
         def bad(field: str, expected: str) -> None:
-            raise ValueError(f"MUCSConfig.{field}: expected {expected}, got {getattr(self, field)!r}")
+            raise ValueError(
+                f"MUCSConfig.{field}: expected {expected}, got {getattr(self, field)!r}"
+            )
 
         if not (isinstance(self.num_noises, int) and self.num_noises >= 1):
             bad("num_noises", "an int >= 1")
@@ -119,21 +121,30 @@ class MUCSConfig:
         if isinstance(self.loss_null, str):
             if self.loss_null != "auto":
                 bad("loss_null", '"auto" or a positive number')
-        elif not (isinstance(self.loss_null, (int, float)) and math.isfinite(self.loss_null)
-                  and self.loss_null > 0):
+        elif not (
+            isinstance(self.loss_null, (int, float))
+            and math.isfinite(self.loss_null)
+            and self.loss_null > 0
+        ):
             bad("loss_null", '"auto" or a positive number')
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             bad("lr", "a positive number or None")
-        if self.max_steps is not None and not (isinstance(self.max_steps, int) and self.max_steps >= 1):
+        if self.max_steps is not None and not (
+            isinstance(self.max_steps, int) and self.max_steps >= 1
+        ):
             # 0 steps would score the original model against itself: all scores 0
             bad("max_steps", "None or an int >= 1")
         if not (isinstance(self.safety_steps, int) and self.safety_steps >= 1):
             bad("safety_steps", "an int >= 1")
-        if self.batch_size is not None and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+        if self.batch_size is not None and not (
+            isinstance(self.batch_size, int) and self.batch_size >= 1
+        ):
             bad("batch_size", "None or an int >= 1")
         if not (isinstance(self.targets_per_batch, int) and self.targets_per_batch >= 1):
             bad("targets_per_batch", "an int >= 1")
-        if self.score_batch is not None and not (isinstance(self.score_batch, int) and self.score_batch >= 1):
+        if self.score_batch is not None and not (
+            isinstance(self.score_batch, int) and self.score_batch >= 1
+        ):
             bad("score_batch", "None or an int >= 1")
         if not 0 <= self.tolerance < 1:
             bad("tolerance", "a float in [0, 1)")
@@ -144,18 +155,27 @@ class MUCSConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             bad("precision", '"auto", "fp32" or "bf16"')
         if self.adaptive_top_k is not None:
-            if not (isinstance(self.adaptive_top_k, int) and not isinstance(self.adaptive_top_k, bool)
-                    and self.adaptive_top_k >= 1):
+            if not (
+                isinstance(self.adaptive_top_k, int)
+                and not isinstance(self.adaptive_top_k, bool)
+                and self.adaptive_top_k >= 1
+            ):
                 bad("adaptive_top_k", "None or an int >= 1")
             if not self.use_same_noise_infer:
-                raise ValueError("MUCSConfig.adaptive_top_k needs the shared bank (use_same_noise_infer=True): "
-                                 "screening compares images under the same noises")
+                raise ValueError(
+                    "MUCSConfig.adaptive_top_k needs the shared bank (use_same_noise_infer=True): "
+                    "screening compares images under the same noises"
+                )
             if self.num_noises < 2:
-                bad("num_noises", "an int >= 2 with adaptive_top_k (a screening bound needs two noises)")
+                bad(
+                    "num_noises",
+                    "an int >= 2 with adaptive_top_k (a screening bound needs two noises)",
+                )
         if not (isinstance(self.adaptive_margin, (int, float)) and self.adaptive_margin >= 0):
             bad("adaptive_margin", "a number >= 0")
         if self.adaptive_screen_noises is not None and not (
-                isinstance(self.adaptive_screen_noises, int) and 2 <= self.adaptive_screen_noises):
+            isinstance(self.adaptive_screen_noises, int) and 2 <= self.adaptive_screen_noises
+        ):
             bad("adaptive_screen_noises", "None or an int >= 2")
         if not (isinstance(self.adaptive_audit, (int, float)) and 0 <= self.adaptive_audit <= 1):
             bad("adaptive_audit", "a fraction in [0, 1]")

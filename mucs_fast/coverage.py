@@ -37,4 +37,5 @@ class Writes:
             raise RuntimeError(
                 f"{self.what}: {bad.numel()} of {self.count.numel()} entries were not written exactly "
                 f"once (the first, entry {i}, {int(self.count[i])} times): a read dropped or repeated "
-                "a range; no result is returned")
+                "a range; no result is returned"
+            )

@@ -33,12 +33,14 @@ class Denoiser:
     train_lr: Optional[float] = None
 
     # -- noise levels -------------------------------------------------------------------------
-    def inference_levels(self, M: int, t_sched, generator: Optional[torch.Generator] = None,
-                         device=None) -> torch.Tensor:
+    def inference_levels(
+        self, M: int, t_sched, generator: Optional[torch.Generator] = None, device=None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
-    def training_noise(self, shape, generator: Optional[torch.Generator] = None, t_sched=None,
-                       device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_noise(
+        self, shape, generator: Optional[torch.Generator] = None, t_sched=None, device=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps [B, C, H, W], level [B]) drawn as the reference does: levels first, then ε."""
         raise NotImplementedError
 
@@ -60,8 +62,9 @@ class Denoiser:
         chunk of a fixed bank, so a scoring pass builds it once (per-row preconditioning, levels)."""
         return {"level": level.repeat_interleave(n)}
 
-    def grid_loss(self, x, eps, level, y=None, net: Optional[Callable] = None,
-                  terms: Optional[dict] = None) -> torch.Tensor:
+    def grid_loss(
+        self, x, eps, level, y=None, net: Optional[Callable] = None, terms: Optional[dict] = None
+    ) -> torch.Tensor:
         """Loss [M, n] of every (noise m, image j) pair: the scoring pass's unit of work.
 
         x [n, C, H, W]; eps [M, C, H, W] (one noise per sample, shared by all images: the bank) or
@@ -72,7 +75,11 @@ class Denoiser:
         M, n = level.shape[0], x.shape[0]
         terms = self.grid_terms(eps, level, n) if terms is None else terms
         xx = _rows(x, M)
-        ee = _rows(eps, n, per_sample=True) if eps.dim() == x.dim() else eps.reshape(M * n, *x.shape[1:])
+        ee = (
+            _rows(eps, n, per_sample=True)
+            if eps.dim() == x.dim()
+            else eps.reshape(M * n, *x.shape[1:])
+        )
         return self.loss(xx, ee, terms["level"], _label_rows(y, M), net=net).view(M, n)
 
     # -- model facts ----------------------------------------------------------------------------
@@ -87,21 +94,28 @@ class Denoiser:
     def default_frozen(self) -> FrozenSpec:
         return REFERENCE_FROZEN
 
-    def prepare_labels(self, y: Optional[torch.Tensor], n: int, what: str) -> Optional[torch.Tensor]:
+    def prepare_labels(
+        self, y: Optional[torch.Tensor], n: int, what: str
+    ) -> Optional[torch.Tensor]:
         """Validate labels for `n` images and convert them to what the net takes (None for an
         unconditional model). Raises ValueError naming `what` (e.g. "train_labels")."""
         if not self.conditional:
             if y is not None:  # silently dropping them would hide a wrong model or a wrong file
-                raise ValueError(f"{what}: labels were given, but the model is unconditional; "
-                                 "pass no labels (or a class-conditional model)")
+                raise ValueError(
+                    f"{what}: labels were given, but the model is unconditional; "
+                    "pass no labels (or a class-conditional model)"
+                )
             return None
         if y is None:
             raise ValueError(
                 f"{what}: the model is class-conditional (label_dim={self.label_dim}) but no labels "
-                f"were given; pass {what}=<tensor [{n}] of class ids or [{n}, {self.label_dim}]>")
+                f"were given; pass {what}=<tensor [{n}] of class ids or [{n}, {self.label_dim}]>"
+            )
         y = torch.as_tensor(y).detach()
         if y.ndim and y.shape[0] != n:
-            raise ValueError(f"{what}: expected {n} labels (one per image), got shape {tuple(y.shape)}")
+            raise ValueError(
+                f"{what}: expected {n} labels (one per image), got shape {tuple(y.shape)}"
+            )
         # class ids int64 [n] or finite label vectors float32 [n, D] (data.checks: one rule for
         # labels, whatever reads them); then what this model takes
         return self._convert_labels(check_labels(y, n, what), what)
@@ -141,14 +155,16 @@ def _is_class_ids(y: torch.Tensor) -> bool:
 
 def _check_class_range(y: torch.Tensor, label_dim: int, what: str) -> None:
     if y.numel() and (y.min() < 0 or y.max() >= label_dim):
-        raise ValueError(f"{what}: class ids must lie in [0, {label_dim}), "
-                         f"got range [{int(y.min())}, {int(y.max())}]")
+        raise ValueError(
+            f"{what}: class ids must lie in [0, {label_dim}), "
+            f"got range [{int(y.min())}, {int(y.max())}]"
+        )
 
 
 def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     """λ(σ) = (σ² + σ_d²)/(σ·σ_d)², the EDM loss weight, written as in the reference for bitwise
     agreement (the drop-in's replay weighs its losses with this too)."""
-    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
 class EDMDenoiser(Denoiser):
@@ -170,16 +186,27 @@ class EDMDenoiser(Denoiser):
 
     level_dtype = torch.float32
 
-    def __init__(self, net: torch.nn.Module, sigma_data: Optional[float] = None,
-                 P_mean: Optional[float] = None, P_std: Optional[float] = None,
-                 sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                 label_dim: Optional[int] = None, null_factory: Optional[Callable[[], torch.nn.Module]] = None,
-                 train_lr: Optional[float] = None, raw: Optional[bool] = None):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        sigma_data: Optional[float] = None,
+        P_mean: Optional[float] = None,
+        P_std: Optional[float] = None,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        label_dim: Optional[int] = None,
+        null_factory: Optional[Callable[[], torch.nn.Module]] = None,
+        train_lr: Optional[float] = None,
+        raw: Optional[bool] = None,
+    ):
         if not isinstance(net, torch.nn.Module):
             raise TypeError(f"EDMDenoiser: net must be a torch.nn.Module, got {type(net).__name__}")
         self.raw = callable(getattr(net, "network", None)) if raw is None else bool(raw)
         self.net = net
-        self.sigma_data = float(sigma_data if sigma_data is not None else getattr(net, "sigma_data", 0.5))
+        self.sigma_data = float(
+            sigma_data if sigma_data is not None else getattr(net, "sigma_data", 0.5)
+        )
         self.P_mean = float(P_mean if P_mean is not None else getattr(net, "sigma_P_mean", -1.2))
         self.P_std = float(P_std if P_std is not None else getattr(net, "sigma_P_std", 1.2))
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
@@ -200,9 +227,9 @@ class EDMDenoiser(Denoiser):
     def precond(self, sigma: torch.Tensor):
         """EDM preconditioning (c_skip, c_out, c_in, c_noise), each [B], as the reference's nets."""
         sd = self.sigma_data
-        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + sigma**2).sqrt()
         c_noise = (sigma + 1e-6).log() / 4
         return c_skip, c_out, c_in, c_noise
 
@@ -214,7 +241,9 @@ class EDMDenoiser(Denoiser):
             s = torch.randn(M, generator=generator, device=device)
             return (self.P_std * s + self.P_mean).exp()
         num = _noise.grid_size(M, t_sched)
-        return _noise.karras_sigmas(num, self.sigma_min, self.sigma_max, self.rho, device=device)[:M]
+        return _noise.karras_sigmas(num, self.sigma_min, self.sigma_max, self.rho, device=device)[
+            :M
+        ]
 
     def training_noise(self, shape, generator=None, t_sched=None, device=None):
         B = shape[0]
@@ -247,11 +276,21 @@ class EDMDenoiser(Denoiser):
     def grid_terms(self, eps, level, n):
         sigma = level
         per_row = lambda v: v.repeat_interleave(n)  # noqa: E731 — [M] per-noise → [M·n] per-row
-        terms = {"ones": torch.ones_like(sigma), "sigma": sigma, "weight": per_row(self.weight(sigma))}
-        if self.raw:  # x_in = c_in·(x + σε) in one pass; c_skip·x_noisy = (c_skip/c_in)·x_in in the loss
+        terms = {
+            "ones": torch.ones_like(sigma),
+            "sigma": sigma,
+            "weight": per_row(self.weight(sigma)),
+        }
+        if (
+            self.raw
+        ):  # x_in = c_in·(x + σε) in one pass; c_skip·x_noisy = (c_skip/c_in)·x_in in the loss
             c_skip, c_out, c_in, c_noise = self.precond(sigma)
-            terms.update(c_in=c_in, c_noise=per_row(c_noise), c_skip_in=per_row(c_skip / c_in),
-                         c_out=per_row(c_out))
+            terms.update(
+                c_in=c_in,
+                c_noise=per_row(c_noise),
+                c_skip_in=per_row(c_skip / c_in),
+                c_out=per_row(c_out),
+            )
         else:
             terms.update(sigma_rows=per_row(sigma))
         return terms
@@ -278,16 +317,20 @@ class EDMDenoiser(Denoiser):
             _check_class_range(y, self.label_dim, what)
             return torch.nn.functional.one_hot(y, self.label_dim).float()
         if y.shape[1] != self.label_dim:
-            raise ValueError(f"{what}: expected class ids [N] or label vectors [N, {self.label_dim}], "
-                             f"got shape {tuple(y.shape)} ({y.dtype})")
+            raise ValueError(
+                f"{what}: expected class ids [N] or label vectors [N, {self.label_dim}], "
+                f"got shape {tuple(y.shape)} ({y.dtype})"
+            )
         return y
 
     def fresh_net_error(self):
         if self.null_factory is not None or isinstance(getattr(self.net, "args", None), tuple):
             return None
-        return ('loss_null="auto" needs a freshly initialized copy of the model, but EDMDenoiser cannot '
-                "build one for %s: pass EDMDenoiser(..., null_factory=<callable returning a new model>) "
-                "or a number as MUCSConfig(loss_null=...)" % type(self.net).__name__)
+        return (
+            'loss_null="auto" needs a freshly initialized copy of the model, but EDMDenoiser cannot '
+            "build one for %s: pass EDMDenoiser(..., null_factory=<callable returning a new model>) "
+            "or a number as MUCSConfig(loss_null=...)" % type(self.net).__name__
+        )
 
     def fresh_net(self):
         if self.fresh_net_error() is not None:
@@ -297,7 +340,15 @@ class EDMDenoiser(Denoiser):
         return type(self.net)(*copy.deepcopy(self.net.args))
 
     def _fingerprint_extra(self):
-        return (self.sigma_data, self.P_mean, self.P_std, self.sigma_min, self.sigma_max, self.rho, self.raw)
+        return (
+            self.sigma_data,
+            self.P_mean,
+            self.P_std,
+            self.sigma_min,
+            self.sigma_max,
+            self.rho,
+            self.raw,
+        )
 
 
 class DiffusersDenoiser(Denoiser):
@@ -312,14 +363,23 @@ class DiffusersDenoiser(Denoiser):
 
     level_dtype = torch.int64
 
-    def __init__(self, model: torch.nn.Module, scheduler, train_lr: Optional[float] = None,
-                 num_classes: Optional[int] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        scheduler,
+        train_lr: Optional[float] = None,
+        num_classes: Optional[int] = None,
+    ):
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"DiffusersDenoiser: model must be a torch.nn.Module, got {type(model).__name__}")
+            raise TypeError(
+                f"DiffusersDenoiser: model must be a torch.nn.Module, got {type(model).__name__}"
+            )
         pred = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
         if pred != "epsilon":
-            raise ValueError(f"DiffusersDenoiser supports ε-prediction schedulers only, got "
-                             f"prediction_type={pred!r}")
+            raise ValueError(
+                f"DiffusersDenoiser supports ε-prediction schedulers only, got "
+                f"prediction_type={pred!r}"
+            )
         self.net = model
         self.scheduler = scheduler
         self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32).cpu()
@@ -373,13 +433,19 @@ class DiffusersDenoiser(Denoiser):
         net = self.net if net is None else net
         x_t = self.noisy(x, eps, level)
         out = net(x_t, level, class_labels=y)
-        return edm_loss(_sample(out), None, eps, None, None, torch.ones(x.shape[0], device=x.device))
+        return edm_loss(
+            _sample(out), None, eps, None, None, torch.ones(x.shape[0], device=x.device)
+        )
 
     def grid_terms(self, eps, level, n):
         M = level.shape[0]
         acp = self._alphas(level.device)[level]
-        terms = {"a": acp.sqrt(), "b": (1 - acp).sqrt(), "level": level.repeat_interleave(n),
-                 "weight": torch.ones(M * n, device=level.device)}
+        terms = {
+            "a": acp.sqrt(),
+            "b": (1 - acp).sqrt(),
+            "level": level.repeat_interleave(n),
+            "weight": torch.ones(M * n, device=level.device),
+        }
         if eps.dim() == 4:  # the shared bank: the regression target ε is the same for every chunk
             terms["target"] = _rows(eps, n, per_sample=True)
         return terms
@@ -397,8 +463,10 @@ class DiffusersDenoiser(Denoiser):
         if not _is_class_ids(y):
             if y.shape[1] == self.label_dim:
                 return y.argmax(1)  # one-hot → class ids
-            raise ValueError(f"{what}: expected class ids [N] (int) or one-hot [N, {self.label_dim}], "
-                             f"got shape {tuple(y.shape)} ({y.dtype})")
+            raise ValueError(
+                f"{what}: expected class ids [N] (int) or one-hot [N, {self.label_dim}], "
+                f"got shape {tuple(y.shape)} ({y.dtype})"
+            )
         _check_class_range(y, self.label_dim, what)
         return y
 

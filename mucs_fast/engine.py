@@ -66,15 +66,21 @@ def check_images(name: str, x, chw: Optional[tuple] = None) -> torch.Tensor:
     x = x.detach()
     if x.dim() != 4:
         hint = f"; for a single image use {name}[None]" if x.dim() == 3 else ""
-        raise ValueError(f"{name}: expected a 4-D tensor [N, C, H, W], got shape {tuple(x.shape)}{hint}")
+        raise ValueError(
+            f"{name}: expected a 4-D tensor [N, C, H, W], got shape {tuple(x.shape)}{hint}"
+        )
     if not torch.is_floating_point(x):
-        raise ValueError(f"{name}: expected float images in the model's data range (e.g. [-1, 1]), "
-                         f"got dtype {x.dtype}")
+        raise ValueError(
+            f"{name}: expected float images in the model's data range (e.g. [-1, 1]), "
+            f"got dtype {x.dtype}"
+        )
     if x.shape[0] == 0:
         raise ValueError(f"{name}: empty (0 images)")
     if chw is not None and tuple(x.shape[1:]) != tuple(chw):
-        raise ValueError(f"{name}: images are C×H×W = {'×'.join(map(str, x.shape[1:]))}, but the "
-                         f"training images are {'×'.join(map(str, chw))}")
+        raise ValueError(
+            f"{name}: images are C×H×W = {'×'.join(map(str, x.shape[1:]))}, but the "
+            f"training images are {'×'.join(map(str, chw))}"
+        )
     bad = ~torch.isfinite(x)
     if bad.any():
         i = int(bad.reshape(x.shape[0], -1).any(1).nonzero()[0])
@@ -97,8 +103,10 @@ def _check_train(train) -> Source:
         src.check()
         src.check_finite("train")
         return src
-    raise TypeError(f"train: expected a float tensor [N, C, H, W] or a streamed source (a .npy / .safetensors "
-                    f"file, a packed folder, a mucs_fast.data.Source), got {type(train).__name__}")
+    raise TypeError(
+        f"train: expected a float tensor [N, C, H, W] or a streamed source (a .npy / .safetensors "
+        f"file, a packed folder, a mucs_fast.data.Source), got {type(train).__name__}"
+    )
 
 
 def resolve_lr(cfg: MUCSConfig, den: Denoiser) -> float:
@@ -106,9 +114,11 @@ def resolve_lr(cfg: MUCSConfig, den: Denoiser) -> float:
         return float(cfg.lr)
     if den.train_lr is not None:
         return float(den.train_lr) / cfg.lr_factor
-    raise ValueError("MUCSConfig.lr is None and the model's training learning rate is unknown: pass "
-                     "MUCSConfig(lr=<training lr / 10>) (the reference uses 1e-5 for its CIFAR-10 DiT) "
-                     "or the denoiser's train_lr=")
+    raise ValueError(
+        "MUCSConfig.lr is None and the model's training learning rate is unknown: pass "
+        "MUCSConfig(lr=<training lr / 10>) (the reference uses 1e-5 for its CIFAR-10 DiT) "
+        "or the denoiser's train_lr="
+    )
 
 
 def _probe(den: Denoiser, x: Source, y: Optional[torch.Tensor]) -> None:
@@ -120,11 +130,15 @@ def _probe(den: Denoiser, x: Source, y: Optional[torch.Tensor]) -> None:
         with torch.no_grad():
             loss = den.loss(x1, eps, level, None if y is None else y[:1])
     except Exception as e:  # re-raised with what was fed in
-        raise ValueError(f"the model cannot process the data (one image of shape {tuple(x.chw)}"
-                         f"{'' if y is None else f', labels {tuple(y.shape[1:])}'}): "
-                         f"{type(e).__name__}: {e}") from e
+        raise ValueError(
+            f"the model cannot process the data (one image of shape {tuple(x.chw)}"
+            f"{'' if y is None else f', labels {tuple(y.shape[1:])}'}): "
+            f"{type(e).__name__}: {e}"
+        ) from e
     if loss.shape != (1,):
-        raise ValueError(f"the denoiser's loss must be one value per sample, got shape {tuple(loss.shape)}")
+        raise ValueError(
+            f"the denoiser's loss must be one value per sample, got shape {tuple(loss.shape)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +161,9 @@ def forward_rng(cfg: MUCSConfig, device: torch.device, *tags):
 
 
 @torch.no_grad()
-def estimate_loss_null(den: Denoiser, x: Source, y, cfg: MUCSConfig, device, progress=False) -> float:
+def estimate_loss_null(
+    den: Denoiser, x: Source, y, cfg: MUCSConfig, device, progress=False
+) -> float:
     """L_null = mean loss of a freshly initialized model over up to `loss_null_batches` retain
     batches (one epoch at most, as the reference's loop over its DataLoader), training noise."""
     with _fork_rng(device):
@@ -155,7 +171,9 @@ def estimate_loss_null(den: Denoiser, x: Source, y, cfg: MUCSConfig, device, pro
         net0 = den.fresh_net()
     net0 = net0.to(device).eval()
     B = cfg.B
-    retain = RetainStream(len(x), B, torch.Generator().manual_seed(derive_seed(cfg.seed, "loss_null")))
+    retain = RetainStream(
+        len(x), B, torch.Generator().manual_seed(derive_seed(cfg.seed, "loss_null"))
+    )
     gen = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "loss_null", "noise"))
     n_batches = min(cfg.loss_null_batches, len(x) // B)
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -163,7 +181,11 @@ def estimate_loss_null(den: Denoiser, x: Source, y, cfg: MUCSConfig, device, pro
         idx = next(retain)  # CPU positions: a streamed source gathers them on the host
         xb = x.take(idx, device)
         eps, level = den.training_noise(xb.shape, gen, cfg.t_sched_train, device)
-        total += den.loss(xb, eps, level, None if y is None else y[idx.to(y.device)], net=net0).double().sum()
+        total += (
+            den.loss(xb, eps, level, None if y is None else y[idx.to(y.device)], net=net0)
+            .double()
+            .sum()
+        )
     return float(total) / (n_batches * B)
 
 
@@ -178,7 +200,9 @@ def make_bank(den: Denoiser, chw, cfg: MUCSConfig, t_sched) -> NoiseBank:
 def target_streams(cfg: MUCSConfig, target_fp: str, N: int, device):
     """Target-owned randomness: retain batches (CPU generator, like a DataLoader), training noise
     (on the device), and the seed of its independent inference noise (use_same_noise_infer=False)."""
-    retain = RetainStream(N, cfg.B, torch.Generator().manual_seed(derive_seed(cfg.seed, "retain", target_fp)))
+    retain = RetainStream(
+        N, cfg.B, torch.Generator().manual_seed(derive_seed(cfg.seed, "retain", target_fp))
+    )
     noise = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "noise", target_fp))
     return retain, noise, derive_seed(cfg.seed, "infer", target_fp)
 
@@ -199,8 +223,15 @@ class JobBar:
         from tqdm.auto import tqdm
 
         desc = "mucs" if world == 1 else f"mucs (rank 0 of {world})"
-        self.bar = tqdm(total=total, desc=desc, unit="pair", unit_scale=True, dynamic_ncols=True,
-                        disable=not enabled, leave=False)
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="pair",
+            unit_scale=True,
+            dynamic_ncols=True,
+            disable=not enabled,
+            leave=False,
+        )
 
     def phase(self, text: str) -> None:
         self.bar.set_postfix_str(text, refresh=True)
@@ -234,7 +265,9 @@ class Run:
     names: list
     lr: float
     group: Group = dataclasses.field(default_factory=Group)
-    run_path: Optional[str] = None  # the run directory (every rank knows it; rank 0 holds `run_dir`)
+    run_path: Optional[str] = (
+        None  # the run directory (every rank knows it; rank 0 holds `run_dir`)
+    )
     run_dir: Optional[RunDir] = None
     bar: Optional[JobBar] = None
     loss_null: Optional[float] = None
@@ -265,13 +298,17 @@ def _engine_net(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------
 # phases
 # --------------------------------------------------------------------------------------------
-def prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, device, progress) -> Run:
+def prepare(
+    den, train, targets, cfg, train_labels, target_labels, train_ids, device, progress
+) -> Run:
     """Validate every input before any heavy compute; join the process group (torchrun); the
     device copies of the data."""
     if not isinstance(cfg, MUCSConfig):
         raise TypeError(f"config must be a MUCSConfig, got {type(cfg).__name__}")
     if not isinstance(den, Denoiser):
-        raise TypeError(f"den must be an EDMDenoiser or DiffusersDenoiser, got {type(den).__name__}")
+        raise TypeError(
+            f"den must be an EDMDenoiser or DiffusersDenoiser, got {type(den).__name__}"
+        )
     group, device = join(device)
     progress = progress and group.rank == 0  # one set of bars and logs per job
     train = _check_train(train)
@@ -281,14 +318,20 @@ def prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, de
     train_ids = train.ids if train_ids is None else train_ids
     if train_labels is None and den.conditional:
         train_labels = train.labels
-    ids = torch.arange(N, dtype=torch.int64) if train_ids is None else check_ids(train_ids, N, "train_ids")
+    ids = (
+        torch.arange(N, dtype=torch.int64)
+        if train_ids is None
+        else check_ids(train_ids, N, "train_ids")
+    )
     y_train = den.prepare_labels(train_labels, N, "train_labels")
     y_targets = den.prepare_labels(target_labels, K, "target_labels")
     if cfg.adaptive_top_k is not None and cfg.adaptive_top_k > N:
         raise ValueError(f"adaptive_top_k={cfg.adaptive_top_k} exceeds the training set size N={N}")
     if cfg.B > N:
-        raise ValueError(f"batch size B={cfg.B} (MUCSConfig.batch_size, default num_noises) exceeds the "
-                         f"training set size N={N}; pass MUCSConfig(batch_size=<= {N})")
+        raise ValueError(
+            f"batch size B={cfg.B} (MUCSConfig.batch_size, default num_noises) exceeds the "
+            f"training set size N={N}; pass MUCSConfig(batch_size=<= {N})"
+        )
     lr = resolve_lr(cfg, den)
     names = trainable_names(den.net, cfg.frozen if cfg.frozen is not None else den.default_frozen())
     if cfg.loss_null == "auto" and den.fresh_net_error() is not None:
@@ -296,19 +339,42 @@ def prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, de
     fingerprints = {
         "model": den.fingerprint(),
         # streamed or resident, the same digest of the same float32 values (run and cache keys)
-        "train": source_digest({"x": train, "y": y_train.cpu() if y_train is not None else torch.tensor([]),
-                                "ids": ids}),
-        "targets": [tensor_digest({"x": targets[k], "y": y_targets[k].cpu() if y_targets is not None
-                                   else torch.tensor([])}) for k in range(K)],
+        "train": source_digest(
+            {
+                "x": train,
+                "y": y_train.cpu() if y_train is not None else torch.tensor([]),
+                "ids": ids,
+            }
+        ),
+        "targets": [
+            tensor_digest(
+                {
+                    "x": targets[k],
+                    "y": y_targets[k].cpu() if y_targets is not None else torch.tensor([]),
+                }
+            )
+            for k in range(K)
+        ],
     }
     view = copy.copy(den)
     view.net = _engine_net(den.net, device)
     # resident: on the device once; streamed: read in chunks, never whole
     x = TensorSource(train.x.to(device)) if isinstance(train, TensorSource) else train
-    run = Run(den=view, cfg=copy.copy(cfg), device=device, progress=progress, x=x,
-              y=None if y_train is None else y_train.to(device), ids=ids, x_hat=targets.to(device),
-              y_hat=None if y_targets is None else y_targets.to(device), fingerprints=fingerprints,
-              names=names, lr=lr, group=group)
+    run = Run(
+        den=view,
+        cfg=copy.copy(cfg),
+        device=device,
+        progress=progress,
+        x=x,
+        y=None if y_train is None else y_train.to(device),
+        ids=ids,
+        x_hat=targets.to(device),
+        y_hat=None if y_targets is None else y_targets.to(device),
+        fingerprints=fingerprints,
+        names=names,
+        lr=lr,
+        group=group,
+    )
     view.net.eval()
     with forward_rng(cfg, device, "probe"):
         _probe(view, run.x, run.y)
@@ -321,18 +387,32 @@ def resolve(run: Run, need_loss_null: bool) -> None:
     t0 = time.perf_counter()
     if "auto" in (cfg.t_sched_infer, cfg.t_sched_train):
         full = den.sigma_of(den.full_grid(cfg.num_noises).to(device))
-        t_auto = estimate_t_sched(run.x, full, cfg.B, torch.Generator().manual_seed(derive_seed(cfg.seed, "t_sched")))
+        t_auto = estimate_t_sched(
+            run.x, full, cfg.B, torch.Generator().manual_seed(derive_seed(cfg.seed, "t_sched"))
+        )
         cfg.t_sched_infer = t_auto if cfg.t_sched_infer == "auto" else cfg.t_sched_infer
         cfg.t_sched_train = t_auto if cfg.t_sched_train == "auto" else cfg.t_sched_train
     if cfg.loss_null != "auto":
         run.loss_null = float(cfg.loss_null)
     elif need_loss_null:  # rank 0's value on every rank: identical stopping everywhere
-        value = estimate_loss_null(den, run.x, run.y, cfg, device, run.progress) if run.group.rank == 0 else None
+        value = (
+            estimate_loss_null(den, run.x, run.y, cfg, device, run.progress)
+            if run.group.rank == 0
+            else None
+        )
         run.loss_null = check_loss_null(run.group.broadcast_object(value, 0))
     run.bank = make_bank(den, run.x.chw, cfg, cfg.t_sched_infer).to(device)
     run.compiled = use_compile(cfg.compile, run.N * run.bank.M)
-    run.loss_pass = LossPass(den, den.net, run.names, run.bank, precision=cfg.precision, compile=run.compiled,
-                             images_per_forward=images_per_forward(cfg.score_batch, run.bank.M, device), N=run.N)
+    run.loss_pass = LossPass(
+        den,
+        den.net,
+        run.names,
+        run.bank,
+        precision=cfg.precision,
+        compile=run.compiled,
+        images_per_forward=images_per_forward(cfg.score_batch, run.bank.M, device),
+        N=run.N,
+    )
     run.timings["setup"] = time.perf_counter() - t0
 
 
@@ -344,16 +424,32 @@ def compute_loss_t(run: Run, plan: Plan, cache_dir) -> None:
     cfg, lp, g = run.cfg, run.loss_pass, run.group
     t0 = time.perf_counter()
     cache = LossCache(cache_dir if g.rank == 0 else None)
-    key = key_digest(run.fingerprints["model"], run.fingerprints["train"], run.bank.fingerprint(),
-                     cfg.use_same_noise_infer, cfg.precision, run.device.type, cfg.seed, run.names,
-                     {"compiled": run.compiled, "mode": lp.mode, "per": lp.images_per_forward, "backend": backends(),
-                      "mucs_fast": __version__, "torch": torch.__version__})
+    key = key_digest(
+        run.fingerprints["model"],
+        run.fingerprints["train"],
+        run.bank.fingerprint(),
+        cfg.use_same_noise_infer,
+        cfg.precision,
+        run.device.type,
+        cfg.seed,
+        run.names,
+        {
+            "compiled": run.compiled,
+            "mode": lp.mode,
+            "per": lp.images_per_forward,
+            "backend": backends(),
+            "mucs_fast": __version__,
+            "torch": torch.__version__,
+        },
+    )
     loss_t = cache.get(key) if g.rank == 0 else None
     cached = g.broadcast_object(loss_t is not None, 0)
     run.timings["loss_t_cached"] = cached
     if cached:
         loss_t = g.broadcast(loss_t if g.rank == 0 else torch.empty(run.N, run.bank.M), 0)
-        run.bar.pairs(sum(plan.shards[i][1] - plan.shards[i][0] for i in plan.my_shards()) * run.bank.M)
+        run.bar.pairs(
+            sum(plan.shards[i][1] - plan.shards[i][0] for i in plan.my_shards()) * run.bank.M
+        )
     else:
         seed = None if cfg.use_same_noise_infer else derive_seed(cfg.seed, "infer", "original")
         # zeros outside this rank's shards (the sum over ranks fills them); the writes prove it
@@ -362,10 +458,16 @@ def compute_loss_t(run: Run, plan: Plan, cache_dir) -> None:
         run.bar.phase("L_t (original model)")
         for i in plan.my_shards():
             s0, s1 = plan.shards[i]
-            part = None if run.run_path is None else load_loss_t_shard(run.run_path, i, key, (s1 - s0, run.bank.M))
+            part = (
+                None
+                if run.run_path is None
+                else load_loss_t_shard(run.run_path, i, key, (s1 - s0, run.bank.M))
+            )
             if part is None:
                 with forward_rng(cfg, run.device, "loss_t", i):  # per shard: any world size
-                    part = original_losses(lp, run.x, run.y, run.ids, infer_seed=seed, start=s0, stop=s1)
+                    part = original_losses(
+                        lp, run.x, run.y, run.ids, infer_seed=seed, start=s0, stop=s1
+                    )
                 if run.run_path is not None:
                     save_loss_t_shard(run.run_path, i, key, part)
             loss_t[s0:s1] = part.to(run.device)
@@ -391,22 +493,40 @@ def unlearn_block(run: Run, block: list) -> tuple[torch.Tensor, list]:
     goal = (1 - cfg.tolerance) * run.loss_null
 
     def show(infos, active):
-        run.bar.phase(f"unlearn ×{K}: step {max(i.steps for i in infos)}/{cap}, {len(active)} running, "
-                      f"L_f {' '.join(f'{i.loss_f:.3f}' for i in infos)} → {goal:.3f}")
+        run.bar.phase(
+            f"unlearn ×{K}: step {max(i.steps for i in infos)}/{cap}, {len(active)} running, "
+            f"L_f {' '.join(f'{i.loss_f:.3f}' for i in infos)} → {goal:.3f}"
+        )
 
     with forward_rng(cfg, run.device, "unlearn", *fps):
         weights, infos = unlearn_batched(
-            den, den.net, run.names, run.x, run.y, run.x_hat[block], None if run.y_hat is None else run.y_hat[block],
-            cfg=cfg, loss_null=run.loss_null, lr=run.lr, retains=[r for r, _, _ in streams],
-            generators=[g for _, g, _ in streams], progress=show if run.progress else None)
+            den,
+            den.net,
+            run.names,
+            run.x,
+            run.y,
+            run.x_hat[block],
+            None if run.y_hat is None else run.y_hat[block],
+            cfg=cfg,
+            loss_null=run.loss_null,
+            lr=run.lr,
+            retains=[r for r, _, _ in streams],
+            generators=[g for _, g, _ in streams],
+            progress=show if run.progress else None,
+        )
     seconds = time.perf_counter() - t0
     out = []
     for i, info in enumerate(infos):
         d = info.to_dict()
         d.pop("seconds")
         # the block's wall time, shared equally: per-target cost of the batched run
-        d.update(unlearn_seconds=seconds / K, target=fps[i], block=K, loss_null=run.loss_null,
-                 infer_seed=streams[i][2])
+        d.update(
+            unlearn_seconds=seconds / K,
+            target=fps[i],
+            block=K,
+            loss_null=run.loss_null,
+            infer_seed=streams[i][2],
+        )
         out.append(d)
     return torch.cat([w.reshape(K, -1) for w in weights.values()], 1), out
 
@@ -426,9 +546,18 @@ def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> tuple[lis
         weights = flat_views(W[ok], {n: tuple(params[n].shape) for n in run.names})
     if ok and cfg.adaptive_top_k is not None:
         run.bar.phase(f"score ×{len(ok)} (adaptive, top {cfg.adaptive_top_k})")
-        S, E, ainfos = adaptive_scores(run.loss_pass, run.loss_t, weights, run.x, run.y, N=N, cfg=cfg,
-                                       target_fps=[infos[i]["target"] for i in ok], group=run.group,
-                                       progress=run.bar.pairs)
+        S, E, ainfos = adaptive_scores(
+            run.loss_pass,
+            run.loss_t,
+            weights,
+            run.x,
+            run.y,
+            N=N,
+            cfg=cfg,
+            target_fps=[infos[i]["target"] for i in ok],
+            group=run.group,
+            progress=run.bar.pairs,
+        )
         for j, i in enumerate(ok):
             infos[i]["adaptive"] = ainfos[j]
     elif ok:
@@ -437,10 +566,20 @@ def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> tuple[lis
         for i in plan.my_shards():
             s0, s1 = plan.shards[i]
             with forward_rng(cfg, run.device, "score", i, *(infos[j]["target"] for j in ok)):
-                S[:, s0:s1] = score_stacked(run.loss_pass, weights, run.x, run.y, run.ids, run.loss_t,
-                                            eps=cfg.eps, use_loss_ratio=cfg.use_loss_ratio,
-                                            use_same_noise_infer=cfg.use_same_noise_infer,
-                                            infer_seeds=seeds, start=s0, stop=s1)
+                S[:, s0:s1] = score_stacked(
+                    run.loss_pass,
+                    weights,
+                    run.x,
+                    run.y,
+                    run.ids,
+                    run.loss_t,
+                    eps=cfg.eps,
+                    use_loss_ratio=cfg.use_loss_ratio,
+                    use_same_noise_infer=cfg.use_same_noise_infer,
+                    infer_seeds=seeds,
+                    start=s0,
+                    stop=s1,
+                )
             writes.mark(s0, s1)
             run.bar.pairs((s1 - s0) * run.bank.M * len(ok))
         run.group.sum_(S)
@@ -453,8 +592,13 @@ def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> tuple[lis
     seconds = time.perf_counter() - t0
     for i, info in enumerate(infos):
         info["score_seconds"] = seconds / len(infos)
-        info["pairs_evaluated"] = (0 if i not in ok else info["adaptive"]["pairs_evaluated"]
-                                   if cfg.adaptive_top_k is not None else N * cfg.num_noises)
+        info["pairs_evaluated"] = (
+            0
+            if i not in ok
+            else info["adaptive"]["pairs_evaluated"]
+            if cfg.adaptive_top_k is not None
+            else N * cfg.num_noises
+        )
     return rows, exact
 
 
@@ -476,16 +620,26 @@ def run_blocks(run: Run, plan: Plan, on_done) -> None:
             on_done(plan.blocks[b], score_block(run, plan, W, infos), infos)
 
 
-def result(run: Run, scores: torch.Tensor, exact: torch.Tensor, infos: list, t_start: float) -> Attribution:
+def result(
+    run: Run, scores: torch.Tensor, exact: torch.Tensor, infos: list, t_start: float
+) -> Attribution:
 
     cfg, names = run.cfg, set(run.names)
     run.timings["total"] = time.perf_counter() - t_start
     meta = {
         "mucs_fast": __version__,
         "config": cfg.to_dict(),
-        "resolved": {"t_sched_infer": cfg.t_sched_infer, "t_sched_train": cfg.t_sched_train,
-                     "loss_null": run.loss_null, "lr": run.lr, "batch_size": cfg.B, "trainable": run.names,
-                     "trainable_numel": sum(p.numel() for n, p in run.den.net.named_parameters() if n in names)},
+        "resolved": {
+            "t_sched_infer": cfg.t_sched_infer,
+            "t_sched_train": cfg.t_sched_train,
+            "loss_null": run.loss_null,
+            "lr": run.lr,
+            "batch_size": cfg.B,
+            "trainable": run.names,
+            "trainable_numel": sum(
+                p.numel() for n, p in run.den.net.named_parameters() if n in names
+            ),
+        },
         "fingerprints": {**run.fingerprints, "noise_bank": run.bank.fingerprint()},
         "targets": infos,
         "flagged": [k for k in range(run.K) if infos[k]["stop"] in ("nan", "cap")],
@@ -494,18 +648,29 @@ def result(run: Run, scores: torch.Tensor, exact: torch.Tensor, infos: list, t_s
         "compiled": run.compiled,
         "backend": backends(),
         "torch": torch.__version__,
-        "N": run.N, "K": run.K, "M": cfg.num_noises,
+        "N": run.N,
+        "K": run.K,
+        "M": cfg.num_noises,
         "world_size": run.group.world,
         # image·noise forwards: of each target's unlearned model, and of the original model (this
         # run's: 0 when L_t came from the cache or every target was resumed)
-        "pairs_evaluated": [i.get("pairs_evaluated", 0 if i["stop"] == "nan" else run.N * cfg.num_noises)
-                            for i in infos],
-        "pairs_evaluated_original": (getattr(run.loss_t, "pairs", 0) if cfg.adaptive_top_k is not None
-                                     else 0 if run.timings.get("loss_t_cached", True) else run.N * cfg.num_noises),
+        "pairs_evaluated": [
+            i.get("pairs_evaluated", 0 if i["stop"] == "nan" else run.N * cfg.num_noises)
+            for i in infos
+        ],
+        "pairs_evaluated_original": (
+            getattr(run.loss_t, "pairs", 0)
+            if cfg.adaptive_top_k is not None
+            else 0
+            if run.timings.get("loss_t_cached", True)
+            else run.N * cfg.num_noises
+        ),
     }
     if cfg.adaptive_top_k is not None:
         meta["adaptive"] = {
-            "top_k": cfg.adaptive_top_k, "margin": cfg.adaptive_margin, "audit": cfg.adaptive_audit,
+            "top_k": cfg.adaptive_top_k,
+            "margin": cfg.adaptive_margin,
+            "audit": cfg.adaptive_audit,
             "screen_noises": screen_noises(cfg.num_noises, cfg.adaptive_screen_noises),
             "targets": [i.get("adaptive") for i in infos],
         }
@@ -515,10 +680,22 @@ def result(run: Run, scores: torch.Tensor, exact: torch.Tensor, infos: list, t_s
 # --------------------------------------------------------------------------------------------
 # attribute
 # --------------------------------------------------------------------------------------------
-def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config: Optional[MUCSConfig] = None,
-              train_labels=None, target_labels=None, train_ids=None, device=None, progress: bool = True,
-              run_dir=None, resume: bool = False, cache_dir="auto", top_k: int = 100,
-              meta: Optional[dict] = None) -> Attribution:
+def attribute(
+    den: Denoiser,
+    train: torch.Tensor,
+    targets: torch.Tensor,
+    config: Optional[MUCSConfig] = None,
+    train_labels=None,
+    target_labels=None,
+    train_ids=None,
+    device=None,
+    progress: bool = True,
+    run_dir=None,
+    resume: bool = False,
+    cache_dir="auto",
+    top_k: int = 100,
+    meta: Optional[dict] = None,
+) -> Attribution:
     """Score every training image for every target with MUCS.
 
     den: an `EDMDenoiser` or `DiffusersDenoiser`; train [N, C, H, W] and targets [K, C, H, W]: float
@@ -538,19 +715,32 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
     modes = [(m, m.training) for m in net.modules()] if isinstance(net, torch.nn.Module) else []
     run = None
     try:
-        run = prepare(den, train, targets, cfg, train_labels, target_labels, train_ids, device, progress)
+        run = prepare(
+            den, train, targets, cfg, train_labels, target_labels, train_ids, device, progress
+        )
         run.run_path = None if run_dir is None else os.fspath(run_dir)
         scores = nan_tensor(run.K, run.N)
         exact = torch.ones(run.K, run.N, dtype=torch.bool)
         infos: list = [None] * run.K
-        target_rows = Writes(run.K, "targets")  # a target's row: resumed, scored, or NaN when it diverged
+        target_rows = Writes(
+            run.K, "targets"
+        )  # a target's row: resumed, scored, or NaN when it diverged
         done = {}
-        if run.group.rank == 0 and run_dir is not None:  # one writer per job: rank 0 holds the folder
+        if (
+            run.group.rank == 0 and run_dir is not None
+        ):  # one writer per job: rank 0 holds the folder
             # what the rows of a run depend on: a resume with any of it changed would mix rows
-            key = {"config": cfg.score_fields(), "model": run.fingerprints["model"],
-                   "train": run.fingerprints["train"], "targets": run.fingerprints["targets"], "lr": run.lr,
-                   "mucs_fast": __version__, "backend": backends(), "device": run.device.type,
-                   "precision": resolve_precision(run.device, cfg.precision)}
+            key = {
+                "config": cfg.score_fields(),
+                "model": run.fingerprints["model"],
+                "train": run.fingerprints["train"],
+                "targets": run.fingerprints["targets"],
+                "lr": run.lr,
+                "mucs_fast": __version__,
+                "backend": backends(),
+                "device": run.device.type,
+                "precision": resolve_precision(run.device, cfg.precision),
+            }
             run.run_dir = RunDir(run_dir, key, resume)
             for k in range(run.K) if resume else ():
                 hit = run.run_dir.load_target(k)
@@ -565,12 +755,18 @@ def attribute(den: Denoiser, train: torch.Tensor, targets: torch.Tensor, config:
         if not todo and run.loss_null is None:  # everything was resumed: report the L_null used
             run.loss_null = infos[0].get("loss_null")
         run.timings["unlearn"] = run.timings["score"] = 0.0
-        plan = Plan.make(run.N, run.loss_pass.images_per_forward, todo, cfg.targets_per_batch, run.group)
+        plan = Plan.make(
+            run.N, run.loss_pass.images_per_forward, todo, cfg.targets_per_batch, run.group
+        )
         my_pairs = sum(plan.shards[i][1] - plan.shards[i][0] for i in plan.my_shards()) * run.bank.M
         run.bar = JobBar(my_pairs * (len(todo) + 1) if todo else 0, run.progress, run.group.world)
         if todo and cfg.adaptive_top_k is not None:  # L_t on demand, pair by pair (adaptive.py)
-            run.loss_t = LazyLossT(run.N, math.ceil(run.bank.M / screen_noises(run.bank.M, cfg.adaptive_screen_noises)),
-                                   run.bank.M, run.device)
+            run.loss_t = LazyLossT(
+                run.N,
+                math.ceil(run.bank.M / screen_noises(run.bank.M, cfg.adaptive_screen_noises)),
+                run.bank.M,
+                run.device,
+            )
         elif todo:
             compute_loss_t(run, plan, cache_dir)
 

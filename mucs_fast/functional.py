@@ -42,7 +42,9 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
     return y
 
 
-def sdpa_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def sdpa_math(
+    q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
     """softmax(q·kᵀ·scale + mask)·v (no dropout: the engine runs models in eval mode)."""
     if dropout_p:
         raise ValueError("sdpa_math: dropout is not supported (models run in eval mode)")
@@ -50,9 +52,15 @@ def sdpa_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
     if is_causal:
         L, S = q.shape[-2], k.shape[-2]
-        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        s = s.masked_fill(
+            ~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf")
+        )
     if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+        s = (
+            s.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else s + attn_mask
+        )
     return torch.matmul(s.softmax(-1).to(v.dtype), v)
 
 
@@ -87,7 +95,9 @@ class StackedNet:
         self.shared = {n: t.detach() for n, t in shared.items()}
         # the wrapper of `network` exists before any call: made inside a compiled function, a new
         # module is a pending mutation that breaks the graph at every functional_call after it
-        self._methods: dict = {"network": _MethodAsForward(net, "network")} if hasattr(net, "network") else {}
+        self._methods: dict = (
+            {"network": _MethodAsForward(net, "network")} if hasattr(net, "network") else {}
+        )
 
     def module(self, weights: dict) -> "_Call":
         """The net with trainable parameters `weights` ({name: tensor of the parameter's shape},
@@ -107,7 +117,10 @@ class StackedNet:
             # K = 1 is the same computation without the batching transform: models that cannot be
             # vmapped (e.g. ops without a batching rule) still run, and nothing is paid for vmap.
             squeeze = lambda t, d: t if d is None else t.select(d, 0)  # noqa: E731
-            out = one({n: w[0] for n, w in weights.items()}, *(squeeze(a, d) for a, d in zip(args, in_dims)))
+            out = one(
+                {n: w[0] for n, w in weights.items()},
+                *(squeeze(a, d) for a, d in zip(args, in_dims)),
+            )
             return out.unsqueeze(0)
         # randomness="different": a model that draws random numbers in forward (the reference's
         # conditional embedders draw a label-dropout mask even in eval mode) gets independent draws
@@ -115,9 +128,11 @@ class StackedNet:
         with vmap_safe():
             return vmap(one, in_dims=(0, *in_dims), randomness="different")(weights, *args)
 
-    def loss(self, den, x, eps, level, y=None, weights: Optional[dict] = None,
-             in_dims=(0, 0, 0, 0)) -> torch.Tensor:
+    def loss(
+        self, den, x, eps, level, y=None, weights: Optional[dict] = None, in_dims=(0, 0, 0, 0)
+    ) -> torch.Tensor:
         """den.loss of the K copies → [K, B]."""
+
         def fn(net, x, eps, level, y):
             return den.loss(x, eps, level, y, net=net)
 
@@ -130,7 +145,7 @@ def flat_views(flat: torch.Tensor, shapes: dict) -> dict:
     out, off = {}, 0
     for n, shape in shapes.items():
         size = math.prod(shape)
-        out[n] = flat[:, off:off + size].view(flat.shape[0], *shape)
+        out[n] = flat[:, off : off + size].view(flat.shape[0], *shape)
         off += size
     return out
 

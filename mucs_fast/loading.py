@@ -26,8 +26,10 @@ def say(msg: str) -> None:
     print(f"{PREFIX} {msg}", file=sys.stderr, flush=True)
 
 
-PICKLE_WARNING = ("--trust-pickle: unpickling {path} runs whatever code the file holds; do this only "
-                  "with files you made or trust")
+PICKLE_WARNING = (
+    "--trust-pickle: unpickling {path} runs whatever code the file holds; do this only "
+    "with files you made or trust"
+)
 
 
 def load_model(path: str, device=None, trust_pickle: bool = False):
@@ -48,27 +50,37 @@ def load_model(path: str, device=None, trust_pickle: bool = False):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for objects outside the allowlist
         if not _is_pickle_refusal(e):
-            raise ValueError(f"--model {path}: cannot read it with torch.load ({type(e).__name__}: "
-                             f"{one_line(e)})") from e
+            raise ValueError(
+                f"--model {path}: cannot read it with torch.load ({type(e).__name__}: "
+                f"{one_line(e)})"
+            ) from e
         if not trust_pickle:
             found = re.search(r"GLOBAL (\S+)", str(e))
             what = f" (it needs {found.group(1)})" if found else ""
-            raise ValueError(f"--model {path} is not a weights-only checkpoint: it holds pickled Python "
-                             f"objects{what}, and unpickling runs code. If it is a saved nn.Module you "
-                             "trust, pass --trust-pickle") from None
+            raise ValueError(
+                f"--model {path} is not a weights-only checkpoint: it holds pickled Python "
+                f"objects{what}, and unpickling runs code. If it is a saved nn.Module you "
+                "trust, pass --trust-pickle"
+            ) from None
         say(PICKLE_WARNING.format(path=path))
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:
-            raise ValueError(f"--model {path}: cannot read it with torch.load ({type(e2).__name__}: "
-                             f"{one_line(e2)})") from e2
+            raise ValueError(
+                f"--model {path}: cannot read it with torch.load ({type(e2).__name__}: "
+                f"{one_line(e2)})"
+            ) from e2
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return load_checkpoint(path, device=device)
     if isinstance(obj, torch.nn.Module):
         return EDMDenoiser(obj.eval())
-    kind = "a state dict (weights without the model)" if isinstance(obj, dict) else type(obj).__name__
-    raise ValueError(f"--model {path}: expected a diffusers model directory, a mucs_fast checkpoint or "
-                     f"(with --trust-pickle) a saved torch.nn.Module, found {kind}")
+    kind = (
+        "a state dict (weights without the model)" if isinstance(obj, dict) else type(obj).__name__
+    )
+    raise ValueError(
+        f"--model {path}: expected a diffusers model directory, a mucs_fast checkpoint or "
+        f"(with --trust-pickle) a saved torch.nn.Module, found {kind}"
+    )
 
 
 def _is_pickle_refusal(e: Exception) -> bool:
@@ -83,15 +95,19 @@ def _load_diffusers(path: str, trust_pickle: bool = False):
     try:
         import diffusers
     except ImportError as e:
-        raise ImportError("--model is a directory (diffusers layout) but diffusers is not installed: "
-                          "pip install diffusers") from e
+        raise ImportError(
+            "--model is a directory (diffusers layout) but diffusers is not installed: "
+            "pip install diffusers"
+        ) from e
     model_dir = path
     for sub in ("unet", "transformer"):  # a pipeline folder
         if os.path.isfile(os.path.join(path, sub, "config.json")):
             model_dir = os.path.join(path, sub)
     cfg_file = os.path.join(model_dir, "config.json")
     if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"--model {path}: no config.json (expected a diffusers save_pretrained folder)")
+        raise FileNotFoundError(
+            f"--model {path}: no config.json (expected a diffusers save_pretrained folder)"
+        )
     try:
         with open(cfg_file) as f:
             cls_name = json.load(f).get("_class_name")
@@ -99,15 +115,19 @@ def _load_diffusers(path: str, trust_pickle: bool = False):
         raise ValueError(f"--model {path}: cannot read {cfg_file} ({one_line(e)})") from e
     cls = getattr(diffusers, cls_name or "", None) if isinstance(cls_name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise ValueError(f"--model {path}: unknown diffusers model class {cls_name!r} in {cfg_file}")  # noqa: TRY004
+        raise ValueError(
+            f"--model {path}: unknown diffusers model class {cls_name!r} in {cfg_file}"
+        )  # noqa: TRY004
     names = os.listdir(model_dir)
     if any(n.endswith(".safetensors") for n in names):
         safetensors = True
     elif any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
         if not trust_pickle:
-            raise ValueError(f"--model {path}: the weights in {model_dir} are pickles (.bin), not safetensors, "
-                             "and unpickling can run code; re-save them with save_pretrained("
-                             "safe_serialization=True), or pass --trust-pickle if you trust them")
+            raise ValueError(
+                f"--model {path}: the weights in {model_dir} are pickles (.bin), not safetensors, "
+                "and unpickling can run code; re-save them with save_pretrained("
+                "safe_serialization=True), or pass --trust-pickle if you trust them"
+            )
         say(PICKLE_WARNING.format(path=model_dir))
         safetensors = False
     else:
@@ -115,13 +135,22 @@ def _load_diffusers(path: str, trust_pickle: bool = False):
     try:
         model = cls.from_pretrained(model_dir, use_safetensors=safetensors).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ValueError(f"--model {path}: diffusers cannot load it ({type(e).__name__}: {one_line(e)})") from e
+        raise ValueError(
+            f"--model {path}: diffusers cannot load it ({type(e).__name__}: {one_line(e)})"
+        ) from e
     sched_dir = None
-    for cand in (os.path.join(path, "scheduler"), os.path.join(model_dir, "scheduler"), model_dir, path):
+    for cand in (
+        os.path.join(path, "scheduler"),
+        os.path.join(model_dir, "scheduler"),
+        model_dir,
+        path,
+    ):
         if os.path.isfile(os.path.join(cand, "scheduler_config.json")):
             sched_dir = cand
             break
     if sched_dir is None:
-        raise FileNotFoundError(f"--model {path}: no scheduler_config.json in scheduler/ or beside the model")
+        raise FileNotFoundError(
+            f"--model {path}: no scheduler_config.json in scheduler/ or beside the model"
+        )
     scheduler = diffusers.DDPMScheduler.from_pretrained(sched_dir)
     return DiffusersDenoiser(model, scheduler)

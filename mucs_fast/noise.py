@@ -16,8 +16,9 @@ from ._io import tensor_digest
 from .data import Source
 
 
-def karras_sigma(s: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 rho: float = 7.0) -> torch.Tensor:
+def karras_sigma(
+    s: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> torch.Tensor:
     """σ(s) = (σ_max^{1/ρ} + s·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ at positions s ∈ [0, 1] (0: σ_max).
 
     The operation order of the reference (and of every grid mucs_fast draws: the inference bank,
@@ -25,8 +26,9 @@ def karras_sigma(s: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 8
     return (sigma_max ** (1 / rho) + s * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
-def karras_sigmas(num: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                  device=None) -> torch.Tensor:
+def karras_sigmas(
+    num: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, device=None
+) -> torch.Tensor:
     """The Karras grid of `num` levels, largest first: σ(s) at s = linspace(0, 1, num)."""
     return karras_sigma(torch.linspace(0, 1, num, device=device), sigma_min, sigma_max, rho)
 
@@ -59,9 +61,14 @@ class NoiseBank:
         return tensor_digest({"eps": self.eps, "level": self.level})
 
 
-def estimate_t_sched(x: Source, sigmas_full: torch.Tensor, B: int,
-                     generator: Optional[torch.Generator] = None, num_consec: int = 3,
-                     qtl: float = 0.05) -> float:
+def estimate_t_sched(
+    x: Source,
+    sigmas_full: torch.Tensor,
+    B: int,
+    generator: Optional[torch.Generator] = None,
+    num_consec: int = 3,
+    qtl: float = 0.05,
+) -> float:
     """t_sched="auto": the fraction of the full σ grid above half the `qtl` quantile of pairwise
     normalized Euclidean distances between training images.
 
@@ -83,16 +90,18 @@ def estimate_t_sched(x: Source, sigmas_full: torch.Tensor, B: int,
     if len(starts) <= 1:  # a single batch: compare it with itself, off-diagonal only
         one = batch(perm if not starts else perm[:B])
         D = one.shape[1]
-        d = torch.cdist(one[None], one[None]).squeeze(0) / D ** 0.5
+        d = torch.cdist(one[None], one[None]).squeeze(0) / D**0.5
         dists = [d[~torch.eye(d.shape[0], dtype=torch.bool, device=d.device)]]
     else:
         dists, window = [], []
         for i, s0 in enumerate(starts):
-            cur = batch(perm[s0:s0 + B])
+            cur = batch(perm[s0 : s0 + B])
             D = cur.shape[1]
             if window:
                 prev = torch.cat(window)
-                dists.append((torch.cdist(cur[None], prev[None]).squeeze(0) / D ** 0.5).flatten().cpu())
+                dists.append(
+                    (torch.cdist(cur[None], prev[None]).squeeze(0) / D**0.5).flatten().cpu()
+                )
             window = (window + [cur])[-num_consec:]
     d = torch.cat(dists).cpu()
     if d.numel() == 0:
@@ -100,7 +109,9 @@ def estimate_t_sched(x: Source, sigmas_full: torch.Tensor, B: int,
     return t_sched_from_distances(d, sigmas_full, qtl)
 
 
-def t_sched_from_distances(distances: torch.Tensor, sigmas_full: torch.Tensor, qtl: float = 0.05) -> float:
+def t_sched_from_distances(
+    distances: torch.Tensor, sigmas_full: torch.Tensor, qtl: float = 0.05
+) -> float:
     """The fraction of the full grid `sigmas_full` [M] above half the `qtl` quantile of the pairwise
     distances, and at least 1/M (one level: the bank is never empty)."""
     d = torch.sort(distances.reshape(-1).cpu()).values

@@ -96,7 +96,9 @@ def join(device) -> tuple[Group, torch.device]:
     processes means this rank's GPU, cuda:LOCAL_RANK."""
     world = _env_world()
     if world > 1 and dist.is_available() and not dist.is_initialized():
-        on_cpu = device is not None and torch.device(device).type == "cpu"  # torch.device("cpu") != "cpu"
+        on_cpu = (
+            device is not None and torch.device(device).type == "cpu"
+        )  # torch.device("cpu") != "cpu"
         backend = "nccl" if torch.cuda.is_available() and not on_cpu else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -106,7 +108,9 @@ def join(device) -> tuple[Group, torch.device]:
         atexit.register(_destroy_group)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return Group(), _device(device, None)
-    local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % max(1, torch.cuda.device_count() or 1)))
+    local = int(
+        os.environ.get("LOCAL_RANK", dist.get_rank() % max(1, torch.cuda.device_count() or 1))
+    )
     dev = _device(device, local)
     comm = dev if dist.get_backend() == "nccl" else torch.device("cpu")
     return Group(dist.get_rank(), dist.get_world_size(), comm), dev
@@ -125,7 +129,9 @@ def _device(device, local_rank: Optional[int]) -> torch.device:
         if dev.index is None and local_rank is not None:
             dev = torch.device("cuda", local_rank)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device: {device!r} is not available ({torch.cuda.device_count()} CUDA devices)")
+            raise ValueError(
+                f"device: {device!r} is not available ({torch.cuda.device_count()} CUDA devices)"
+            )
     return dev
 
 
@@ -143,7 +149,7 @@ class Plan:
         per_shard = max(1, min(math.ceil(SHARD_IMAGES / per), math.ceil(chunks / MIN_SHARDS)))
         step = per_shard * per
         shards = [(s, min(N, s + step)) for s in range(0, N, step)]
-        blocks = [todo[i:i + K_block] for i in range(0, len(todo), K_block)]
+        blocks = [todo[i : i + K_block] for i in range(0, len(todo), K_block)]
         return cls(shards, blocks, group)
 
     def my_shards(self) -> list:
@@ -155,4 +161,4 @@ class Plan:
         """[[(block index, owner rank), ...], ...]: each round's blocks, one per rank at most."""
         W = self.group.world
         idx = list(range(len(self.blocks)))
-        return [[(b, b % W) for b in idx[r:r + W]] for r in range(0, len(idx), W)]
+        return [[(b, b % W) for b in idx[r : r + W]] for r in range(0, len(idx), W)]

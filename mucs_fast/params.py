@@ -23,7 +23,8 @@ def trainable_names(net: torch.nn.Module, frozen: FrozenSpec) -> list[str]:
         raise ValueError(
             f"the frozen parameter spec leaves no trainable parameter in {type(net).__name__} "
             f"({sum(1 for _ in net.named_parameters())} parameters, e.g. "
-            f"{[n for n, _ in list(net.named_parameters())[:3]]}); pass MUCSConfig(frozen=...)")
+            f"{[n for n, _ in list(net.named_parameters())[:3]]}); pass MUCSConfig(frozen=...)"
+        )
     return names
 
 

@@ -33,9 +33,16 @@ def format_score(s: float) -> str:
     return f"{mant}e{int(exp)}" if e else text  # e-05 -> e-5: the titles are small
 
 
-def write_report(path, targets: torch.Tensor, train: torch.Tensor, res, top: int = 8,
-                 target_labels: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,
-                 title: str | None = None) -> None:
+def write_report(
+    path,
+    targets: torch.Tensor,
+    train: torch.Tensor,
+    res,
+    top: int = 8,
+    target_labels: torch.Tensor | None = None,
+    train_labels: torch.Tensor | None = None,
+    title: str | None = None,
+) -> None:
     """One row per target: the target, then its `top` highest-scoring training images.
 
     targets [K, C, H, W], train [N, C, H, W] in [-1, 1], res: an Attribution whose train_ids index
@@ -65,7 +72,10 @@ def write_report(path, targets: torch.Tensor, train: torch.Tensor, res, top: int
             img = train.gather(torch.tensor([pos]))[0]
             ax.imshow(_to_display(img), cmap=cmap, vmin=0, vmax=1)
             lab = "" if train_labels is None else f" y={int(train_labels[pos])}"
-            ax.set_title(f"#{int(res.train_ids[pos])}{lab}\n{format_score(res.scores[k, pos].item())}", fontsize=6)
+            ax.set_title(
+                f"#{int(res.train_ids[pos])}{lab}\n{format_score(res.scores[k, pos].item())}",
+                fontsize=6,
+            )
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

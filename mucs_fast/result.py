@@ -33,18 +33,29 @@ class Attribution:
     leaves the screening estimate of the images it set aside).
     """
 
-    def __init__(self, scores: torch.Tensor, train_ids: torch.Tensor, meta: Optional[dict] = None,
-                 exact: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        scores: torch.Tensor,
+        train_ids: torch.Tensor,
+        meta: Optional[dict] = None,
+        exact: Optional[torch.Tensor] = None,
+    ):
         scores = torch.as_tensor(scores)
         train_ids = torch.as_tensor(train_ids)
         if scores.ndim != 2:
             raise ValueError(f"Attribution: scores must be [K, N], got shape {tuple(scores.shape)}")
         if train_ids.shape != (scores.shape[1],):
-            raise ValueError(f"Attribution: train_ids must be [N={scores.shape[1]}], "
-                             f"got shape {tuple(train_ids.shape)}")
-        exact = torch.ones(scores.shape, dtype=torch.bool) if exact is None else torch.as_tensor(exact)
+            raise ValueError(
+                f"Attribution: train_ids must be [N={scores.shape[1]}], "
+                f"got shape {tuple(train_ids.shape)}"
+            )
+        exact = (
+            torch.ones(scores.shape, dtype=torch.bool) if exact is None else torch.as_tensor(exact)
+        )
         if exact.shape != scores.shape:
-            raise ValueError(f"Attribution: exact must be [K, N] = {list(scores.shape)}, got {list(exact.shape)}")
+            raise ValueError(
+                f"Attribution: exact must be [K, N] = {list(scores.shape)}, got {list(exact.shape)}"
+            )
         self.scores = scores.float()
         self.train_ids = train_ids.long()
         self.exact = exact.bool()
@@ -77,11 +88,17 @@ class Attribution:
         topk = self.topk(k)
         os.makedirs(path, exist_ok=True)
         meta_path = os.path.join(path, META_FILE)
-        if os.path.exists(meta_path):  # invalidate first: a crash below must not pair old json/new scores
+        if os.path.exists(
+            meta_path
+        ):  # invalidate first: a crash below must not pair old json/new scores
             os.unlink(meta_path)
         scores_path = os.path.join(path, SCORES_FILE)
-        tensors = {"scores": self.scores.contiguous(), "train_ids": self.train_ids.contiguous(),
-                   "topk": topk.contiguous(), "exact": self.exact.contiguous()}
+        tensors = {
+            "scores": self.scores.contiguous(),
+            "train_ids": self.train_ids.contiguous(),
+            "topk": topk.contiguous(),
+            "exact": self.exact.contiguous(),
+        }
         atomic_write(scores_path, lambda tmp: save_file(tensors, tmp))
         meta = dict(self.meta)
         meta["top_k"] = k
@@ -97,16 +114,20 @@ class Attribution:
         meta_path = os.path.join(path, META_FILE)
         for p in (scores_path, meta_path):
             if not os.path.isfile(p):
-                raise FileNotFoundError(f"Attribution.load: {p} is missing — {path!s} is not a complete "
-                                        f"mucs_fast result directory")
+                raise FileNotFoundError(
+                    f"Attribution.load: {p} is missing — {path!s} is not a complete "
+                    f"mucs_fast result directory"
+                )
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
         except (OSError, ValueError) as e:
             raise ValueError(f"Attribution.load: cannot read {meta_path}: {e}") from e
         if meta.get("scores_sha256") != file_digest(scores_path):
-            raise ValueError(f"Attribution.load: {scores_path} does not match {meta_path} "
-                             "(interrupted or edited save)")
+            raise ValueError(
+                f"Attribution.load: {scores_path} does not match {meta_path} "
+                "(interrupted or edited save)"
+            )
         try:
             t = load_file(scores_path)
         except Exception as e:  # safetensors raises its own error types

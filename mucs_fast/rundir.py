@@ -52,9 +52,15 @@ def _read_pid(lock_file: str) -> int | None:
 
 def _busy_message(path: str, lock_file: str) -> str:
     pid = _read_pid(lock_file)
-    who = "another process" if pid is None else f"process {pid}" + (" (this process)" if pid == os.getpid() else "")
-    return (f"run_dir {path} is in use by {who} (lock {lock_file}); wait for that run to finish or "
-            "use another folder")
+    who = (
+        "another process"
+        if pid is None
+        else f"process {pid}" + (" (this process)" if pid == os.getpid() else "")
+    )
+    return (
+        f"run_dir {path} is in use by {who} (lock {lock_file}); wait for that run to finish or "
+        "use another folder"
+    )
 
 
 def check_run_dir(path) -> None:
@@ -63,12 +69,16 @@ def check_run_dir(path) -> None:
     before loading the model; RunDir checks again when it opens)."""
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"run_dir {path} is a file, not a folder; give a new folder or a previous run's")
+        raise ValueError(
+            f"run_dir {path} is a file, not a folder; give a new folder or a previous run's"
+        )
     if not os.path.isdir(path):
         return
     if _foreign_entries(path) and not os.path.isfile(os.path.join(path, RUN_FILE)):
-        raise ValueError(f"run_dir {path} is not empty and holds no {RUN_FILE}: it is not a mucs_fast run "
-                         "directory; choose an empty or new folder")
+        raise ValueError(
+            f"run_dir {path} is not empty and holds no {RUN_FILE}: it is not a mucs_fast run "
+            "directory; choose an empty or new folder"
+        )
     lock_file = os.path.join(path, LOCK_FILE)
     if fcntl is None or not os.path.isfile(lock_file):
         return
@@ -130,19 +140,30 @@ class RunDir:
             except (OSError, ValueError) as e:
                 raise ValueError(f"run_dir {self.path}: cannot read {RUN_FILE}: {e}") from e
             if old.get("digest") != self.digest:
-                diff = sorted(k for k in set(old.get("key", {})) | set(self.key)
-                              if old.get("key", {}).get(k) != self.key.get(k))
-                raise ValueError(f"run_dir {self.path} holds a different run (differs in: "
-                                 f"{', '.join(diff) or 'format'}); use another folder or delete it")
+                diff = sorted(
+                    k
+                    for k in set(old.get("key", {})) | set(self.key)
+                    if old.get("key", {}).get(k) != self.key.get(k)
+                )
+                raise ValueError(
+                    f"run_dir {self.path} holds a different run (differs in: "
+                    f"{', '.join(diff) or 'format'}); use another folder or delete it"
+                )
             if not resume:  # same run, fresh start: drop finished targets
                 shutil.rmtree(targets, ignore_errors=True)
         self._remove_stale_temp_files()
         os.makedirs(targets, exist_ok=True)
-        atomic_write_json(run_file, {"digest": self.digest, "key": self.key, "mucs_fast": __version__})
+        atomic_write_json(
+            run_file, {"digest": self.digest, "key": self.key, "mucs_fast": __version__}
+        )
 
     def _remove_stale_temp_files(self) -> None:
         """Temporary files of a crashed write (we hold the lock: no live run is writing them)."""
-        for folder in (self.path, os.path.join(self.path, TARGETS_DIR), os.path.join(self.path, LOSS_T_DIR)):
+        for folder in (
+            self.path,
+            os.path.join(self.path, TARGETS_DIR),
+            os.path.join(self.path, LOSS_T_DIR),
+        ):
             if not os.path.isdir(folder):
                 continue
             for name in os.listdir(folder):
@@ -170,26 +191,47 @@ class RunDir:
                 if meta.get("run") != self.digest:
                     return None
                 scores = f.get_tensor("scores")
-                exact = f.get_tensor("exact") if "exact" in f.keys() else torch.ones(scores.shape, dtype=torch.bool)
+                exact = (
+                    f.get_tensor("exact")
+                    if "exact" in f.keys()
+                    else torch.ones(scores.shape, dtype=torch.bool)
+                )
                 info = json.loads(meta["info"])
-            if scores.dim() != 1 or scores.dtype != torch.float32 or not isinstance(info, dict) \
-                    or exact.shape != scores.shape or exact.dtype != torch.bool:
-                raise ValueError(f"unexpected contents (scores {scores.dtype} {tuple(scores.shape)}, "
-                                 f"exact {exact.dtype} {tuple(exact.shape)})")
-            if "sha256" in meta and meta["sha256"] != tensor_digest({"scores": scores, "exact": exact}):
+            if (
+                scores.dim() != 1
+                or scores.dtype != torch.float32
+                or not isinstance(info, dict)
+                or exact.shape != scores.shape
+                or exact.dtype != torch.bool
+            ):
+                raise ValueError(
+                    f"unexpected contents (scores {scores.dtype} {tuple(scores.shape)}, "
+                    f"exact {exact.dtype} {tuple(exact.shape)})"
+                )
+            if "sha256" in meta and meta["sha256"] != tensor_digest(
+                {"scores": scores, "exact": exact}
+            ):
                 raise ValueError("scores do not match their recorded digest")
         except Exception as e:  # noqa: BLE001 (safetensors raises its own error types; any failure = damaged)
-            warnings.warn(f"run_dir {self.path}: {p} is damaged ({type(e).__name__}: {e}); "
-                          f"target {k} is recomputed", stacklevel=2)
+            warnings.warn(
+                f"run_dir {self.path}: {p} is damaged ({type(e).__name__}: {e}); "
+                f"target {k} is recomputed",
+                stacklevel=2,
+            )
             return None
         return scores, info, exact
 
-    def save_target(self, k: int, scores: torch.Tensor, info: dict, exact: Optional[torch.Tensor] = None) -> None:
+    def save_target(
+        self, k: int, scores: torch.Tensor, info: dict, exact: Optional[torch.Tensor] = None
+    ) -> None:
         """Target k's scores [N], info and exact mask [N] (None: every score exact)."""
         from safetensors.torch import save_file
 
         exact = torch.ones(scores.shape, dtype=torch.bool) if exact is None else exact
-        t = {"scores": scores.detach().float().cpu().contiguous(), "exact": exact.detach().bool().cpu().contiguous()}
+        t = {
+            "scores": scores.detach().float().cpu().contiguous(),
+            "exact": exact.detach().bool().cpu().contiguous(),
+        }
         meta = {"run": self.digest, "info": json.dumps(info), "sha256": tensor_digest(t)}
         atomic_write(self._target_file(k), lambda tmp: save_file(t, tmp, metadata=meta))
 
@@ -248,7 +290,9 @@ def load_loss_t_shard(path, i: int, key: str, shape: tuple):
         if tuple(t.shape) != tuple(shape) or meta.get("sha256") != tensor_digest(t):
             raise ValueError(f"unexpected contents ({tuple(t.shape)}, expected {tuple(shape)})")
     except Exception as e:  # noqa: BLE001 (any failure = damaged)
-        warnings.warn(f"run_dir {path}: {p} is damaged ({type(e).__name__}: {e}); shard {i} is recomputed",
-                      stacklevel=2)
+        warnings.warn(
+            f"run_dir {path}: {p} is damaged ({type(e).__name__}: {e}); shard {i} is recomputed",
+            stacklevel=2,
+        )
         return None
     return t

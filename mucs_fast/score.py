@@ -48,7 +48,7 @@ def images_per_forward(score_batch: Optional[int], M: int, device: torch.device)
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
-    """"auto" → the reference's policy: bf16 autocast on CUDA (fp32 loss accumulation), fp32 elsewhere."""
+    """ "auto" → the reference's policy: bf16 autocast on CUDA (fp32 loss accumulation), fp32 elsewhere."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
@@ -63,7 +63,9 @@ def autocast_for(device: torch.device, precision: str):
     raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
 
 
-def independent_eps(seed: int, ids: torch.Tensor, M: int, chw: Sequence[int], device) -> torch.Tensor:
+def independent_eps(
+    seed: int, ids: torch.Tensor, M: int, chw: Sequence[int], device
+) -> torch.Tensor:
     """ε [M, n, C, H, W] of one model's independent noise stream `seed` for the images `ids`
     (use_same_noise_infer=False): image i's M noises come from a generator seeded by (seed, i), so
     they do not depend on the chunking, the batch size or the other images."""
@@ -102,9 +104,19 @@ class LossPass:
     pass is called on parts of it (shards), so that padding is decided for the whole set.
     """
 
-    def __init__(self, den: Denoiser, net: torch.nn.Module, names: Sequence[str], bank: NoiseBank, *,
-                 images_per_forward: int, precision: str = "auto", compile: bool = False, mode: str = "auto",
-                 N: Optional[int] = None):
+    def __init__(
+        self,
+        den: Denoiser,
+        net: torch.nn.Module,
+        names: Sequence[str],
+        bank: NoiseBank,
+        *,
+        images_per_forward: int,
+        precision: str = "auto",
+        compile: bool = False,
+        mode: str = "auto",
+        N: Optional[int] = None,
+    ):
         self.den, self.bank, self.images_per_forward = den, bank, int(images_per_forward)
         # compiled: every chunk has images_per_forward rows (the last one padded) unless the whole set of N
         # images fits one chunk; decided for the whole set, so a shard's chunks are the set's chunks
@@ -124,11 +136,19 @@ class LossPass:
         def one(w, xc, yc, e, level, terms):  # losses [M, n] of the model with trainable weights w
             # only w is an input of the compiled graph: the frozen weights are the same for every
             # copy and chunk (as graph inputs they made the compile ~3× longer, for nothing)
-            return den.grid_loss(xc, e, level, yc, net=self.stack.module(w) if self.stack else net, terms=terms)
+            return den.grid_loss(
+                xc, e, level, yc, net=self.stack.module(w) if self.stack else net, terms=terms
+            )
 
-        def batched(weights, xc, yc, e, level, terms):  # losses [K, M, n]; e: the bank or per-model [K, M, n, ...]
-            return self.stack.vmap(lambda net_k, e_k: den.grid_loss(xc, e_k, level, yc, net=net_k, terms=terms),
-                                   e, in_dims=(None if e.dim() == xc.dim() else 0,), weights=weights)
+        def batched(
+            weights, xc, yc, e, level, terms
+        ):  # losses [K, M, n]; e: the bank or per-model [K, M, n, ...]
+            return self.stack.vmap(
+                lambda net_k, e_k: den.grid_loss(xc, e_k, level, yc, net=net_k, terms=terms),
+                e,
+                in_dims=(None if e.dim() == xc.dim() else 0,),
+                weights=weights,
+            )
 
         wrap = (lambda f: torch.compile(f, dynamic=False)) if self.compile else (lambda f: f)
         self._one = wrap(one)
@@ -144,15 +164,28 @@ class LossPass:
     def prepare(self, weights: Optional[dict]):
         """The models of one pass: `weights` {name: [K, ...]} of K copies, or None for the original."""
         weights = self.original if weights is None else weights
-        if self.mode == "vmap" and self.stack is not None and next(iter(weights.values())).shape[0] > 1:
+        if (
+            self.mode == "vmap"
+            and self.stack is not None
+            and next(iter(weights.values())).shape[0] > 1
+        ):
             return weights
         if self.stack is None:
             return [None]
         K = next(iter(weights.values())).shape[0]
-        return [{n: w[k] for n, w in weights.items()} for k in range(K)]  # built once per pass, not per chunk
+        return [
+            {n: w[k] for n, w in weights.items()} for k in range(K)
+        ]  # built once per pass, not per chunk
 
-    def chunks(self, x: Source, y, ids, seeds: Optional[Sequence[int]], start: int = 0,
-               stop: Optional[int] = None):
+    def chunks(
+        self,
+        x: Source,
+        y,
+        ids,
+        seeds: Optional[Sequence[int]],
+        start: int = 0,
+        stop: Optional[int] = None,
+    ):
         """(n0, n1, x, y, ε) per chunk of `images_per_forward` images of x[start:stop], padded to it when
         compiled; ε is the bank or, with `seeds` (independent noise), each model's own [K, M, n, ...]."""
         N, per, M = len(x), self.images_per_forward, self.bank.M
@@ -163,7 +196,9 @@ class LossPass:
             yc = None if y is None else y[n0:n1]
             e = self.bank.eps
             if seeds is not None:
-                e = torch.stack([independent_eps(s, ids[n0:n1], M, xc.shape[1:], self.device) for s in seeds])
+                e = torch.stack(
+                    [independent_eps(s, ids[n0:n1], M, xc.shape[1:], self.device) for s in seeds]
+                )
             if pad:
                 xc, yc = _pad_rows(xc, per), _pad_rows(yc, per)
                 e = e if seeds is None else _pad_rows(e, per, dim=2)
@@ -183,19 +218,33 @@ class LossPass:
         n = xc.shape[0]
         key = (n, e.dim())
         if key not in self._terms:  # the same for every chunk of a fixed bank: built once
-            self._terms[key] = self.den.grid_terms(e if e.dim() == xc.dim() else e[0], self.bank.level, n)
+            self._terms[key] = self.den.grid_terms(
+                e if e.dim() == xc.dim() else e[0], self.bank.level, n
+            )
         terms = self._terms[key]
         level = self.bank.level
         if isinstance(models, dict):
             return self._batched(models, xc, yc, e, level, terms)
-        return torch.stack([self._one(p, xc, yc, e if e.dim() == xc.dim() else e[k], level, terms)
-                            for k, p in enumerate(models)])
+        return torch.stack(
+            [
+                self._one(p, xc, yc, e if e.dim() == xc.dim() else e[k], level, terms)
+                for k, p in enumerate(models)
+            ]
+        )
 
 
 @torch.inference_mode()
-def original_losses(lp: LossPass, x: Source, y: Optional[torch.Tensor], ids: torch.Tensor, *,
-                    infer_seed: Optional[int] = None, start: int = 0, stop: Optional[int] = None,
-                    progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+def original_losses(
+    lp: LossPass,
+    x: Source,
+    y: Optional[torch.Tensor],
+    ids: torch.Tensor,
+    *,
+    infer_seed: Optional[int] = None,
+    start: int = 0,
+    stop: Optional[int] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> torch.Tensor:
     """L_t [n, M] float32 of the original model on training images start..stop (default all) of
     x under the bank (with `infer_seed`: under its own independent ε per image, same levels)."""
     stop = len(x) if stop is None else stop
@@ -203,8 +252,10 @@ def original_losses(lp: LossPass, x: Source, y: Optional[torch.Tensor], ids: tor
     writes = Writes(stop - start, f"L_t of images {start}..{stop - 1}")
     models = lp.prepare(None)
     with autocast_for(lp.device, lp.precision):
-        for n0, n1, xc, yc, e in lp.chunks(x, y, ids, None if infer_seed is None else [infer_seed], start, stop):
-            out[n0 - start:n1 - start] = lp.losses(models, xc, yc, e)[0, :, :n1 - n0].t()
+        for n0, n1, xc, yc, e in lp.chunks(
+            x, y, ids, None if infer_seed is None else [infer_seed], start, stop
+        ):
+            out[n0 - start : n1 - start] = lp.losses(models, xc, yc, e)[0, :, : n1 - n0].t()
             writes.mark(n0 - start, n1 - start)
             if progress is not None:
                 progress(n1 - n0)
@@ -213,8 +264,14 @@ def original_losses(lp: LossPass, x: Source, y: Optional[torch.Tensor], ids: tor
 
 
 @torch.inference_mode()
-def skew_scores(loss_u: torch.Tensor, loss_t: torch.Tensor, *, eps: float, use_loss_ratio: bool,
-                use_same_noise_infer: bool) -> torch.Tensor:
+def skew_scores(
+    loss_u: torch.Tensor,
+    loss_t: torch.Tensor,
+    *,
+    eps: float,
+    use_loss_ratio: bool,
+    use_same_noise_infer: bool,
+) -> torch.Tensor:
     """score [K, n] from loss_u [K, n, M] and loss_t [n, M] (the score formula and its switches)."""
     if not use_same_noise_infer:  # independent noises: compare per-image means
         loss_u = loss_u.mean(-1, keepdim=True)
@@ -223,10 +280,22 @@ def skew_scores(loss_u: torch.Tensor, loss_t: torch.Tensor, *, eps: float, use_l
 
 
 @torch.inference_mode()
-def score_stacked(lp: LossPass, weights: dict, x: Source, y: Optional[torch.Tensor], ids: torch.Tensor,
-                  loss_t: torch.Tensor, *, eps: float, use_loss_ratio: bool, use_same_noise_infer: bool,
-                  infer_seeds: Optional[Sequence[int]] = None, start: int = 0, stop: Optional[int] = None,
-                  progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+def score_stacked(
+    lp: LossPass,
+    weights: dict,
+    x: Source,
+    y: Optional[torch.Tensor],
+    ids: torch.Tensor,
+    loss_t: torch.Tensor,
+    *,
+    eps: float,
+    use_loss_ratio: bool,
+    use_same_noise_infer: bool,
+    infer_seeds: Optional[Sequence[int]] = None,
+    start: int = 0,
+    stop: Optional[int] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> torch.Tensor:
     """Scores [K, n] of the K copies `weights` ({name: [K, ...]}) against L_t [N, M] on training
     images start..stop (default all) of x, in one pass.
 
@@ -241,10 +310,14 @@ def score_stacked(lp: LossPass, weights: dict, x: Source, y: Optional[torch.Tens
     writes = Writes(stop - start, f"scores of images {start}..{stop - 1}")
     with autocast_for(lp.device, lp.precision):
         for n0, n1, xc, yc, e in lp.chunks(x, y, ids, infer_seeds, start, stop):
-            loss_u = lp.losses(models, xc, yc, e)[:, :, :n1 - n0].transpose(1, 2)  # [K, n, M]
-            scores[:, n0 - start:n1 - start] = skew_scores(loss_u, loss_t[n0:n1], eps=eps,
-                                                           use_loss_ratio=use_loss_ratio,
-                                                           use_same_noise_infer=use_same_noise_infer)
+            loss_u = lp.losses(models, xc, yc, e)[:, :, : n1 - n0].transpose(1, 2)  # [K, n, M]
+            scores[:, n0 - start : n1 - start] = skew_scores(
+                loss_u,
+                loss_t[n0:n1],
+                eps=eps,
+                use_loss_ratio=use_loss_ratio,
+                use_same_noise_infer=use_same_noise_infer,
+            )
             writes.mark(n0 - start, n1 - start)
             if progress is not None:
                 progress(n1 - n0)

@@ -35,8 +35,10 @@ class RetainStream:
 
     def __init__(self, N: int, B: int, generator: torch.Generator):
         if B > N:
-            raise ValueError(f"batch size B={B} exceeds the training set size N={N}; "
-                             f"pass MUCSConfig(batch_size=<= {N})")
+            raise ValueError(
+                f"batch size B={B} exceeds the training set size N={N}; "
+                f"pass MUCSConfig(batch_size=<= {N})"
+            )
         self.N, self.B, self.generator = N, B, generator
         self._perm: Optional[torch.Tensor] = None
         self._pos = 0
@@ -48,7 +50,7 @@ class RetainStream:
         if self._perm is None or self._pos + self.B > self.N:
             self._perm = torch.randperm(self.N, generator=self.generator)
             self._pos = 0
-        idx = self._perm[self._pos:self._pos + self.B]
+        idx = self._perm[self._pos : self._pos + self.B]
         self._pos += self.B
         return idx
 
@@ -86,13 +88,16 @@ def check_loss_null(value: float) -> float:
     ascent); ValueError naming the way out otherwise."""
     value = float(value)
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"loss_null='auto' gave {value}: the freshly initialized model produces "
-                         "non-finite or zero losses; pass loss_null=<number> (MUCSConfig(loss_null=...))")
+        raise ValueError(
+            f"loss_null='auto' gave {value}: the freshly initialized model produces "
+            "non-finite or zero losses; pass loss_null=<number> (MUCSConfig(loss_null=...))"
+        )
     return value
 
 
-def mirrored_objective(loss_r: torch.Tensor, loss_f: torch.Tensor, loss_null: float, lamb: float,
-                       bounded: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mirrored_objective(
+    loss_r: torch.Tensor, loss_f: torch.Tensor, loss_null: float, lamb: float, bounded: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(L_r, L_f, objective) from per-sample losses [..., B] of the retain and forget batches.
 
     L_r = mean L(x_r), L_f = mean min(L(x̂), L_null) (no clamp when not `bounded`: the ablation),
@@ -103,10 +108,22 @@ def mirrored_objective(loss_r: torch.Tensor, loss_f: torch.Tensor, loss_null: fl
     return L_r, L_f, L_r - lamb * L_f
 
 
-def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: Source,
-                    train_y: Optional[torch.Tensor], x_hats: torch.Tensor, y_hats: Optional[torch.Tensor], *,
-                    cfg: MUCSConfig, loss_null: float, lr: float, retains: list, generators: list,
-                    progress: Optional[Callable] = None):
+def unlearn_batched(
+    den: Denoiser,
+    net: torch.nn.Module,
+    names: list,
+    train_x: Source,
+    train_y: Optional[torch.Tensor],
+    x_hats: torch.Tensor,
+    y_hats: Optional[torch.Tensor],
+    *,
+    cfg: MUCSConfig,
+    loss_null: float,
+    lr: float,
+    retains: list,
+    generators: list,
+    progress: Optional[Callable] = None,
+):
     """Unlearn K targets at once: K stacked copies of the trainable weights (`names`) of `net`,
     one vmapped forward/backward per step for all targets still running.
 
@@ -128,8 +145,10 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: S
     device = x_hats.device
     params = dict(net.named_parameters())
     shapes = {n: tuple(params[n].shape) for n in names}
-    stack = StackedNet(net, flat_views(torch.zeros(1, sum(params[n].numel() for n in names),
-                                                   device=device), shapes))
+    stack = StackedNet(
+        net,
+        flat_views(torch.zeros(1, sum(params[n].numel() for n in names), device=device), shapes),
+    )
     W = torch.cat([params[n].detach().reshape(1, -1) for n in names], 1).repeat(K, 1)  # [K, P]
     final = W.clone()
     m, v = torch.zeros_like(W), torch.zeros_like(W)
@@ -141,20 +160,41 @@ def unlearn_batched(den: Denoiser, net: torch.nn.Module, names: list, train_x: S
         A = len(active)
         if x_f is None or x_f.shape[0] != A:  # the forget batches change only when targets leave
             x_f = x_hats[active].unsqueeze(1).expand(A, B, *x_hats.shape[1:])
-            y_f = None if y_hats is None else y_hats[active].unsqueeze(1).expand(A, B, *y_hats.shape[1:])
-        x, eps, lev, y = _step_batch(den, train_x, train_y, x_f, y_f, active, retains, generators, cfg, device)
+            y_f = (
+                None
+                if y_hats is None
+                else y_hats[active].unsqueeze(1).expand(A, B, *y_hats.shape[1:])
+            )
+        x, eps, lev, y = _step_batch(
+            den, train_x, train_y, x_f, y_f, active, retains, generators, cfg, device
+        )
         W.requires_grad_(True)
         L = stack.loss(den, x, eps, lev, y, weights=flat_views(W, shapes))  # [A, 2B]
-        loss_r, loss_f, objective = mirrored_objective(L[:, :B], L[:, B:], loss_null, cfg.lamb, cfg.bounded)
-        vals = torch.stack([loss_r, loss_f], 1).detach().cpu()  # the one host sync per step (the stop rule)
+        loss_r, loss_f, objective = mirrored_objective(
+            L[:, :B], L[:, B:], loss_null, cfg.lamb, cfg.bounded
+        )
+        vals = (
+            torch.stack([loss_r, loss_f], 1).detach().cpu()
+        )  # the one host sync per step (the stop rule)
         keep = _stop_or_keep(infos, active, vals, loss_null, cfg, t0, W, final)
         if keep:
             cont = torch.zeros(A, dtype=torch.bool)
             cont[keep] = True
             (grad,) = torch.autograd.grad(objective[cont.to(device, non_blocking=True)].sum(), [W])
             steps_a = steps[active] + cont.long()
-            bounded_adamw_step([W.detach()], [grad], [m], [v], steps_a, cont, lr, cfg.betas[0], cfg.betas[1],
-                               cfg.adam_eps, cfg.weight_decay)
+            bounded_adamw_step(
+                [W.detach()],
+                [grad],
+                [m],
+                [v],
+                steps_a,
+                cont,
+                lr,
+                cfg.betas[0],
+                cfg.betas[1],
+                cfg.adam_eps,
+                cfg.weight_decay,
+            )
             for i in keep:
                 infos[active[i]].steps += 1
             steps[active] = steps_a
@@ -178,8 +218,11 @@ def _step_batch(den, train_x: Source, train_y, x_f, y_f, active, retains, genera
     noise_r, noise_f = [], []
     for k in active:
         noise_r.append(den.training_noise(x_r.shape[1:], generators[k], cfg.t_sched_train, device))
-        noise_f.append(noise_r[-1] if cfg.use_same_noise_train else
-                       den.training_noise(x_r.shape[1:], generators[k], cfg.t_sched_train, device))
+        noise_f.append(
+            noise_r[-1]
+            if cfg.use_same_noise_train
+            else den.training_noise(x_r.shape[1:], generators[k], cfg.t_sched_train, device)
+        )
     x = torch.cat([x_r, x_f], 1)
     eps = torch.cat([torch.stack([e for e, _ in noise_r]), torch.stack([e for e, _ in noise_f])], 1)
     lev = torch.cat([torch.stack([s for _, s in noise_r]), torch.stack([s for _, s in noise_f])], 1)
@@ -195,7 +238,11 @@ def _stop_or_keep(infos, active, vals, loss_null, cfg, t0, W, final) -> list:
         info = infos[k]
         info.loss_r, info.loss_f = float(vals[i, 0]), float(vals[i, 1])
         info.trace.append((info.loss_r, info.loss_f))
-        reason = "nan" if not math.isfinite(info.loss_r) else stop_reason(info.steps, info.loss_f, loss_null, cfg)
+        reason = (
+            "nan"
+            if not math.isfinite(info.loss_r)
+            else stop_reason(info.steps, info.loss_f, loss_null, cfg)
+        )
         if reason is None:
             keep.append(i)
         else:

@@ -29,21 +29,34 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("--targets", type=int, default=3)
-    p.add_argument("--n", type=int, default=40, help="training images (37: a short last chunk and shard)")
+    p.add_argument(
+        "--n", type=int, default=40, help="training images (37: a short last chunk and shard)"
+    )
     p.add_argument("--targets-per-batch", type=int, default=1)
     p.add_argument("--independent-noise", action="store_true")
-    p.add_argument("--streamed", action="store_true", help="train from a .npy file (read in chunks)")
+    p.add_argument(
+        "--streamed", action="store_true", help="train from a .npy file (read in chunks)"
+    )
     p.add_argument("--adaptive", type=int, default=None, help="adaptive scoring of this top-k")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--die-after-blocks", type=int, default=None, help="rank 1 SIGKILLs itself then")
-    p.add_argument("--fail-on-rank1", action="store_true", help="rank 1 raises in its first unlearning")
+    p.add_argument(
+        "--fail-on-rank1", action="store_true", help="rank 1 raises in its first unlearning"
+    )
     a = p.parse_args()
     torch.set_num_threads(1)
     net, train, targets, ytr, ytg = problem(a.targets, a.n)
-    cfg = mf.MUCSConfig(num_noises=8, lr=1e-2, safety_steps=6, score_batch=32, targets_per_batch=a.targets_per_batch,
-                        use_same_noise_infer=not a.independent_noise, adaptive_top_k=a.adaptive,
-                        adaptive_margin=1.0)
+    cfg = mf.MUCSConfig(
+        num_noises=8,
+        lr=1e-2,
+        safety_steps=6,
+        score_batch=32,
+        targets_per_batch=a.targets_per_batch,
+        use_same_noise_infer=not a.independent_noise,
+        adaptive_top_k=a.adaptive,
+        adaptive_margin=1.0,
+    )
     if a.die_after_blocks is not None:
         from mucs_fast import engine
 
@@ -70,13 +83,30 @@ def main():
         os.makedirs(a.out, exist_ok=True)
         np.save(path, train.numpy())
         train = path
-    res = mf.attribute(mf.EDMDenoiser(net), train, targets, cfg, ytr, ytg, progress=False, cache_dir=None,
-                       run_dir=a.run_dir, resume=a.resume)
+    res = mf.attribute(
+        mf.EDMDenoiser(net),
+        train,
+        targets,
+        cfg,
+        ytr,
+        ytg,
+        progress=False,
+        cache_dir=None,
+        run_dir=a.run_dir,
+        resume=a.resume,
+    )
     os.makedirs(a.out, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
-    torch.save({"scores": res.scores, "exact": res.exact, "pairs": res.meta["pairs_evaluated"],
-                "meta_world": res.meta["world_size"],
-                "steps": [t["steps"] for t in res.meta["targets"]]}, os.path.join(a.out, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "scores": res.scores,
+            "exact": res.exact,
+            "pairs": res.meta["pairs_evaluated"],
+            "meta_world": res.meta["world_size"],
+            "steps": [t["steps"] for t in res.meta["targets"]],
+        },
+        os.path.join(a.out, f"rank{rank}.pt"),
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ class TinyEDMNet(torch.nn.Module):
         self.y_embedder = torch.nn.Linear(max(label_dim, 1), width, bias=False)
         self.dit_backbone = torch.nn.ModuleList([torch.nn.Module()])
         self.dit_backbone[0].mlp = torch.nn.Sequential(
-            torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width))
+            torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width)
+        )
         self.last = torch.nn.Linear(width, C)
         if zero_out:
             torch.nn.init.zeros_(self.last.weight)
@@ -30,9 +31,9 @@ class TinyEDMNet(torch.nn.Module):
     def forward(self, x, sigma, y=None, a=None):
         sd = self.sigma_data
         s = sigma.view(-1, 1, 1, 1)
-        c_skip = sd ** 2 / (s ** 2 + sd ** 2)
-        c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + s ** 2).sqrt()
+        c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / (s**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + s**2).sqrt()
         c_noise = (1e-6 + s).log() / 4
         return c_skip * x + c_out * self._raw(c_in * x, c_noise, y)
 
@@ -66,7 +67,9 @@ def trained_digits_dit(n_images: int, steps: int = 200):
     x = x[:n_images]
     torch.manual_seed(0)
     net = DiT((1, 8, 8), label_dim=0, patch_size=2, width=32, depth=2, heads=2, cond_width=16)
-    den, info = train(mf.EDMDenoiser(net), x, steps=steps, batch_size=32, lr=3e-3, warmup=20, progress=False)
+    den, info = train(
+        mf.EDMDenoiser(net), x, steps=steps, batch_size=32, lr=3e-3, warmup=20, progress=False
+    )
     return den, x, info
 
 
@@ -75,7 +78,15 @@ def inference_losses(den, net, x, y, bank, *, images_per_forward, precision="aut
     from mucs_fast.data import TensorSource
     from mucs_fast.score import LossPass, original_losses
 
-    lp = LossPass(den, net, [], bank, images_per_forward=images_per_forward, precision=precision, compile=compile)
+    lp = LossPass(
+        den,
+        net,
+        [],
+        bank,
+        images_per_forward=images_per_forward,
+        precision=precision,
+        compile=compile,
+    )
     return original_losses(lp, TensorSource(x), y, torch.arange(x.shape[0]))
 
 
@@ -84,7 +95,10 @@ def replicated(net, names, K):
     from mucs_fast.functional import StackedNet
 
     params = dict(net.named_parameters())
-    w = {n: params[n].detach().unsqueeze(0).repeat(K, *([1] * params[n].dim())).contiguous() for n in names}
+    w = {
+        n: params[n].detach().unsqueeze(0).repeat(K, *([1] * params[n].dim())).contiguous()
+        for n in names
+    }
     return StackedNet(net, w)
 
 

@@ -17,13 +17,33 @@ def edm_loss(net, x, eps, sigma, y=None, sigma_data=0.5):
     """Per-sample L = λ(σ)·mean_{C,H,W}(D(x + σε, σ, y) − x)², λ = (σ² + σ_d²)/(σ·σ_d)²."""
     s = sigma.view(-1, 1, 1, 1)
     D = net(x + s * eps, sigma, y=y)
-    lam = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    lam = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     return lam * ((D - x) ** 2).mean(dim=(1, 2, 3))
 
 
-def unlearn(net, names, train_x, train_y, x_hat, y_hat, *, g_retain, g_noise, loss_null, lr, B,
-            lamb=0.2, tolerance=0.05, max_steps=None, safety_steps=1000, bounded=True,
-            use_same_noise_train=False, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
+def unlearn(
+    net,
+    names,
+    train_x,
+    train_y,
+    x_hat,
+    y_hat,
+    *,
+    g_retain,
+    g_noise,
+    loss_null,
+    lr,
+    B,
+    lamb=0.2,
+    tolerance=0.05,
+    max_steps=None,
+    safety_steps=1000,
+    bounded=True,
+    use_same_noise_train=False,
+    P_mean=-1.2,
+    P_std=1.2,
+    sigma_data=0.5,
+):
     """Unlearn x̂ [C, H, W] from a fresh deep copy of `net`. Returns (copy, [(L_r, L_f)], steps, stop)."""
     net = copy.deepcopy(net).eval()
     for n, p in net.named_parameters():  # only the trainable parameters change
@@ -33,14 +53,16 @@ def unlearn(net, names, train_x, train_y, x_hat, y_hat, *, g_retain, g_noise, lo
     N = train_x.shape[0]
     perm, pos, trace, step = None, N, [], 0
 
-    def draw(shape):  # torch's default dtype, as the engine draws: the same numbers for fp64 data too
+    def draw(
+        shape,
+    ):  # torch's default dtype, as the engine draws: the same numbers for fp64 data too
         sigma = (P_std * torch.randn(shape[0], generator=g_noise) + P_mean).exp()
         return torch.randn(shape, generator=g_noise), sigma
 
     while True:
         if pos + B > N:  # new epoch; the incomplete last batch is dropped
             perm, pos = torch.randperm(N, generator=g_retain), 0
-        idx, pos = perm[pos:pos + B], pos + B
+        idx, pos = perm[pos : pos + B], pos + B
         x_r, y_r = train_x[idx], None if train_y is None else train_y[idx]
         x_f = x_hat.expand_as(x_r)
         y_f = None if y_hat is None else y_hat.expand(B, *y_hat.shape)
@@ -48,7 +70,11 @@ def unlearn(net, names, train_x, train_y, x_hat, y_hat, *, g_retain, g_noise, lo
         eps_f, sig_f = (eps_r, sig_r) if use_same_noise_train else draw(x_f.shape)
         L_r = edm_loss(net, x_r, eps_r, sig_r, y_r, sigma_data).mean()
         L_f_i = edm_loss(net, x_f, eps_f, sig_f, y_f, sigma_data)
-        L_f = torch.minimum(L_f_i, torch.full_like(L_f_i, loss_null)).mean() if bounded else L_f_i.mean()
+        L_f = (
+            torch.minimum(L_f_i, torch.full_like(L_f_i, loss_null)).mean()
+            if bounded
+            else L_f_i.mean()
+        )
         trace.append((L_r.item(), L_f.item()))
         if max_steps is not None:  # a fixed budget replaces the rule
             if step >= max_steps:

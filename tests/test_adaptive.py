@@ -12,8 +12,15 @@ from mucs_fast.adaptive import checkpoints, screen_noises, screening_order, wils
 from mucs_fast.rundir import RunDir
 
 PLANTED = [9, 25, 40, 50]  # training images that rank themselves first on this model
-CFG = {"num_noises": 32, "batch_size": 16, "lr": 3e-3, "lamb": 1.0, "max_steps": 12, "targets_per_batch": 2,
-       "compile": False}
+CFG = {
+    "num_noises": 32,
+    "batch_size": 16,
+    "lr": 3e-3,
+    "lamb": 1.0,
+    "max_steps": 12,
+    "targets_per_batch": 2,
+    "compile": False,
+}
 M = CFG["num_noises"]
 
 
@@ -33,7 +40,9 @@ def problem():
 
 def run(problem, **over):
     den, x, targets = problem
-    return mf.attribute(den, x, targets, mf.MUCSConfig(**{**CFG, **over}), progress=False, cache_dir=None)
+    return mf.attribute(
+        den, x, targets, mf.MUCSConfig(**{**CFG, **over}), progress=False, cache_dir=None
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +51,9 @@ def exact(problem):
 
 
 def test_screening_order_is_a_stratified_permutation():
-    level = torch.linspace(80, 0.3, 100)[torch.randperm(100, generator=torch.Generator().manual_seed(0))]
+    level = torch.linspace(80, 0.3, 100)[
+        torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    ]
     order = screening_order(level)
     assert sorted(order.tolist()) == list(range(100))
     rank = torch.empty(100, dtype=torch.long)
@@ -83,15 +94,23 @@ def test_planted_winners_are_never_set_aside(problem, exact, margin):
     assert not res.exact.all()  # it did set images aside
     assert sum(res.meta["pairs_evaluated"]) < 0.8 * res.K * res.N * M
     scale = exact.scores.abs().max().item()
-    assert (res.scores - exact.scores)[res.exact].abs().max().item() <= 1e-5 * scale  # exact where it says so
+    assert (res.scores - exact.scores)[
+        res.exact
+    ].abs().max().item() <= 1e-5 * scale  # exact where it says so
 
 
 def test_pairs_evaluated_and_exact_mask_match_the_work_done(problem):
     # segments of 3 noises: the last of the 32 has 2 (padded to 3 for the forward; 2 are counted)
-    res = run(problem, adaptive_top_k=3, adaptive_margin=0.5, adaptive_audit=0.0, adaptive_screen_noises=3)
+    res = run(
+        problem, adaptive_top_k=3, adaptive_margin=0.5, adaptive_audit=0.0, adaptive_screen_noises=3
+    )
     for k, info in enumerate(res.meta["adaptive"]["targets"]):
         n_exact = int(res.exact[k].sum())
-        assert info["exact"] == n_exact and info["set_aside"] == res.N - n_exact and info["audited"] == 0
+        assert (
+            info["exact"] == n_exact
+            and info["set_aside"] == res.N - n_exact
+            and info["audited"] == 0
+        )
         seen = sum(int(d) * c for d, c in info["set_aside_at"].items())
         assert sum(info["set_aside_at"].values()) == res.N - n_exact
         assert res.meta["pairs_evaluated"][k] == info["pairs_evaluated"] == n_exact * M + seen
@@ -123,7 +142,9 @@ def test_the_audit_counts_known_misses(problem, exact):
         total += truth
     assert total >= 1  # the case has misses to find
     # the blind run's top-k misses exactly those
-    recall = [len(set(blind.topk(k)[t].tolist()) & set(exact.topk(k)[t].tolist())) for t in range(exact.K)]
+    recall = [
+        len(set(blind.topk(k)[t].tolist()) & set(exact.topk(k)[t].tolist())) for t in range(exact.K)
+    ]
     assert sum(recall) < exact.K * k
 
 
@@ -145,7 +166,9 @@ def test_resume_mid_way_gives_the_uninterrupted_result(problem, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         mf.attribute(den, x, targets, cfg, progress=False, cache_dir=None, run_dir=tmp_path / "r")
     monkeypatch.setattr(RunDir, "save_target", save)
-    res = mf.attribute(den, x, targets, cfg, progress=False, cache_dir=None, run_dir=tmp_path / "r", resume=True)
+    res = mf.attribute(
+        den, x, targets, cfg, progress=False, cache_dir=None, run_dir=tmp_path / "r", resume=True
+    )
     assert torch.equal(res.exact, whole.exact)
     assert (res.scores - whole.scores).abs().max().item() <= 1e-6 * whole.scores.abs().max().item()
     assert res.meta["adaptive"]["targets"] == whole.meta["adaptive"]["targets"]
@@ -173,5 +196,9 @@ def test_the_adaptive_defaults_are_pinned():
     noises per segment (at least 2, at most M); exact scoring unless adaptive_top_k is set."""
     cfg = mf.MUCSConfig()
     assert cfg.adaptive_top_k is None
-    assert (cfg.adaptive_margin, cfg.adaptive_audit, cfg.adaptive_screen_noises) == (3.0, 0.02, None)
+    assert (cfg.adaptive_margin, cfg.adaptive_audit, cfg.adaptive_screen_noises) == (
+        3.0,
+        0.02,
+        None,
+    )
     assert [screen_noises(M, None) for M in (1, 16, 33, 100)] == [1, 2, 3, 7]

@@ -21,7 +21,9 @@ def _family(name):
         from mucs_fast.models import DiT
 
         net = DiT((1, 8, 8), label_dim=3, patch_size=2, width=32, depth=2, heads=2, cond_width=16)
-        for p in net.parameters():  # a "trained" model: zero-initialized outputs would give zero gradients
+        for p in (
+            net.parameters()
+        ):  # a "trained" model: zero-initialized outputs would give zero gradients
             torch.nn.init.normal_(p, std=0.2)
         return EDMDenoiser(net), 3
 
@@ -52,14 +54,27 @@ def _sequential_and_batched(family, dtype=torch.float32, threads=None):
     names = trainable_names(den.net, den.default_frozen())
 
     def streams(k):
-        return (RetainStream(N, cfg.B, torch.Generator().manual_seed(10 + k)),
-                torch.Generator().manual_seed(20 + k))
+        return (
+            RetainStream(N, cfg.B, torch.Generator().manual_seed(10 + k)),
+            torch.Generator().manual_seed(20 + k),
+        )
 
     def run(ks):
         ss = [streams(k) for k in ks]
-        weights, infos = unlearn_batched(den, den.net, names, TensorSource(x), y, x_hats[ks],
-                                         None if y_hats is None else y_hats[ks], cfg=cfg, loss_null=1.0, lr=lr,
-                                         retains=[r for r, _ in ss], generators=[gen for _, gen in ss])
+        weights, infos = unlearn_batched(
+            den,
+            den.net,
+            names,
+            TensorSource(x),
+            y,
+            x_hats[ks],
+            None if y_hats is None else y_hats[ks],
+            cfg=cfg,
+            loss_null=1.0,
+            lr=lr,
+            retains=[r for r, _ in ss],
+            generators=[gen for _, gen in ss],
+        )
         assert [i.steps for i in infos] == [3] * len(ks)
         return weights
 
@@ -83,20 +98,30 @@ def _sequential_and_batched(family, dtype=torch.float32, threads=None):
         xs = TensorSource(x)
         loss_t = original_losses(lp, xs, y, ids)
         if mode == "loop":
-            s_seq = torch.cat([score_stacked(lp, seq[k], xs, y, ids, loss_t, **kw) for k in range(K)])
+            s_seq = torch.cat(
+                [score_stacked(lp, seq[k], xs, y, ids, loss_t, **kw) for k in range(K)]
+            )
         s_bat[mode] = score_stacked(lp, weights, xs, y, ids, loss_t, **kw)
     w0 = {n: dict(den.net.named_parameters())[n].detach() for n in names}
     return w0, w_seq, weights, s_seq, s_bat
-@pytest.mark.parametrize("family, dtype", [("dit_edm", torch.float32), ("dit_diffusers", torch.float32),
-                                           ("unet", torch.float64)])
+
+
+@pytest.mark.parametrize(
+    "family, dtype",
+    [("dit_edm", torch.float32), ("dit_diffusers", torch.float32), ("unet", torch.float64)],
+)
 def test_batched_equals_sequential(family, dtype):
     w0, w_seq, w_bat, s_seq, s_bat = _sequential_and_batched(family, dtype)
     for n in w0:
         # atol = 1e-2·lr (1% of one AdamW step): AdamW normalizes each gradient element, so an element
         # whose gradient is nearly cancelled turns fp32 rounding (vmapped vs plain matmuls) into a
         # visible fraction of lr; elements with real gradients agree to rtol 1e-5.
-        torch.testing.assert_close(w_bat[n], w_seq[n], rtol=1e-5, atol=1e-2 * LR.get(family, 1e-3), msg=n)
-    assert any(not torch.equal(w_seq[n][k], w0[n]) for n in w0 for k in range(3))  # unlearning moved weights
+        torch.testing.assert_close(
+            w_bat[n], w_seq[n], rtol=1e-5, atol=1e-2 * LR.get(family, 1e-3), msg=n
+        )
+    assert any(
+        not torch.equal(w_seq[n][k], w0[n]) for n in w0 for k in range(3)
+    )  # unlearning moved weights
     scale = s_seq.abs().max().item()
     assert scale > 2e-4  # scores of ≈ 0 would pass any comparison
     for mode in s_bat:
@@ -133,15 +158,31 @@ def test_engine_blocks_equal_one_at_a_time():
     ytr, ytg = torch.randint(0, 3, (30,), generator=g), torch.randint(0, 3, (5,), generator=g)
     for extra in ({}, {"use_same_noise_infer": False}):
         base = dict(num_noises=6, lr=1e-3, safety_steps=8, **extra)
-        a = mf.attribute(EDMDenoiser(net), train, targets, mf.MUCSConfig(**base), ytr, ytg, progress=False)
-        b = mf.attribute(EDMDenoiser(net), train, targets, mf.MUCSConfig(**base, targets_per_batch=3), ytr, ytg,
-                         progress=False)
+        a = mf.attribute(
+            EDMDenoiser(net), train, targets, mf.MUCSConfig(**base), ytr, ytg, progress=False
+        )
+        b = mf.attribute(
+            EDMDenoiser(net),
+            train,
+            targets,
+            mf.MUCSConfig(**base, targets_per_batch=3),
+            ytr,
+            ytg,
+            progress=False,
+        )
         assert (a.scores - b.scores).abs().max().item() <= 1e-6, extra
         assert [i["steps"] for i in a.meta["targets"]] == [i["steps"] for i in b.meta["targets"]]
         assert [i.get("block") for i in b.meta["targets"]] == [3, 3, 3, 2, 2]
     # same seed, same machine → bitwise-same batched scores
-    c = mf.attribute(EDMDenoiser(net), train, targets, mf.MUCSConfig(**base, targets_per_batch=3), ytr, ytg,
-                     progress=False)
+    c = mf.attribute(
+        EDMDenoiser(net),
+        train,
+        targets,
+        mf.MUCSConfig(**base, targets_per_batch=3),
+        ytr,
+        ytg,
+        progress=False,
+    )
     assert torch.equal(b.scores, c.scores)
 
 
@@ -149,11 +190,17 @@ def test_vmap_safe_reroutes_match_the_native_ops():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 3, 3, generator=g)
     w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
-    torch.testing.assert_close(group_norm(x, 4, w, b, 1e-5), torch.nn.functional.group_norm(x, 4, w, b, 1e-5))
+    torch.testing.assert_close(
+        group_norm(x, 4, w, b, 1e-5), torch.nn.functional.group_norm(x, 4, w, b, 1e-5)
+    )
     q, k, v = (torch.randn(2, 2, 5, 4, generator=g) for _ in range(3))
-    torch.testing.assert_close(sdpa_math(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    torch.testing.assert_close(sdpa_math(q, k, v, is_causal=True),
-                               torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    torch.testing.assert_close(
+        sdpa_math(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    )
+    torch.testing.assert_close(
+        sdpa_math(q, k, v, is_causal=True),
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+    )
     # the failure this works around: a diffusers UNet (GroupNorm after batched convs) under vmap
     net = tiny_unet(1, 8).eval()
     names = [n for n, _ in net.named_parameters() if n.endswith("weight") and "norm" not in n]
@@ -169,8 +216,12 @@ def test_vmap_safe_reroutes_match_the_native_ops():
         torch.func.vmap(fwd)(stack.weights)
     with vmap_safe():
         out = torch.func.vmap(fwd)(stack.weights)
-    torch.testing.assert_close(out, torch.stack([standalone(stack, k)(xin, t).sample for k in range(2)]),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        out,
+        torch.stack([standalone(stack, k)(xin, t).sample for k in range(2)]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("raw", [False, True], ids=["D", "raw-F"])
@@ -184,18 +235,36 @@ def test_compiled_scoring_equals_eager(raw):
     net = (TinyRawEDMNet if raw else TinyEDMNet)(C=1, label_dim=3)
     assert EDMDenoiser(net).raw == raw
     g = torch.Generator().manual_seed(0)
-    train = torch.rand(22, 1, 4, 4, generator=g) * 2 - 1  # 22 images, 8 per chunk: a padded last chunk
+    train = (
+        torch.rand(22, 1, 4, 4, generator=g) * 2 - 1
+    )  # 22 images, 8 per chunk: a padded last chunk
     targets = torch.rand(3, 1, 4, 4, generator=g) * 2 - 1
     ytr, ytg = torch.randint(0, 3, (22,), generator=g), torch.randint(0, 3, (3,), generator=g)
     base = dict(num_noises=5, lr=1e-3, max_steps=2, targets_per_batch=3, score_batch=40)
-    a = mf.attribute(EDMDenoiser(net), train, targets, mf.MUCSConfig(**base, compile=False), ytr, ytg,
-                     progress=False, cache_dir=None)
+    a = mf.attribute(
+        EDMDenoiser(net),
+        train,
+        targets,
+        mf.MUCSConfig(**base, compile=False),
+        ytr,
+        ytg,
+        progress=False,
+        cache_dir=None,
+    )
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    b = mf.attribute(EDMDenoiser(net), train, targets, mf.MUCSConfig(**base, compile=True), ytr, ytg,
-                     progress=False, cache_dir=None)
+    b = mf.attribute(
+        EDMDenoiser(net),
+        train,
+        targets,
+        mf.MUCSConfig(**base, compile=True),
+        ytr,
+        ytg,
+        progress=False,
+        cache_dir=None,
+    )
     assert b.meta["compiled"] and not a.meta["compiled"]
     # L_t, every copy and the padded last chunk run one graph: no graph break (a wrapper module
     # made inside the traced code broke it at every functional_call) and no retrace (the padded
@@ -218,7 +287,9 @@ def test_compiled_scoring_equals_eager(raw):
     for compile in (False, True):
         lp = LossPass(den, den.net, names, bank, images_per_forward=8, mode="vmap", compile=compile)
         xs = TensorSource(train)
-        s[compile] = score_stacked(lp, stack.weights, xs, y, ids, original_losses(lp, xs, y, ids), **kw)
+        s[compile] = score_stacked(
+            lp, stack.weights, xs, y, ids, original_losses(lp, xs, y, ids), **kw
+        )
     s_eager, s_comp = s[False], s[True]
     assert (s_eager - s_comp).abs().max().item() <= 1e-6 and s_eager.abs().max().item() > 1e-3
 
@@ -242,9 +313,24 @@ def test_independent_noise_does_not_depend_on_the_chunking():
     train = torch.rand(14, 1, 8, 8, generator=g) * 2 - 1
     targets = torch.rand(2, 1, 8, 8, generator=g) * 2 - 1
     ytr, ytg = torch.randint(0, 3, (14,), generator=g), torch.tensor([0, 1])
-    base = dict(num_noises=5, lr=1e-3, max_steps=2, batch_size=4, use_same_noise_infer=False, compile=False)
-    runs = [mf.attribute(den, train, targets, mf.MUCSConfig(**base, score_batch=sb), ytr, ytg, progress=False,
-                         cache_dir=None) for sb in (5, 15, 60)]
+    base = dict(
+        num_noises=5, lr=1e-3, max_steps=2, batch_size=4, use_same_noise_infer=False, compile=False
+    )
+    runs = [
+        mf.attribute(
+            den,
+            train,
+            targets,
+            mf.MUCSConfig(**base, score_batch=sb),
+            ytr,
+            ytg,
+            progress=False,
+            cache_dir=None,
+        )
+        for sb in (5, 15, 60)
+    ]
     assert runs[0].scores.abs().max() > 1e-4
     for r in runs[1:]:
-        torch.testing.assert_close(r.scores, runs[0].scores, rtol=1e-5, atol=1e-3 * runs[0].scores.abs().max().item())
+        torch.testing.assert_close(
+            r.scores, runs[0].scores, rtol=1e-5, atol=1e-3 * runs[0].scores.abs().max().item()
+        )

@@ -47,9 +47,29 @@ def data(tmp_path):
 
 
 def _argv(d, model, out, *extra):
-    return ["attribute", "--model", str(model), "--train", str(d / "train.pt"), "--targets",
-            str(d / "targets.pt"), "--out", str(out), "--num-noises", "4", "--batch-size", "4",
-            "--max-steps", "1", "--loss-null", "1.0", "--device", "cpu", "--quiet", *extra]
+    return [
+        "attribute",
+        "--model",
+        str(model),
+        "--train",
+        str(d / "train.pt"),
+        "--targets",
+        str(d / "targets.pt"),
+        "--out",
+        str(out),
+        "--num-noises",
+        "4",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "1",
+        "--loss-null",
+        "1.0",
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _one_error_line(err):
@@ -133,6 +153,7 @@ def test_a_diffusers_folder_loads_its_safetensors_and_refuses_bin_pickles(tmp_pa
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """Fail the test if the command gets as far as reading data or the model."""
+
     def boom(*a, **kw):
         raise AssertionError("read data or model before checking the flags")
 
@@ -186,7 +207,10 @@ def test_cuda_on_a_machine_without_it(data, capsys, nothing_loads):
 @pytest.mark.parametrize("value", ["abc", "-1", "0", "nan", "inf"])
 def test_loss_null_that_is_not_auto_or_a_positive_number(data, capsys, nothing_loads, value):
     line = _fails(capsys, _argv(data, data / "train.pt", data / "out", "--loss-null", value))
-    assert line == f'[mucs-fast] error: --loss-null: expected "auto" or a positive number, got {value!r}'
+    assert (
+        line
+        == f'[mucs-fast] error: --loss-null: expected "auto" or a positive number, got {value!r}'
+    )
     assert parse_loss_null("auto") == "auto" and parse_loss_null("0.5") == 0.5
 
 
@@ -203,10 +227,18 @@ def test_engine_messages_name_flags_unknown_training_lr(data, capsys):
 
 
 def test_cli_message_rewords_config_names():
-    assert cli_message("exceeds N=8; pass MUCSConfig(batch_size=<= 8)") == "exceeds N=8; pass --batch-size <= 8"
-    assert cli_message("pass a number as MUCSConfig(loss_null=...)") == "pass a number as --loss-null <value>"
+    assert (
+        cli_message("exceeds N=8; pass MUCSConfig(batch_size=<= 8)")
+        == "exceeds N=8; pass --batch-size <= 8"
+    )
+    assert (
+        cli_message("pass a number as MUCSConfig(loss_null=...)")
+        == "pass a number as --loss-null <value>"
+    )
     assert cli_message("MUCSConfig.lr is None and") == "--lr is not given and"
-    assert cli_message("pass MUCSConfig(frozen=...)") == "pass MUCSConfig(frozen=...)"  # no such flag
+    assert (
+        cli_message("pass MUCSConfig(frozen=...)") == "pass MUCSConfig(frozen=...)"
+    )  # no such flag
     assert cli_message("run_dir /x is in use\nby process 3") == "--out /x is in use by process 3"
 
 
@@ -233,7 +265,8 @@ def test_ctrl_c_during_attribute_says_how_to_resume(data, capsys, monkeypatch):
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
         f"[mucs-fast] interrupted: finished targets (1 so far) are kept in {out}; rerun the same command "
-        "with --resume to continue")
+        "with --resume to continue"
+    )
 
 
 def test_ctrl_c_during_the_demo(tmp_path, capsys, monkeypatch):
@@ -241,23 +274,37 @@ def test_ctrl_c_during_the_demo(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "load_digits", interrupted)
-    assert _main_catching_ctrl_c(["demo", "--quick", "--out", str(tmp_path / "demo"), "--device", "cpu"]) == 130
+    assert (
+        _main_catching_ctrl_c(
+            ["demo", "--quick", "--out", str(tmp_path / "demo"), "--device", "cpu"]
+        )
+        == 130
+    )
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("[mucs-fast] interrupted")
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "[mucs-fast] interrupted"
+    )
 
 
 # -- 5. no import cycle ---------------------------------------------------------------------------
 def _imports(module):
     tree = ast.parse(inspect.getsource(module))
-    return {("." * n.level) + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
-        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return {
+        ("." * n.level) + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+    } | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
 
 
 def test_compat_cli_and_cli_common_do_not_import_the_cli():
     import mucs_fast.compat.cli as compat_cli
 
     assert not {"..cli", "mucs_fast.cli"} & _imports(compat_cli)
-    assert not {".cli", ".compat.cli", ".compat", "mucs_fast.cli", "mucs_fast.compat.cli"} & _imports(cli_common)
+    assert not {
+        ".cli",
+        ".compat.cli",
+        ".compat",
+        "mucs_fast.cli",
+        "mucs_fast.compat.cli",
+    } & _imports(cli_common)
     assert compat_cli.load_model is cli_common.load_model is cli.load_model
 
 
@@ -268,14 +315,22 @@ def test_attribute_writes_the_result_once_with_top_k(data, capsys, monkeypatch):
 
     saves, formatted = [], []
     real_save, real_format = Attribution.save, mucs_fast.report.format_score
-    monkeypatch.setattr(Attribution, "save", lambda self, path, top_k=None: (saves.append(top_k),
-                                                                            real_save(self, path, top_k))[1])
-    monkeypatch.setattr(mucs_fast.report, "format_score", lambda s: (formatted.append(s), real_format(s))[1])
+    monkeypatch.setattr(
+        Attribution,
+        "save",
+        lambda self, path, top_k=None: (saves.append(top_k), real_save(self, path, top_k))[1],
+    )
+    monkeypatch.setattr(
+        mucs_fast.report, "format_score", lambda s: (formatted.append(s), real_format(s))[1]
+    )
     out = data / "out"
     assert cli.main(_argv(data, _tiny_dit_checkpoint(data / "m.pt"), out, "--top-k", "3")) == 0
     assert saves == [3]  # by the engine, into the run directory; not again by the CLI
     res = Attribution.load(out)
-    assert res.scores.shape == (2, N) and json.loads((out / "attribution.json").read_text())["top_k"] == 3
+    assert (
+        res.scores.shape == (2, N)
+        and json.loads((out / "attribution.json").read_text())["top_k"] == 3
+    )
     assert (out / "report.png").stat().st_size > 0 and len(formatted) == 2 * min(8, N)
     assert "Traceback" not in capsys.readouterr().err
 
@@ -284,7 +339,12 @@ def test_attribute_adaptive_scores_the_top_k_exactly_and_says_so(data, capsys):
     from mucs_fast import Attribution
 
     out = data / "out"
-    assert cli.main(_argv(data, _tiny_dit_checkpoint(data / "m.pt"), out, "--top-k", "2", "--adaptive")) == 0
+    assert (
+        cli.main(
+            _argv(data, _tiny_dit_checkpoint(data / "m.pt"), out, "--top-k", "2", "--adaptive")
+        )
+        == 0
+    )
     res = Attribution.load(out)
     meta = json.loads((out / "attribution.json").read_text())
     assert meta["config"]["adaptive_top_k"] == 2 and meta["adaptive"]["top_k"] == 2
@@ -304,13 +364,38 @@ def test_attribute_on_reference_files_writes_the_result_once_with_its_meta(tmp_p
     save_samples(tmp_path / "samples.pt", torch.arange(3), x[:3], y[:3], x[:3] * 0.9, {})
     saves = []
     real_save = Attribution.save
-    monkeypatch.setattr(Attribution, "save", lambda self, path, top_k=None: (saves.append(top_k),
-                                                                            real_save(self, path, top_k))[1])
+    monkeypatch.setattr(
+        Attribution,
+        "save",
+        lambda self, path, top_k=None: (saves.append(top_k), real_save(self, path, top_k))[1],
+    )
     out = tmp_path / "out"
-    argv = ["attribute", "--model", str(_tiny_dit_checkpoint(tmp_path / "m.pt")), "--reference-samples",
-            str(tmp_path / "samples.pt"), "--reference-data", str(tmp_path / "data"), "--num-attrib", "2",
-            "--out", str(out), "--num-noises", "4", "--batch-size", "4", "--max-steps", "1",
-            "--loss-null", "1.0", "--top-k", "5", "--device", "cpu", "--quiet"]
+    argv = [
+        "attribute",
+        "--model",
+        str(_tiny_dit_checkpoint(tmp_path / "m.pt")),
+        "--reference-samples",
+        str(tmp_path / "samples.pt"),
+        "--reference-data",
+        str(tmp_path / "data"),
+        "--num-attrib",
+        "2",
+        "--out",
+        str(out),
+        "--num-noises",
+        "4",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "1",
+        "--loss-null",
+        "1.0",
+        "--top-k",
+        "5",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     assert saves == [5]
     meta = json.loads((out / "attribution.json").read_text())

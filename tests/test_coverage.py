@@ -15,8 +15,15 @@ from mucs_fast.data import Source, TensorSource, pack
 from nets import TinyEDMNet
 
 # M = 4 noises and 40 pairs per forward: chunks of 10 images, so none of the sizes below divides
-CFG = dict(num_noises=4, batch_size=4, lr=1e-2, max_steps=3, score_batch=40, targets_per_batch=2,
-           loss_null=5.0)
+CFG = dict(
+    num_noises=4,
+    batch_size=4,
+    lr=1e-2,
+    max_steps=3,
+    score_batch=40,
+    targets_per_batch=2,
+    loss_null=5.0,
+)
 
 
 def _problem(N, seed=0):
@@ -28,14 +35,18 @@ def _problem(N, seed=0):
 
 
 def _attribute(den, train, targets, **cfg):
-    return mf.attribute(den, train, targets, mf.MUCSConfig(**{**CFG, **cfg}), progress=False, cache_dir=None)
+    return mf.attribute(
+        den, train, targets, mf.MUCSConfig(**{**CFG, **cfg}), progress=False, cache_dir=None
+    )
 
 
 @pytest.mark.parametrize("N", [37, 88, 203])
 def test_streamed_equals_resident_bitwise_when_the_last_chunk_is_short(tmp_path, N):
     den, raw, targets = _problem(N)
     np.save(tmp_path / "train.npy", raw.numpy())
-    pack(str(tmp_path / "train.npy"), str(tmp_path / "packed"), shard_images=16, progress=False)  # short last file
+    pack(
+        str(tmp_path / "train.npy"), str(tmp_path / "packed"), shard_images=16, progress=False
+    )  # short last file
     resident = _attribute(den, raw.float() / 127.5 - 1, targets)
     assert torch.isfinite(resident.scores).all() and resident.scores.abs().max() > 1e-4
     for streamed in (str(tmp_path / "train.npy"), str(tmp_path / "packed")):
@@ -57,7 +68,9 @@ def test_more_than_16_shards_with_a_last_shard_of_one_short_chunk(tmp_path, monk
     den, raw, targets = _problem(203)
     np.save(tmp_path / "train.npy", raw.numpy())
     one = _attribute(den, str(tmp_path / "train.npy"), targets)
-    index = pack(str(tmp_path / "train.npy"), str(tmp_path / "packed"), shard_images=8, progress=False)
+    index = pack(
+        str(tmp_path / "train.npy"), str(tmp_path / "packed"), shard_images=8, progress=False
+    )
     assert len(index["shards"]) == 26 and index["shards"][-1]["count"] == 3
     monkeypatch.setattr(parallel, "SHARD_IMAGES", 10)
     plan = parallel.Plan.make(203, 10, [0], 1, parallel.Group())
@@ -69,11 +82,13 @@ def test_more_than_16_shards_with_a_last_shard_of_one_short_chunk(tmp_path, monk
 def _drop_short_last(chunks):
     """The mutation a review found no test catching: a reader that loses a short last range (one
     of fewer than the 10 images of a full chunk here)."""
+
     def dropped(self, ranges, device):
         ranges = list(ranges)
         if ranges and ranges[-1][1] - ranges[-1][0] < 10:
             ranges = ranges[:-1]
         return chunks(self, ranges, device)
+
     return dropped
 
 
@@ -91,7 +106,9 @@ def test_a_read_that_drops_the_short_last_chunk_fails_the_run(tmp_path, monkeypa
 def test_a_read_that_repeats_a_chunk_fails_the_run(monkeypatch):
     den, raw, targets = _problem(37)
     real = TensorSource.chunks
-    monkeypatch.setattr(TensorSource, "chunks", lambda self, r, d: real(self, list(r) + list(r)[:1], d))
+    monkeypatch.setattr(
+        TensorSource, "chunks", lambda self, r, d: real(self, list(r) + list(r)[:1], d)
+    )
     with pytest.raises(RuntimeError, match="not written exactly once"):
         _attribute(den, raw.float() / 127.5 - 1, targets)
 

@@ -28,7 +28,9 @@ def test_sigma_grid_reference_values():
     assert sigma.median().item() == pytest.approx(8.296, abs=5e-4)
     assert torch.all(sigma[1:] < sigma[:-1])
     lam = den.weight(sigma)
-    assert lam.min().item() == pytest.approx(4.0, abs=1e-3) and lam.max().item() == pytest.approx(14.4, abs=0.05)
+    assert lam.min().item() == pytest.approx(4.0, abs=1e-3) and lam.max().item() == pytest.approx(
+        14.4, abs=0.05
+    )
     # the full grid is the first M of int(M / t) Karras levels: a prefix of the 142-level grid
     assert torch.equal(sigma, noise.karras_sigmas(142)[:100])
 
@@ -39,6 +41,7 @@ def test_vp_grid_noisiest_first():
     class Sched:
         class config:
             prediction_type = "epsilon"
+
         alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
 
     den = DiffusersDenoiser(torch.nn.Linear(1, 1), Sched())
@@ -51,7 +54,9 @@ def test_vp_grid_noisiest_first():
 def test_zero_output_edm_loss_is_one():
     """F ≡ 0 and data with E[x²] = σ_d², E[ε²] = 1, E[xε] = 0 exactly → L = 1 for every σ."""
     sd = 0.5
-    net = TinyEDMNet(C=1, sigma_data=sd, zero_out=True).double()  # fp64: λ(0.002) ≈ 2.5e5 amplifies fp32 rounding
+    net = TinyEDMNet(
+        C=1, sigma_data=sd, zero_out=True
+    ).double()  # fp64: λ(0.002) ≈ 2.5e5 amplifies fp32 rounding
     den = mf.EDMDenoiser(net)
     D = 64
     h = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
@@ -60,7 +65,7 @@ def test_zero_output_edm_loss_is_one():
         H = torch.kron(H, h)  # 64×64 Hadamard: orthogonal ±1 rows
     x = (sd * H[1]).view(1, 1, 8, 8).double()
     eps = H[2].view(1, 1, 8, 8).double()
-    assert (x * eps).sum() == 0 and (x ** 2).mean() == sd ** 2 and H.shape == (D, D)
+    assert (x * eps).sum() == 0 and (x**2).mean() == sd**2 and H.shape == (D, D)
     for s in [0.002, 0.31, 1.0, 8.3, 80.0]:
         L = den.loss(x, eps, torch.tensor([s], dtype=torch.float64))
         assert L.item() == pytest.approx(1.0, rel=1e-9), s
@@ -76,7 +81,13 @@ def test_stop_rule_on_scripted_losses():
     assert stop_reason(100, 0.1, Ln, cfg) == "cap"
     assert stop_reason(3, math.nan, Ln, cfg) == "nan"
     fixed = mf.MUCSConfig(max_steps=3)
-    assert [stop_reason(i, 9.0, Ln, fixed) for i in range(5)] == [None, None, None, "max_steps", "max_steps"]
+    assert [stop_reason(i, 9.0, Ln, fixed) for i in range(5)] == [
+        None,
+        None,
+        None,
+        "max_steps",
+        "max_steps",
+    ]
 
 
 class ScriptedDenoiser(mf.EDMDenoiser):
@@ -100,9 +111,20 @@ def test_unlearn_stops_at_the_rule_and_counts_steps():
     den = ScriptedDenoiser(net, [0.4, 0.9, 1.3, 1.45, 0.1])
     x = torch.randn(8, 1, 4, 4)
     names = [n for n, _ in net.named_parameters()]
-    _, (info,) = unlearn_batched(den, net, names, TensorSource(x), None, x[:1], None, cfg=mf.MUCSConfig(batch_size=4),
-                                 loss_null=1.5, lr=1e-3, retains=[RetainStream(8, 4, torch.Generator().manual_seed(0))],
-                                 generators=[torch.Generator().manual_seed(0)])
+    _, (info,) = unlearn_batched(
+        den,
+        net,
+        names,
+        TensorSource(x),
+        None,
+        x[:1],
+        None,
+        cfg=mf.MUCSConfig(batch_size=4),
+        loss_null=1.5,
+        lr=1e-3,
+        retains=[RetainStream(8, 4, torch.Generator().manual_seed(0))],
+        generators=[torch.Generator().manual_seed(0)],
+    )
     assert info.stop == "rule" and info.steps == 3
     assert [lf for _, lf in info.trace] == pytest.approx([0.4, 0.9, 1.3, 1.45])
 
@@ -117,15 +139,40 @@ def test_retain_stream_is_dataloader_like():
 
 
 # -- trainable set ----------------------------------------------------------------------------------
-REFERENCE_DIT_NAMES = (
-    ["x_embedder.proj.weight", "x_embedder.proj.bias", "pos_enc.extra", "s_embedder.mlp.0.weight",
-     "s_embedder.mlp.0.bias", "s_embedder.mlp.2.weight", "y_embedder.xdrop", "y_embedder.emb_mlp.0.weight",
-     "y_embedder.emb_mlp.0.bias", "y_embedder.emb_mlp.3.weight", "a_embedder.emb.weight",
-     "encoder.0.conv.weight", "decoder.0.conv.weight", "unpatchify.proj.weight", "unpatchify.proj.bias",
-     "last.proj.weight", "dit_final.adapter.adapter.1.weight", "dit_final.adapter.adapter.1.bias"]
-    + [f"dit_backbone.{i}.{p}" for i in range(12) for p in (
-        "attention.qkv.weight", "attention.proj.weight", "attention.proj.bias", "mlp.0.weight", "mlp.0.bias",
-        "mlp.3.weight", "mlp.3.bias", "adapter.adapter.1.weight", "adapter.adapter.1.bias")])
+REFERENCE_DIT_NAMES = [
+    "x_embedder.proj.weight",
+    "x_embedder.proj.bias",
+    "pos_enc.extra",
+    "s_embedder.mlp.0.weight",
+    "s_embedder.mlp.0.bias",
+    "s_embedder.mlp.2.weight",
+    "y_embedder.xdrop",
+    "y_embedder.emb_mlp.0.weight",
+    "y_embedder.emb_mlp.0.bias",
+    "y_embedder.emb_mlp.3.weight",
+    "a_embedder.emb.weight",
+    "encoder.0.conv.weight",
+    "decoder.0.conv.weight",
+    "unpatchify.proj.weight",
+    "unpatchify.proj.bias",
+    "last.proj.weight",
+    "dit_final.adapter.adapter.1.weight",
+    "dit_final.adapter.adapter.1.bias",
+] + [
+    f"dit_backbone.{i}.{p}"
+    for i in range(12)
+    for p in (
+        "attention.qkv.weight",
+        "attention.proj.weight",
+        "attention.proj.bias",
+        "mlp.0.weight",
+        "mlp.0.bias",
+        "mlp.3.weight",
+        "mlp.3.bias",
+        "adapter.adapter.1.weight",
+        "adapter.adapter.1.bias",
+    )
+]
 
 
 def test_reference_frozen_leaves_block_mlps_and_condition_embedder():
@@ -140,13 +187,20 @@ def test_reference_frozen_leaves_block_mlps_and_condition_embedder():
         mod.register_parameter(leaf, torch.nn.Parameter(torch.zeros(1)))
     names = trainable_names(net, REFERENCE_FROZEN)
     mlp = [f"dit_backbone.{i}.mlp.{j}.weight" for i in range(12) for j in (0, 3)]
-    assert sorted(names) == sorted(mlp + ["y_embedder.emb_mlp.0.weight", "y_embedder.emb_mlp.3.weight"])
+    assert sorted(names) == sorted(
+        mlp + ["y_embedder.emb_mlp.0.weight", "y_embedder.emb_mlp.3.weight"]
+    )
     assert len([n for n in names if ".mlp." in n and n.startswith("dit_backbone")]) == 24
     # user patterns and predicates
     picked = trainable_names(net, lambda n, p: not n.endswith("mlp.3.weight"))
-    assert picked == ["y_embedder.emb_mlp.3.weight"] + [f"dit_backbone.{i}.mlp.3.weight" for i in range(12)]
+    assert picked == ["y_embedder.emb_mlp.3.weight"] + [
+        f"dit_backbone.{i}.mlp.3.weight" for i in range(12)
+    ]
     assert trainable_names(net, ["dit_backbone", "y_embedder.xdrop"]) == [
-        n for n in REFERENCE_DIT_NAMES if not n.startswith("dit_backbone") and n != "y_embedder.xdrop"]
+        n
+        for n in REFERENCE_DIT_NAMES
+        if not n.startswith("dit_backbone") and n != "y_embedder.xdrop"
+    ]
     with pytest.raises(ValueError, match="no trainable parameter"):
         trainable_names(net, [""])
 
@@ -168,7 +222,9 @@ def test_score_formula_and_switches():
     torch.testing.assert_close(got, mu - mt)
     # hand value: image 0, ratio: (1/3)·(1/3.001 + 0 + (−2)/4.001)
     assert got.shape == (1, 2)
-    r0 = skew_scores(loss_u, loss_t, eps=eps, use_loss_ratio=True, use_same_noise_infer=True)[0, 0].item()
+    r0 = skew_scores(loss_u, loss_t, eps=eps, use_loss_ratio=True, use_same_noise_infer=True)[
+        0, 0
+    ].item()
     assert r0 == pytest.approx((1 / 3.001 + 0 - 2 / 4.001) / 3, rel=1e-6)
     res = mf.Attribution(torch.tensor([[0.1, 0.9, 0.5]]), torch.tensor([10, 11, 12]))
     assert res.topk(2).tolist() == [[11, 12]]
@@ -201,10 +257,19 @@ def test_same_seed_same_scores_bitwise_and_order_independent():
     assert a.scores.shape == (3, 40) and a.scores.dtype == torch.float32
     assert torch.isfinite(a.scores).all()
     assert torch.equal(a.scores, b.scores)
-    c = mf.attribute(mf.EDMDenoiser(net), train, targets[[2, 0]], cfg, ytr, ytg[[2, 0]], progress=False)
+    c = mf.attribute(
+        mf.EDMDenoiser(net), train, targets[[2, 0]], cfg, ytr, ytg[[2, 0]], progress=False
+    )
     assert torch.equal(c.scores, a.scores[[2, 0]])
-    d = mf.attribute(mf.EDMDenoiser(net), train, targets, mf.MUCSConfig(**{**CFG, "seed": 46}), ytr, ytg,
-                     progress=False)
+    d = mf.attribute(
+        mf.EDMDenoiser(net),
+        train,
+        targets,
+        mf.MUCSConfig(**{**CFG, "seed": 46}),
+        ytr,
+        ytg,
+        progress=False,
+    )
     assert not torch.equal(d.scores, a.scores)
     for info in a.meta["targets"]:
         assert info["stop"] in ("rule", "cap") and info["steps"] <= 12
@@ -212,13 +277,32 @@ def test_same_seed_same_scores_bitwise_and_order_independent():
 
 def test_switches_change_scores_and_max_steps_is_exact():
     net, train, targets, ytr, ytg = _tiny_problem(K=1)
-    base = mf.attribute(mf.EDMDenoiser(net), train, targets, mf.MUCSConfig(**CFG, max_steps=2), ytr, ytg,
-                        progress=False)
+    base = mf.attribute(
+        mf.EDMDenoiser(net),
+        train,
+        targets,
+        mf.MUCSConfig(**CFG, max_steps=2),
+        ytr,
+        ytg,
+        progress=False,
+    )
     assert base.meta["targets"][0]["steps"] == 2 and base.meta["targets"][0]["stop"] == "max_steps"
-    for switch in ({"use_loss_ratio": False}, {"use_same_noise_infer": False}, {"use_same_noise_train": True},
-                   {"t_sched_infer": None}, {"t_sched_infer": "auto"}):
-        other = mf.attribute(mf.EDMDenoiser(net), train, targets, mf.MUCSConfig(**CFG, max_steps=2, **switch),
-                             ytr, ytg, progress=False)
+    for switch in (
+        {"use_loss_ratio": False},
+        {"use_same_noise_infer": False},
+        {"use_same_noise_train": True},
+        {"t_sched_infer": None},
+        {"t_sched_infer": "auto"},
+    ):
+        other = mf.attribute(
+            mf.EDMDenoiser(net),
+            train,
+            targets,
+            mf.MUCSConfig(**CFG, max_steps=2, **switch),
+            ytr,
+            ytg,
+            progress=False,
+        )
         assert torch.isfinite(other.scores).all(), switch
         assert not torch.equal(other.scores, base.scores), switch
 
@@ -230,7 +314,9 @@ def test_loss_null_auto_is_near_one_for_zero_output_nets():
     from mucs_fast.engine import estimate_loss_null
 
     cfg = mf.MUCSConfig(batch_size=20)
-    Ln = estimate_loss_null(mf.EDMDenoiser(net), TensorSource(train), None, cfg, torch.device("cpu"))
+    Ln = estimate_loss_null(
+        mf.EDMDenoiser(net), TensorSource(train), None, cfg, torch.device("cpu")
+    )
     assert Ln == pytest.approx(1.0, abs=0.05)
 
 
@@ -254,9 +340,18 @@ def test_raw_F_form_equals_the_nets_own_preconditioning():
 def test_unbounded_ablation_changes_the_forget_term():
     net, train, targets, ytr, ytg = _tiny_problem(K=1)
     kw = dict(num_noises=8, lr=1e-2, max_steps=3, loss_null=0.05)  # tiny L_null: the clamp binds
-    a = mf.attribute(mf.EDMDenoiser(net), train, targets, mf.MUCSConfig(**kw), ytr, ytg, progress=False)
-    b = mf.attribute(mf.EDMDenoiser(net), train, targets, mf.MUCSConfig(**kw, bounded=False), ytr, ytg,
-                     progress=False)
+    a = mf.attribute(
+        mf.EDMDenoiser(net), train, targets, mf.MUCSConfig(**kw), ytr, ytg, progress=False
+    )
+    b = mf.attribute(
+        mf.EDMDenoiser(net),
+        train,
+        targets,
+        mf.MUCSConfig(**kw, bounded=False),
+        ytr,
+        ytg,
+        progress=False,
+    )
     assert max(lf for _, lf in a.meta["targets"][0]["trace"]) <= 0.05 + 1e-7
     assert max(lf for _, lf in b.meta["targets"][0]["trace"]) > 0.05
     assert not torch.equal(a.scores, b.scores)

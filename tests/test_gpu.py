@@ -13,7 +13,9 @@ def _problem(K=4, N=64):
     from mucs_fast.models import DiT
 
     torch.manual_seed(0)
-    net = DiT((1, 8, 8), label_dim=3, patch_size=2, width=32, depth=2, heads=2, cond_width=16).eval()
+    net = DiT(
+        (1, 8, 8), label_dim=3, patch_size=2, width=32, depth=2, heads=2, cond_width=16
+    ).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.05)
@@ -27,8 +29,17 @@ def _problem(K=4, N=64):
 def _run(den, train, targets, ytr, ytg, device, **cfg):
     base = dict(num_noises=8, batch_size=16, max_steps=3, precision="fp32")
     base.update(cfg)
-    return mf.attribute(den, train, targets, mf.MUCSConfig(**base), ytr, ytg, device=device, progress=False,
-                        cache_dir=None)
+    return mf.attribute(
+        den,
+        train,
+        targets,
+        mf.MUCSConfig(**base),
+        ytr,
+        ytg,
+        device=device,
+        progress=False,
+        cache_dir=None,
+    )
 
 
 def test_batched_equals_plain_on_cuda():
@@ -55,8 +66,14 @@ def test_cpu_and_cuda_agree_and_bf16_is_close():
     bf16 = _run(*p, "cuda", targets_per_batch=4, precision="auto")  # the reference's policy on CUDA
     assert torch.isfinite(bf16.scores).all()
     for k in range(4):  # same ranking up to bf16 noise
-        r = torch.corrcoef(torch.stack([bf16.scores[k].argsort().argsort().float(),
-                                        gpu.scores[k].argsort().argsort().float()]))[0, 1]
+        r = torch.corrcoef(
+            torch.stack(
+                [
+                    bf16.scores[k].argsort().argsort().float(),
+                    gpu.scores[k].argsort().argsort().float(),
+                ]
+            )
+        )[0, 1]
         assert r > 0.9
 
 

@@ -9,8 +9,22 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "mucs_fast"
 
 # top-level modules and packages of mucs_fast, floor by floor (ground first)
 FLOORS = [
-    {"_io", "_version", "_C", "safe_load", "coverage", "config", "reference", "ops", "models",
-     "functional", "params", "cache", "result", "rundir"},
+    {
+        "_io",
+        "_version",
+        "_C",
+        "safe_load",
+        "coverage",
+        "config",
+        "reference",
+        "ops",
+        "models",
+        "functional",
+        "params",
+        "cache",
+        "result",
+        "rundir",
+    },
     {"data"},
     {"noise", "denoisers"},
     {"unlearn", "score", "adaptive", "sample", "train", "loading"},
@@ -35,7 +49,9 @@ def _floor(floors, name):
     for i, f in enumerate(floors):
         if name in f:
             return i
-    raise AssertionError(f"{name!r} is on no floor of tests/test_layers.py: add it where it belongs")
+    raise AssertionError(
+        f"{name!r} is on no floor of tests/test_layers.py: add it where it belongs"
+    )
 
 
 def _imports(path: pathlib.Path):
@@ -46,7 +62,7 @@ def _imports(path: pathlib.Path):
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = list(package[:len(package) - node.level + 1])
+                base = list(package[: len(package) - node.level + 1])
                 mod = base + (node.module.split(".") if node.module else [])
                 targets = [mod + [a.name] if not node.module else mod for a in node.names]
             elif (node.module or "").split(".")[0] == "mucs_fast":
@@ -54,7 +70,9 @@ def _imports(path: pathlib.Path):
             else:
                 continue
         elif isinstance(node, ast.Import):
-            targets = [a.name.split(".")[1:] for a in node.names if a.name.split(".")[0] == "mucs_fast"]
+            targets = [
+                a.name.split(".")[1:] for a in node.names if a.name.split(".")[0] == "mucs_fast"
+            ]
         else:
             continue
         for t in targets:
@@ -85,15 +103,24 @@ def test_imports_point_down():
                 target = ["__init__"]
             src, dst = _floor(FLOORS, rel[0]), _floor(FLOORS, target[0])
             if rel[0] != target[0] and dst > src:
-                upward.append(f"{'/'.join(rel)}.py:{line} imports {'.'.join(target)} (floor {dst} > {src})")
+                upward.append(
+                    f"{'/'.join(rel)}.py:{line} imports {'.'.join(target)} (floor {dst} > {src})"
+                )
             if rel[0] == target[0] == "data" and len(rel) > 1 and len(target) > 1:
                 s, d = _floor(DATA_FLOORS, rel[1]), _floor(DATA_FLOORS, target[1])
                 if d > s or (d == s and rel[1] != target[1] and rel[1] != "__init__"):
-                    upward.append(f"{'/'.join(rel)}.py:{line} imports data.{target[1]} (data floor {d} ≥ {s})")
+                    upward.append(
+                        f"{'/'.join(rel)}.py:{line} imports data.{target[1]} (data floor {d} ≥ {s})"
+                    )
     assert not upward, "imports pointing up:\n" + "\n".join(upward)
 
 
 def test_no_package_import_inside_a_function():
-    local = [f"{'/'.join(rel)}.py:{line} imports {'.'.join(t)}" for p in _modules()
-             for rel, imports in [_imports(p)] for t, line, inside in imports if inside]
+    local = [
+        f"{'/'.join(rel)}.py:{line} imports {'.'.join(t)}"
+        for p in _modules()
+        for rel, imports in [_imports(p)]
+        for t, line, inside in imports
+        if inside
+    ]
     assert not local, "function-local imports of mucs_fast modules:\n" + "\n".join(local)

@@ -199,8 +199,26 @@ def test_dit_forward_flops_counts_attention_that_the_flop_counter_misses():
 
     from mucs_fast.models import DiT
 
-    for cfg in [dict(image_size=(3, 8, 8), patch_size=2, width=32, depth=2, heads=2, cond_width=16, extra_tokens=4),
-                dict(image_size=(1, 16, 16), label_dim=10, patch_size=4, width=64, depth=3, heads=4, cond_width=32)]:
+    for cfg in [
+        dict(
+            image_size=(3, 8, 8),
+            patch_size=2,
+            width=32,
+            depth=2,
+            heads=2,
+            cond_width=16,
+            extra_tokens=4,
+        ),
+        dict(
+            image_size=(1, 16, 16),
+            label_dim=10,
+            patch_size=4,
+            width=64,
+            depth=3,
+            heads=4,
+            cond_width=32,
+        ),
+    ]:
         net = DiT(**cfg).eval()
         x = torch.zeros(1, *cfg["image_size"])
         y = torch.zeros(1, cfg["label_dim"]) if cfg.get("label_dim") else None

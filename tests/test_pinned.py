@@ -56,11 +56,24 @@ def _flat(trace):
 
 def _oracle_run(problem, names, k, cfg, loss_null, lr, bounded=True):
     net, x, y, x_hats, y_hats = problem
-    return oracle.unlearn(net, names, x, y, x_hats[k], None if y_hats is None else y_hats[k],
-                          g_retain=torch.Generator().manual_seed(100 + k),
-                          g_noise=torch.Generator().manual_seed(200 + k), loss_null=loss_null, lr=lr, B=cfg.B,
-                          lamb=cfg.lamb, tolerance=cfg.tolerance, max_steps=cfg.max_steps,
-                          safety_steps=cfg.safety_steps, bounded=bounded)
+    return oracle.unlearn(
+        net,
+        names,
+        x,
+        y,
+        x_hats[k],
+        None if y_hats is None else y_hats[k],
+        g_retain=torch.Generator().manual_seed(100 + k),
+        g_noise=torch.Generator().manual_seed(200 + k),
+        loss_null=loss_null,
+        lr=lr,
+        B=cfg.B,
+        lamb=cfg.lamb,
+        tolerance=cfg.tolerance,
+        max_steps=cfg.max_steps,
+        safety_steps=cfg.safety_steps,
+        bounded=bounded,
+    )
 
 
 def _engine_and_oracle(label_dim, K, cfg, loss_null, lr):
@@ -68,16 +81,28 @@ def _engine_and_oracle(label_dim, K, cfg, loss_null, lr):
     names = trainable_names(net, mf.REFERENCE_FROZEN)
     N, B = x.shape[0], cfg.B
     weights, infos = unlearn_batched(
-        mf.EDMDenoiser(net), net, names, TensorSource(x), y, x_hats, y_hats, cfg=cfg, loss_null=loss_null, lr=lr,
+        mf.EDMDenoiser(net),
+        net,
+        names,
+        TensorSource(x),
+        y,
+        x_hats,
+        y_hats,
+        cfg=cfg,
+        loss_null=loss_null,
+        lr=lr,
         retains=[RetainStream(N, B, torch.Generator().manual_seed(100 + k)) for k in range(K)],
-        generators=[torch.Generator().manual_seed(200 + k) for k in range(K)])
+        generators=[torch.Generator().manual_seed(200 + k) for k in range(K)],
+    )
     runs = [_oracle_run(problem, names, k, cfg, loss_null, lr) for k in range(K)]
     return problem, names, weights, infos, runs
 
 
 # -- a. unlearning == the oracle, step for step ---------------------------------------------------
 @pytest.mark.parametrize("label_dim,K", [(0, 1), (3, 3)])
-@pytest.mark.parametrize("loss_null", [50.0, 1.0])  # 50: the clamp never binds; 1.0: it binds on some samples
+@pytest.mark.parametrize(
+    "loss_null", [50.0, 1.0]
+)  # 50: the clamp never binds; 1.0: it binds on some samples
 def test_unlearning_matches_oracle_step_for_step(label_dim, K, loss_null):
     S = 4
     cfg = mf.MUCSConfig(batch_size=4, max_steps=S)
@@ -92,7 +117,9 @@ def test_unlearning_matches_oracle_step_for_step(label_dim, K, loss_null):
         p_u = dict(net_u.named_parameters())
         for n in compared:
             torch.testing.assert_close(weights[n][k], p_u[n].detach(), rtol=1e-10, atol=1e-13)
-            assert not torch.allclose(p_u[n], p_0[n], rtol=1e-3, atol=0), n  # the steps really moved it
+            assert not torch.allclose(p_u[n], p_0[n], rtol=1e-3, atol=0), (
+                n
+            )  # the steps really moved it
     if loss_null == 1.0:  # the bound must be active here, or this case would not pin the clamp
         unbounded = _oracle_run(problem, names, 0, cfg, loss_null, lr=1e-2, bounded=False)[1]
         assert max(abs(a - b) for a, b in zip(_flat(unbounded), _flat(runs[0][1]))) > 1e-3
@@ -123,8 +150,10 @@ def _engine_streams(seed, target_fp):
     change it with the engine's seeding."""
     from mucs_fast._io import derive_seed
 
-    return (torch.Generator().manual_seed(derive_seed(seed, "retain", target_fp)),
-            torch.Generator().manual_seed(derive_seed(seed, "noise", target_fp)))
+    return (
+        torch.Generator().manual_seed(derive_seed(seed, "retain", target_fp)),
+        torch.Generator().manual_seed(derive_seed(seed, "noise", target_fp)),
+    )
 
 
 def _engine_bank(seed, M, chw, t_sched=0.7):
@@ -140,21 +169,49 @@ def _engine_bank(seed, M, chw, t_sched=0.7):
 @pytest.mark.parametrize("targets_per_batch", [1, 3])
 def test_attribute_matches_oracle_end_to_end(targets_per_batch):
     net, x, y, x_hats, y_hats = _problem(3, N=12, K=3, dtype=torch.float32)
-    cfg = mf.MUCSConfig(num_noises=8, batch_size=4, lr=1e-2, max_steps=3, loss_null=1.0,
-                        targets_per_batch=targets_per_batch)
-    res = mf.attribute(mf.EDMDenoiser(net), x, x_hats, cfg, y.argmax(1), y_hats.argmax(1), progress=False,
-                       cache_dir=None)
+    cfg = mf.MUCSConfig(
+        num_noises=8,
+        batch_size=4,
+        lr=1e-2,
+        max_steps=3,
+        loss_null=1.0,
+        targets_per_batch=targets_per_batch,
+    )
+    res = mf.attribute(
+        mf.EDMDenoiser(net),
+        x,
+        x_hats,
+        cfg,
+        y.argmax(1),
+        y_hats.argmax(1),
+        progress=False,
+        cache_dir=None,
+    )
     bank_eps, bank_sigma = _engine_bank(cfg.seed, cfg.num_noises, (1, 4, 4))
     names = res.meta["resolved"]["trainable"]
     for k in range(3):
         info = res.meta["targets"][k]
         g_retain, g_noise = _engine_streams(cfg.seed, info["target"])
-        net_u, trace, _, _ = oracle.unlearn(net, names, x, y, x_hats[k], y_hats[k], g_retain=g_retain,
-                                            g_noise=g_noise, loss_null=1.0, lr=1e-2, B=4, max_steps=3)
+        net_u, trace, _, _ = oracle.unlearn(
+            net,
+            names,
+            x,
+            y,
+            x_hats[k],
+            y_hats[k],
+            g_retain=g_retain,
+            g_noise=g_noise,
+            loss_null=1.0,
+            lr=1e-2,
+            B=4,
+            max_steps=3,
+        )
         assert _flat(info["trace"]) == pytest.approx(_flat(trace), rel=1e-5)
         want = oracle.scores(net, net_u, x, y, bank_eps, bank_sigma)
         assert want.abs().max() > 1e-2
-        torch.testing.assert_close(res.scores[k].double(), want, rtol=0, atol=1e-4 * want.abs().max().item())
+        torch.testing.assert_close(
+            res.scores[k].double(), want, rtol=0, atol=1e-4 * want.abs().max().item()
+        )
 
 
 def test_identity_unlearning_scores_zero():
@@ -162,10 +219,19 @@ def test_identity_unlearning_scores_zero():
     see the same noise: any inconsistency between the two passes shows up as non-zero scores."""
     net, x, y, x_hats, y_hats = _problem(3, N=12, K=3, dtype=torch.float32)
     for tpb in (1, 3):
-        cfg = mf.MUCSConfig(num_noises=8, batch_size=4, lr=1e-12, max_steps=1, loss_null=1.0,
-                            targets_per_batch=tpb)
-        res = mf.attribute(mf.EDMDenoiser(net), x, x_hats, cfg, y.argmax(1), y_hats.argmax(1), progress=False,
-                           cache_dir=None)
+        cfg = mf.MUCSConfig(
+            num_noises=8, batch_size=4, lr=1e-12, max_steps=1, loss_null=1.0, targets_per_batch=tpb
+        )
+        res = mf.attribute(
+            mf.EDMDenoiser(net),
+            x,
+            x_hats,
+            cfg,
+            y.argmax(1),
+            y_hats.argmax(1),
+            progress=False,
+            cache_dir=None,
+        )
         assert res.scores.abs().max() < 1e-5, tpb
 
 
@@ -212,8 +278,17 @@ def test_stop_rule_ends_every_target(planted_run):
 def test_batched_equals_sequential_on_nonzero_scores(digits_model):
     den, x = digits_model
     targets = x[PLANTED[:3]]
-    runs = [mf.attribute(den, x, targets, mf.MUCSConfig(**PLANTED_CFG, max_steps=10, targets_per_batch=tpb),
-                         progress=False, cache_dir=None) for tpb in (1, 3)]
+    runs = [
+        mf.attribute(
+            den,
+            x,
+            targets,
+            mf.MUCSConfig(**PLANTED_CFG, max_steps=10, targets_per_batch=tpb),
+            progress=False,
+            cache_dir=None,
+        )
+        for tpb in (1, 3)
+    ]
     seq, bat = runs[0].scores, runs[1].scores
     top = seq.abs().max().item()
     assert 1e-2 < top < 1, top
@@ -225,8 +300,12 @@ def test_bf16_scores_track_fp32_and_losses_accumulate_in_fp32(digits_model):
     den, x = digits_model
     kw = {**PLANTED_CFG, "max_steps": 10}
     targets = x[PLANTED[:2]]
-    s32, s16 = (mf.attribute(den, x, targets, mf.MUCSConfig(**kw, precision=p), progress=False,
-                             cache_dir=None).scores for p in ("fp32", "bf16"))
+    s32, s16 = (
+        mf.attribute(
+            den, x, targets, mf.MUCSConfig(**kw, precision=p), progress=False, cache_dir=None
+        ).scores
+        for p in ("fp32", "bf16")
+    )
     assert s16.dtype == torch.float32 and torch.isfinite(s16).all()
     assert not torch.equal(s16, s32)  # bf16 really ran
     for k in range(2):
@@ -236,7 +315,7 @@ def test_bf16_scores_track_fp32_and_losses_accumulate_in_fp32(digits_model):
 
     g = torch.Generator().manual_seed(0)
     eps, sigma = torch.randn(x.shape, generator=g), torch.rand(x.shape[0], generator=g) * 10 + 0.1
-    lam = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+    lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         D = den.net(x + sigma.view(-1, 1, 1, 1) * eps, sigma)  # bf16 matmuls, as the scoring pass
         L = den.loss(x, eps, sigma)
@@ -252,16 +331,28 @@ def test_lr_defaults_to_train_lr_over_lr_factor():
     kw = {"num_noises": 8, "batch_size": 4, "max_steps": 3, "loss_null": 1.0}
 
     def run(den, **over):
-        return mf.attribute(den, x, x_hats, mf.MUCSConfig(**{**kw, **over}), y.argmax(1), y_hats.argmax(1),
-                            progress=False, cache_dir=None)
+        return mf.attribute(
+            den,
+            x,
+            x_hats,
+            mf.MUCSConfig(**{**kw, **over}),
+            y.argmax(1),
+            y_hats.argmax(1),
+            progress=False,
+            cache_dir=None,
+        )
 
     X = 0.1
     default = run(mf.EDMDenoiser(net, train_lr=X), lr=None)
     assert default.meta["resolved"]["lr"] == pytest.approx(X / 10)
     assert torch.equal(default.scores, run(mf.EDMDenoiser(net), lr=X / 10).scores)
-    assert not torch.allclose(default.scores, run(mf.EDMDenoiser(net), lr=X).scores, rtol=0.05, atol=0)
-    assert torch.equal(run(mf.EDMDenoiser(net, train_lr=X), lr=None, lr_factor=4.0).scores,
-                       run(mf.EDMDenoiser(net), lr=X / 4).scores)
+    assert not torch.allclose(
+        default.scores, run(mf.EDMDenoiser(net), lr=X).scores, rtol=0.05, atol=0
+    )
+    assert torch.equal(
+        run(mf.EDMDenoiser(net, train_lr=X), lr=None, lr_factor=4.0).scores,
+        run(mf.EDMDenoiser(net), lr=X / 4).scores,
+    )
     with pytest.raises(ValueError, match=r"MUCSConfig\.lr is None.*training learning rate"):
         run(mf.EDMDenoiser(net), lr=None)
 
@@ -271,7 +362,7 @@ def _karras_fraction_above(threshold, num):
     """Fraction of the Karras grid σ_i (s_i = i/(num − 1)) above `threshold`, from the closed form:
     σ_i > t ⟺ s_i < (σ_max^{1/ρ} − t^{1/ρ}) / (σ_max^{1/ρ} − σ_min^{1/ρ})."""
     r = 1 / 7
-    s_star = (80 ** r - threshold ** r) / (80 ** r - 0.002 ** r)
+    s_star = (80**r - threshold**r) / (80**r - 0.002**r)
     return (math.floor(s_star * (num - 1)) + 1) / num
 
 
@@ -295,7 +386,7 @@ def test_t_sched_auto_on_known_distances():
     delta = torch.full((n, 1), 0.1)
     delta[0] = 0.02
     base = math.sqrt(D2 / 2) * torch.eye(D2)[:n]
-    dup = base + delta * math.sqrt(D2) * torch.eye(D2)[n:2 * n]
+    dup = base + delta * math.sqrt(D2) * torch.eye(D2)[n : 2 * n]
     x = torch.cat([base, dup]).view(2 * n, 1, 8, 8)
     full = torch.linspace(0, 1, 100)
     full = (80 ** (1 / 7) + full * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
@@ -305,10 +396,21 @@ def test_t_sched_auto_on_known_distances():
 
     # end to end: the resolved fraction of the 8-level grid of num_noises = 8 (threshold 1/2 → 5 of 8)
     x = math.sqrt(D / 2) * basis
-    res = mf.attribute(mf.EDMDenoiser(TinyEDMNet()), x, x[:1],
-                       mf.MUCSConfig(num_noises=8, batch_size=4, lr=1e-3, max_steps=1, loss_null=1.0,
-                                     t_sched_infer="auto"), progress=False, cache_dir=None)
-    assert res.meta["resolved"]["t_sched_infer"] == pytest.approx(_karras_fraction_above(0.5, 8)) == 5 / 8
+    res = mf.attribute(
+        mf.EDMDenoiser(TinyEDMNet()),
+        x,
+        x[:1],
+        mf.MUCSConfig(
+            num_noises=8, batch_size=4, lr=1e-3, max_steps=1, loss_null=1.0, t_sched_infer="auto"
+        ),
+        progress=False,
+        cache_dir=None,
+    )
+    assert (
+        res.meta["resolved"]["t_sched_infer"]
+        == pytest.approx(_karras_fraction_above(0.5, 8))
+        == 5 / 8
+    )
 
 
 # -- e. the VP loss is the model's own ε-prediction loss ---------------------------------------------

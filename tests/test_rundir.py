@@ -18,7 +18,9 @@ KEY = {"config": {"num_noises": 4}, "model": "m0", "train": "t0", "targets": ["a
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="run-directory locking is POSIX (fcntl.flock)")
+pytestmark = pytest.mark.skipif(
+    sys.platform == "win32", reason="run-directory locking is POSIX (fcntl.flock)"
+)
 
 
 # -- (a) one run at a time -------------------------------------------------------------------------
@@ -57,8 +59,13 @@ _HOLDER = textwrap.dedent("""
 
 def _holder(path, mode):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path), mode], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(path), mode],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert p.stdout.readline().strip() == "locked"
     return p
 
@@ -102,7 +109,9 @@ def test_a_damaged_target_file_is_recomputed_with_a_warning(tmp_path, damage):
     else:  # a changed score byte: the header still parses, the digest does not match
         f.write_bytes(data[:-1] + bytes([data[-1] ^ 0x40]))
     with RunDir(path, KEY, resume=True) as run:
-        with pytest.warns(UserWarning, match=r"000000\.safetensors is damaged.*target 0 is recomputed"):
+        with pytest.warns(
+            UserWarning, match=r"000000\.safetensors is damaged.*target 0 is recomputed"
+        ):
             assert run.load_target(0) is None
         scores, info, exact = run.load_target(1)  # the intact one still loads
         assert exact.all()
@@ -114,8 +123,10 @@ def test_a_target_file_of_another_run_is_ignored_silently(tmp_path, recwarn):
         run.save_target(0, torch.zeros(3), {"steps": 1})
     other = {**KEY, "model": "m1"}
     with RunDir(tmp_path / "b", other, resume=False) as run:
-        os.replace(tmp_path / "a" / TARGETS_DIR / "000000.safetensors",
-                   tmp_path / "b" / TARGETS_DIR / "000000.safetensors")
+        os.replace(
+            tmp_path / "a" / TARGETS_DIR / "000000.safetensors",
+            tmp_path / "b" / TARGETS_DIR / "000000.safetensors",
+        )
         assert run.load_target(0) is None
     assert not [w for w in recwarn if "damaged" in str(w.message)]
 
@@ -125,7 +136,10 @@ def test_stale_temporary_files_are_removed_when_the_run_dir_opens(tmp_path):
     path = tmp_path / "run"
     with RunDir(path, KEY, resume=False) as run:
         run.save_target(0, torch.zeros(3), {"steps": 1})
-    stale = [path / ".scores.safetensors.1a2b3c4d.tmp", path / TARGETS_DIR / ".000001.safetensors.ab12cd34.tmp"]
+    stale = [
+        path / ".scores.safetensors.1a2b3c4d.tmp",
+        path / TARGETS_DIR / ".000001.safetensors.ab12cd34.tmp",
+    ]
     for p in stale:
         p.write_bytes(b"half a file")
     (path / "notes.txt").write_text("the user's own file stays")
@@ -182,9 +196,18 @@ def test_run_dir_files_follow_the_umask(tmp_path, umask):
         assert stat.S_IMODE(os.stat(tmp_path / "run" / p).st_mode) == 0o644, p
 
 
-@pytest.mark.parametrize("field, value", [("mucs_fast", "9.9.9"), ("backend", {"edm_loss": {"cpu": "triton"}}),
-                                          ("device", "cuda"), ("precision", "bf16")])
-def test_a_resume_under_another_version_backend_device_or_precision_is_refused(tmp_path, field, value):
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("mucs_fast", "9.9.9"),
+        ("backend", {"edm_loss": {"cpu": "triton"}}),
+        ("device", "cuda"),
+        ("precision", "bf16"),
+    ],
+)
+def test_a_resume_under_another_version_backend_device_or_precision_is_refused(
+    tmp_path, field, value
+):
     """The engine's run key holds what a row depends on beyond the config: resuming a CPU fp32 run on
     CUDA bf16 (or another version or op backend) would mix rows computed two ways."""
     import json
@@ -207,6 +230,17 @@ def test_a_resume_under_another_version_backend_device_or_precision_is_refused(t
     def changed(self, path, key, resume):
         real(self, path, {**key, field: value}, resume)
 
-    with unittest.mock.patch.object(engine.RunDir, "__init__", changed), \
-            pytest.raises(ValueError, match=rf"holds a different run \(differs in: {field}\)"):
-        mf.attribute(den, x, x[:1], cfg, progress=False, cache_dir=None, run_dir=tmp_path / "run", resume=True)
+    with (
+        unittest.mock.patch.object(engine.RunDir, "__init__", changed),
+        pytest.raises(ValueError, match=rf"holds a different run \(differs in: {field}\)"),
+    ):
+        mf.attribute(
+            den,
+            x,
+            x[:1],
+            cfg,
+            progress=False,
+            cache_dir=None,
+            run_dir=tmp_path / "run",
+            resume=True,
+        )

@@ -59,16 +59,23 @@ def _make(kind, tmp_path):
         x = xf.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # same values, other strides
         return TensorSource(x), xf
     if kind.startswith("npy-"):
-        arrays = {"npy-u8": (x8.numpy(), v8), "npy-f16": (xf.half().numpy(), xf.half().float()),
-                  "npy-f32": (xf.numpy(), xf), "npy-f64": (xf.double().numpy(), xf.double().float()),
-                  "npy-fortran": (np.asfortranarray(xf.numpy()), xf),
-                  "npy-bigendian": (xf.numpy().astype(">f4"), xf)}
+        arrays = {
+            "npy-u8": (x8.numpy(), v8),
+            "npy-f16": (xf.half().numpy(), xf.half().float()),
+            "npy-f32": (xf.numpy(), xf),
+            "npy-f64": (xf.double().numpy(), xf.double().float()),
+            "npy-fortran": (np.asfortranarray(xf.numpy()), xf),
+            "npy-bigendian": (xf.numpy().astype(">f4"), xf),
+        }
         a, want = arrays[kind]
         np.save(tmp_path / "x.npy", a)
         return NpySource(tmp_path / "x.npy"), want
     if kind.startswith("safetensors-"):
-        t = {"safetensors-u8": (x8, v8), "safetensors-f32": (xf, xf),
-             "safetensors-bf16": (xf.bfloat16(), xf.bfloat16().float())}[kind]
+        t = {
+            "safetensors-u8": (x8, v8),
+            "safetensors-f32": (xf, xf),
+            "safetensors-bf16": (xf.bfloat16(), xf.bfloat16().float()),
+        }[kind]
         save_file({"images": t[0], "other": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
         return SafetensorsSource(f"{tmp_path}/x.safetensors:images"), t[1]
     if kind == "shard-u8":
@@ -80,9 +87,23 @@ def _make(kind, tmp_path):
     raise AssertionError(kind)
 
 
-KINDS = ["tensor-f32", "tensor-u8", "tensor-f16", "tensor-noncontiguous", "npy-u8", "npy-f16", "npy-f32",
-         "npy-f64", "npy-fortran", "npy-bigendian", "safetensors-u8", "safetensors-f32", "safetensors-bf16",
-         "shard-u8", "shard-f32"]
+KINDS = [
+    "tensor-f32",
+    "tensor-u8",
+    "tensor-f16",
+    "tensor-noncontiguous",
+    "npy-u8",
+    "npy-f16",
+    "npy-f32",
+    "npy-f64",
+    "npy-fortran",
+    "npy-bigendian",
+    "safetensors-u8",
+    "safetensors-f32",
+    "safetensors-bf16",
+    "shard-u8",
+    "shard-f32",
+]
 
 
 def _same(a, b):
@@ -107,7 +128,9 @@ def test_read_gather_fingerprint_equal_tensor_source(kind, tmp_path):
     ref = TensorSource(want).fingerprint()
     assert ref == tensor_digest(want)
     assert src.fingerprint() == ref
-    assert type(src)(*_reopen_args(src)).fingerprint(chunk_images=4) == ref  # several chunks, no cache
+    assert (
+        type(src)(*_reopen_args(src)).fingerprint(chunk_images=4) == ref
+    )  # several chunks, no cache
     _same(pickle.loads(pickle.dumps(src)).read(2, 9), want[2:9])  # to another process: paths only
 
 
@@ -138,7 +161,9 @@ def test_bad_reads_and_gathers(tmp_path):
 def test_source_digest_is_tensor_digest_of_the_values(tmp_path):
     src, want = _make("shard-u8", tmp_path)
     y = torch.arange(N) % 3
-    assert source_digest({"x": src, "y": y, "ids": src.ids}) == tensor_digest({"x": want, "y": y, "ids": src.ids})
+    assert source_digest({"x": src, "y": y, "ids": src.ids}) == tensor_digest(
+        {"x": want, "y": y, "ids": src.ids}
+    )
     assert source_digest(src) == tensor_digest(want)
 
 
@@ -164,7 +189,9 @@ def test_pack_image_folder(tmp_path):
     folder.mkdir()
     x8 = _u8(7, (3, 6, 5))
     for i in range(7):
-        Image.fromarray(x8[i].permute(1, 2, 0).numpy(), "RGB").save(folder / f"{10 + 3 * i:04d}.png")
+        Image.fromarray(x8[i].permute(1, 2, 0).numpy(), "RGB").save(
+            folder / f"{10 + 3 * i:04d}.png"
+        )
     y = torch.arange(7) % 4
     torch.save(y, tmp_path / "y.pt")
     index = pack(folder, tmp_path / "p", shard_images=3, progress=False, labels=tmp_path / "y.pt")
@@ -212,7 +239,9 @@ def test_pack_reference_folder(tmp_path):
     save_dataset(ds, x8, y, ids=ids, splits={"train": range(6), "test": [8, 6, 7]}, threads=2)
     for split in ["train", "test"]:
         out = tmp_path / f"p-{split}"
-        index = pack(ds, out, shard_images=4, progress=False, split=None if split == "train" else split)
+        index = pack(
+            ds, out, shard_images=4, progress=False, split=None if split == "train" else split
+        )
         assert index["source"]["split"] == split and index["labels"] == "labels.npy"
         src = ShardSource(out)
         src.check()
@@ -233,9 +262,16 @@ def test_repack_and_out_folder_rules(tmp_path):
     assert len(ShardSource(tmp_path / "a").shards) == 6
     pack(tmp_path / "a", tmp_path / "b", shard_images=50, progress=False)  # reshard
     _same(ShardSource(tmp_path / "b").read(0, N), x8.float() / 127.5 - 1)
-    pack(x8[:5], tmp_path / "a", shard_images=2, progress=False)  # over a previous pack: stale shards go
-    assert sorted(os.listdir(tmp_path / "a")) == ["ids.npy", "index.json", "shard-00000.npy",
-                                                   "shard-00001.npy", "shard-00002.npy"]
+    pack(
+        x8[:5], tmp_path / "a", shard_images=2, progress=False
+    )  # over a previous pack: stale shards go
+    assert sorted(os.listdir(tmp_path / "a")) == [
+        "ids.npy",
+        "index.json",
+        "shard-00000.npy",
+        "shard-00001.npy",
+        "shard-00002.npy",
+    ]
     with pytest.raises(ValueError, match="onto itself"):
         pack(tmp_path / "a", tmp_path / "a", progress=False)
     (tmp_path / "c").mkdir()
@@ -257,7 +293,9 @@ def packed(tmp_path):
 def test_missing_shard(packed):
     os.unlink(packed / "shard-00002.npy")
     src = ShardSource(packed)  # the index alone opens; check() looks at the files
-    with pytest.raises(FileNotFoundError, match=r"shard-00002\.npy: missing shard 3 of 5 \(images 10\.\.14\)"):
+    with pytest.raises(
+        FileNotFoundError, match=r"shard-00002\.npy: missing shard 3 of 5 \(images 10\.\.14\)"
+    ):
         src.check()
 
 
@@ -270,7 +308,9 @@ def test_truncated_shard(packed):
 
 def test_shard_of_another_shape(packed):
     np.save(packed / "shard-00001.npy", np.zeros((5, 3, 4, 5), np.uint8))
-    with pytest.raises(ValueError, match=r"shard-00001\.npy: holds uint8 \(5, 3, 4, 5\), the index says"):
+    with pytest.raises(
+        ValueError, match=r"shard-00001\.npy: holds uint8 \(5, 3, 4, 5\), the index says"
+    ):
         ShardSource(packed).check()
 
 
@@ -323,7 +363,9 @@ def test_interrupted_pack_is_never_complete(tmp_path, monkeypatch):
     assert os.listdir(out) == []  # the old index went first, every shard after the failure
     with pytest.raises(ValueError, match="a folder without index.json is not a packed folder"):
         open_source(out)
-    with pytest.raises(FileNotFoundError, match="no index.json: not a packed folder .or an interrupted"):
+    with pytest.raises(
+        FileNotFoundError, match="no index.json: not a packed folder .or an interrupted"
+    ):
         ShardSource(out)
     monkeypatch.undo()
     pack(tmp_path / "x.npy", out, shard_images=5, progress=False)
@@ -346,7 +388,9 @@ def test_truncated_npy_and_safetensors(tmp_path):
 # prefetch
 # ------------------------------------------------------------------------------------------------
 def _prefetch_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("mucs_fast-prefetch") and t.is_alive()]
+    return [
+        t for t in threading.enumerate() if t.name.startswith("mucs_fast-prefetch") and t.is_alive()
+    ]
 
 
 def test_prefetch_equals_direct_reads(tmp_path):
@@ -420,11 +464,16 @@ def test_open_source_dispatch_and_errors(tmp_path, packed):
     assert isinstance(open_source(tmp_path / "x.safetensors"), SafetensorsSource)
     assert isinstance(open_source(packed), ShardSource)
     torch.save(x, tmp_path / "x.pt")
-    with pytest.raises(ValueError, match=r"x\.pt: cannot stream a \.pt file; expected a \.npy file, a "
-                                         r"\.safetensors file"):
+    with pytest.raises(
+        ValueError,
+        match=r"x\.pt: cannot stream a \.pt file; expected a \.npy file, a "
+        r"\.safetensors file",
+    ):
         open_source(tmp_path / "x.pt")
     (tmp_path / "imgs").mkdir()
-    with pytest.raises(ValueError, match=r"imgs: a folder without index\.json is not a packed folder"):
+    with pytest.raises(
+        ValueError, match=r"imgs: a folder without index\.json is not a packed folder"
+    ):
         open_source(tmp_path / "imgs")
     with pytest.raises(FileNotFoundError, match="nope.npy: no such file"):
         open_source(tmp_path / "nope.npy")
@@ -480,7 +529,9 @@ def test_streaming_memory(kind, tmp_path, monkeypatch):
         assert max(r for r, _ in reads) <= chunk and sum(r for r, _ in reads) == n
         pack_growth = max(m for _, m in reads) - base
         print(f"pack: RSS growth {pack_growth / 1e6:.1f} MB over {len(reads)} reads")
-        assert pack_growth < 2 * chunk_bytes + (4 << 20), f"pack grew RSS by {pack_growth / 1e6:.1f} MB"
+        assert pack_growth < 2 * chunk_bytes + (4 << 20), (
+            f"pack grew RSS by {pack_growth / 1e6:.1f} MB"
+        )
         src = ShardSource(tmp_path / "p")
     else:
         src = NpySource(tmp_path / "big.npy")
@@ -498,8 +549,10 @@ def test_streaming_memory(kind, tmp_path, monkeypatch):
     base, base_file = _rss()
     total, peak, peak_file = consume(ranges)
     growth, growth_file = peak - base, peak_file - base_file
-    print(f"{kind}: RSS growth {growth / 1e6:.1f} MB, file-backed {growth_file / 1e6:.1f} MB "
-          f"(chunk {chunk_bytes / 1e6:.1f} MB float32, depth {depth})")
+    print(
+        f"{kind}: RSS growth {growth / 1e6:.1f} MB, file-backed {growth_file / 1e6:.1f} MB "
+        f"(chunk {chunk_bytes / 1e6:.1f} MB float32, depth {depth})"
+    )
     assert total == expected_sum
     # the file's pages are not kept mapped (that would be +12.8 MB file-backed)
     assert growth_file < 1 << 20, f"file-backed RSS grew by {growth_file / 1e6:.1f} MB"
@@ -515,22 +568,45 @@ def test_cli_pack(tmp_path, capsys):
     x8 = _u8()
     np.save(tmp_path / "x.npy", x8.numpy())
     np.save(tmp_path / "y.npy", (np.arange(N) % 3).astype(np.int64))
-    rc = main(["pack", str(tmp_path / "x.npy"), str(tmp_path / "p"), "--labels", str(tmp_path / "y.npy"),
-               "--shard-images", "10", "--quiet"])
+    rc = main(
+        [
+            "pack",
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "p"),
+            "--labels",
+            str(tmp_path / "y.npy"),
+            "--shard-images",
+            "10",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
-    assert rc == 0 and "wrote" in err and "23 images 3×5×4 uint8 in 3 shard(s)" in err and "labels.npy" in err
+    assert (
+        rc == 0
+        and "wrote" in err
+        and "23 images 3×5×4 uint8 in 3 shard(s)" in err
+        and "labels.npy" in err
+    )
     src = ShardSource(tmp_path / "p")
     _same(src.read(0, N), x8.float() / 127.5 - 1)
     assert src.labels.tolist() == (np.arange(N) % 3).tolist()
-    for argv, msg in [(["pack", str(tmp_path / "nope"), str(tmp_path / "q")], "nope: no such file"),
-                      (["pack", str(tmp_path / "x.npy"), str(tmp_path / "q"), "--shard-images", "0"],
-                       "--shard-images must be >= 1"),
-                      (["pack", str(tmp_path / "x.npy"), str(tmp_path / "q"), "--split", "test"],
-                       "a split applies only to a reference dataset folder")]:
+    for argv, msg in [
+        (["pack", str(tmp_path / "nope"), str(tmp_path / "q")], "nope: no such file"),
+        (
+            ["pack", str(tmp_path / "x.npy"), str(tmp_path / "q"), "--shard-images", "0"],
+            "--shard-images must be >= 1",
+        ),
+        (
+            ["pack", str(tmp_path / "x.npy"), str(tmp_path / "q"), "--split", "test"],
+            "a split applies only to a reference dataset folder",
+        ),
+    ]:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("[mucs-fast] error:") and msg in err[0], err
 
 
 def test_every_source_is_a_source():
-    assert all(issubclass(c, Source) for c in (TensorSource, NpySource, SafetensorsSource, ShardSource))
+    assert all(
+        issubclass(c, Source) for c in (TensorSource, NpySource, SafetensorsSource, ShardSource)
+    )

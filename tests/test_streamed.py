@@ -27,13 +27,18 @@ def problem(tmp_path):
     return mf.EDMDenoiser(net), train, targets, ytr, torch.tensor([0, 1, 2])
 
 
-@pytest.mark.parametrize("extra", [{}, {"use_same_noise_infer": False}, {"t_sched_infer": "auto", "loss_null": "auto"}],
-                         ids=["default", "independent-noise", "auto"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"use_same_noise_infer": False}, {"t_sched_infer": "auto", "loss_null": "auto"}],
+    ids=["default", "independent-noise", "auto"],
+)
 def test_streamed_npy_equals_resident_bitwise(problem, tmp_path, extra):
     den, train, targets, ytr, ytg = problem
     cfg = mf.MUCSConfig(**{**CFG, **extra})
     resident = mf.attribute(den, train, targets, cfg, ytr, ytg, progress=False, cache_dir=None)
-    streamed = mf.attribute(den, str(tmp_path / "train.npy"), targets, cfg, ytr, ytg, progress=False, cache_dir=None)
+    streamed = mf.attribute(
+        den, str(tmp_path / "train.npy"), targets, cfg, ytr, ytg, progress=False, cache_dir=None
+    )
     assert torch.equal(resident.scores, streamed.scores) and resident.scores.abs().max() > 1e-3
     assert resident.meta["fingerprints"] == streamed.meta["fingerprints"]  # same run and cache keys
 
@@ -41,11 +46,18 @@ def test_streamed_npy_equals_resident_bitwise(problem, tmp_path, extra):
 def test_packed_folder_with_its_labels_equals_resident(problem, tmp_path):
     den, train, targets, ytr, ytg = problem
     torch.save(ytr, tmp_path / "labels.pt")
-    pack(str(tmp_path / "train.npy"), str(tmp_path / "packed"), shard_images=16, progress=False,
-         labels=str(tmp_path / "labels.pt"))
+    pack(
+        str(tmp_path / "train.npy"),
+        str(tmp_path / "packed"),
+        shard_images=16,
+        progress=False,
+        labels=str(tmp_path / "labels.pt"),
+    )
     cfg = mf.MUCSConfig(**CFG)
     resident = mf.attribute(den, train, targets, cfg, ytr, ytg, progress=False, cache_dir=None)
-    streamed = mf.attribute(den, str(tmp_path / "packed"), targets, cfg, None, ytg, progress=False, cache_dir=None)
+    streamed = mf.attribute(
+        den, str(tmp_path / "packed"), targets, cfg, None, ytg, progress=False, cache_dir=None
+    )
     assert torch.equal(resident.scores, streamed.scores)
 
 
@@ -56,15 +68,26 @@ def test_a_truncated_file_fails_before_any_compute(problem, tmp_path, monkeypatc
 
     def boom(*a, **k):
         raise AssertionError("heavy compute reached before the error")
+
     monkeypatch.setattr(engine, "original_losses", boom)
     monkeypatch.setattr(engine, "estimate_loss_null", boom)
     with pytest.raises(ValueError, match="cut.npy"):
-        mf.attribute(den, str(tmp_path / "cut.npy"), targets, mf.MUCSConfig(**CFG), ytr, ytg, progress=False)
+        mf.attribute(
+            den, str(tmp_path / "cut.npy"), targets, mf.MUCSConfig(**CFG), ytr, ytg, progress=False
+        )
     nan = np.load(tmp_path / "train.npy").astype(np.float32) / 127.5 - 1
     nan[7, 0, 2, 2] = np.nan
     np.save(tmp_path / "nan.npy", nan)
     with pytest.raises(ValueError, match="image 7"):
-        mf.attribute(den, NpySource(tmp_path / "nan.npy"), targets, mf.MUCSConfig(**CFG), ytr, ytg, progress=False)
+        mf.attribute(
+            den,
+            NpySource(tmp_path / "nan.npy"),
+            targets,
+            mf.MUCSConfig(**CFG),
+            ytr,
+            ytg,
+            progress=False,
+        )
 
 
 def test_cli_streams_a_npy_training_set(tmp_path):
@@ -84,22 +107,45 @@ def test_cli_streams_a_npy_training_set(tmp_path):
     outs = {}
     for name in ("train.npy", "train.pt"):
         out = tmp_path / f"out-{name}"
-        argv = ["attribute", "--model", str(tmp_path / "model.pt"), "--train", str(tmp_path / name), "--targets",
-                str(tmp_path / "targets.pt"), "--out", str(out), "--num-noises", "4", "--batch-size", "4",
-                "--max-steps", "2", "--loss-null", "1.0", "--device", "cpu", "--quiet"]
+        argv = [
+            "attribute",
+            "--model",
+            str(tmp_path / "model.pt"),
+            "--train",
+            str(tmp_path / name),
+            "--targets",
+            str(tmp_path / "targets.pt"),
+            "--out",
+            str(out),
+            "--num-noises",
+            "4",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "2",
+            "--loss-null",
+            "1.0",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
         assert cli.main(argv) == 0
         outs[name] = mf.Attribution.load(out)
         assert (out / "report.png").is_file()
     assert torch.equal(outs["train.npy"].scores, outs["train.pt"].scores)
 
 
-def test_an_interrupted_loss_t_pass_resumes_from_its_persisted_shards(problem, tmp_path, monkeypatch):
+def test_an_interrupted_loss_t_pass_resumes_from_its_persisted_shards(
+    problem, tmp_path, monkeypatch
+):
     """L_t is persisted per shard in the run directory: a rerun computes only the shards that are
     missing (here: two deleted, as if the pass had been killed before writing them)."""
     den, train, targets, ytr, ytg = problem
     cfg = mf.MUCSConfig(**CFG)
     run = tmp_path / "run"
-    full = mf.attribute(den, train, targets, cfg, ytr, ytg, progress=False, cache_dir=None, run_dir=run)
+    full = mf.attribute(
+        den, train, targets, cfg, ytr, ytg, progress=False, cache_dir=None, run_dir=run
+    )
     shards = sorted((run / "loss_t").iterdir())
     assert len(shards) > 2
     for f in shards[:2]:
@@ -108,6 +154,10 @@ def test_an_interrupted_loss_t_pass_resumes_from_its_persisted_shards(problem, t
         f.unlink()
     calls = []
     real = engine.original_losses
-    monkeypatch.setattr(engine, "original_losses", lambda *a, **k: (calls.append(k["start"]), real(*a, **k))[1])
-    again = mf.attribute(den, train, targets, cfg, ytr, ytg, progress=False, cache_dir=None, run_dir=run, resume=True)
+    monkeypatch.setattr(
+        engine, "original_losses", lambda *a, **k: (calls.append(k["start"]), real(*a, **k))[1]
+    )
+    again = mf.attribute(
+        den, train, targets, cfg, ytr, ytg, progress=False, cache_dir=None, run_dir=run, resume=True
+    )
     assert len(calls) == 2 and torch.equal(again.scores, full.scores)

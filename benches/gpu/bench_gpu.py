@@ -82,24 +82,49 @@ def bench_scoring(args, device, log):
     from mucs_fast.score import LossPass, original_losses
 
     if args.dry_run:
-        cfg = dict(image_size=(3, 8, 8), patch_size=2, width=32, depth=2, heads=2, cond_width=16, extra_tokens=4)
+        cfg = dict(
+            image_size=(3, 8, 8),
+            patch_size=2,
+            width=32,
+            depth=2,
+            heads=2,
+            cond_width=16,
+            extra_tokens=4,
+        )
         N, M, per_batch = 8, 4, 4
     else:
-        cfg = dict(image_size=(3, 32, 32), patch_size=2, width=768, depth=12, heads=12, mlp_ratio=4,
-                   cond_width=256, extra_tokens=32)
+        cfg = dict(
+            image_size=(3, 32, 32),
+            patch_size=2,
+            width=768,
+            depth=12,
+            heads=12,
+            mlp_ratio=4,
+            cond_width=256,
+            extra_tokens=32,
+        )
         N, M, per_batch = args.scoring_images, 100, args.scoring_images_per_forward
     net = dit(cfg, device)
     den = mf.EDMDenoiser(net)
     shape = cfg["image_size"]
     fpi, counted, analytic = flops_per_image(den, net, shape, device)
-    log(f"scoring model: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params, "
+    log(
+        f"scoring model: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params, "
         f"{fpi / 1e9:.3f} GFLOP per image forward for MFU (flop_counter {counted / 1e9:.3f}, "
-        f"analytic incl. attention {analytic / 1e9:.3f})")
+        f"analytic incl. attention {analytic / 1e9:.3f})"
+    )
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(N, *shape, generator=g) * 2 - 1).to(device)
     bank = NoiseBank(torch.randn(M, *shape, generator=g), den.inference_levels(M, 0.7)).to(device)
-    results = {"model": cfg, "flops_per_image": fpi, "flops_counter": counted, "flops_analytic": analytic,
-               "N": N, "M": M, "pairs_per_forward": per_batch * M}
+    results = {
+        "model": cfg,
+        "flops_per_image": fpi,
+        "flops_counter": counted,
+        "flops_analytic": analytic,
+        "N": N,
+        "M": M,
+        "pairs_per_forward": per_batch * M,
+    }
     for mode in args.scoring_modes:
         precision = "bf16" if device.type == "cuda" else "fp32"
         run_net = net
@@ -120,12 +145,21 @@ def bench_scoring(args, device, log):
         med, ts = timed(run, device, repeats=args.repeats, warmup=1)
         pairs = N * M / med
         tflops = pairs * fpi / 1e12
-        r = {"median_s": med, "times_s": ts, "first_call_s": t_first, "pairs_per_s": pairs, "tflops": tflops,
-             "mfu": pairs * fpi / PEAK_BF16, "scoring_minutes_per_target_cifar": 50_000 * 100 / pairs / 60}
+        r = {
+            "median_s": med,
+            "times_s": ts,
+            "first_call_s": t_first,
+            "pairs_per_s": pairs,
+            "tflops": tflops,
+            "mfu": pairs * fpi / PEAK_BF16,
+            "scoring_minutes_per_target_cifar": 50_000 * 100 / pairs / 60,
+        }
         results[mode] = r
-        log(f"scoring [{mode}]: {pairs:,.0f} images·noises/s, {tflops:.1f} TFLOP/s, MFU {100 * r['mfu']:.1f} %, "
+        log(
+            f"scoring [{mode}]: {pairs:,.0f} images·noises/s, {tflops:.1f} TFLOP/s, MFU {100 * r['mfu']:.1f} %, "
             f"exact CIFAR-10 scoring {r['scoring_minutes_per_target_cifar']:.2f} min/target (floor 5.2), "
-            f"first call {t_first:.1f} s")
+            f"first call {t_first:.1f} s"
+        )
     if device.type == "cuda":
         results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return results
@@ -140,10 +174,26 @@ def bench_ktargets(args, device, log):
     from mucs_fast.unlearn import RetainStream, unlearn_batched
 
     if args.dry_run:
-        cfg = dict(image_size=(1, 8, 8), label_dim=10, patch_size=2, width=32, depth=2, heads=2, cond_width=16)
+        cfg = dict(
+            image_size=(1, 8, 8),
+            label_dim=10,
+            patch_size=2,
+            width=32,
+            depth=2,
+            heads=2,
+            cond_width=16,
+        )
         N, B, steps, Ks, M, n_score = 64, 8, 3, (1, 2, 4), 4, 16
     else:
-        cfg = dict(image_size=(1, 16, 16), label_dim=10, patch_size=4, width=128, depth=4, heads=4, cond_width=64)
+        cfg = dict(
+            image_size=(1, 16, 16),
+            label_dim=10,
+            patch_size=4,
+            width=128,
+            depth=4,
+            heads=4,
+            cond_width=64,
+        )
         N, B, steps, Ks, M, n_score = 2048, 100, args.unlearn_steps, (1, 4, 16), 100, 512
     net = dit(cfg, device)
     den = mf.EDMDenoiser(net)
@@ -153,25 +203,50 @@ def bench_ktargets(args, device, log):
     y = torch.nn.functional.one_hot(torch.randint(0, 10, (N,), generator=g), 10).float().to(device)
     names = trainable_names(net, mf.REFERENCE_FROZEN)
     conf = mf.MUCSConfig(num_noises=B, max_steps=steps, lr=1e-4)
-    res = {"model": cfg, "B": B, "steps": steps, "trainable": sum(dict(net.named_parameters())[n].numel()
-                                                                   for n in names)}
+    res = {
+        "model": cfg,
+        "B": B,
+        "steps": steps,
+        "trainable": sum(dict(net.named_parameters())[n].numel() for n in names),
+    }
 
     def streams(K):
-        return ([RetainStream(N, B, torch.Generator().manual_seed(k)) for k in range(K)],
-                [torch.Generator(device).manual_seed(k) for k in range(K)])
+        return (
+            [RetainStream(N, B, torch.Generator().manual_seed(k)) for k in range(K)],
+            [torch.Generator(device).manual_seed(k) for k in range(K)],
+        )
 
     base = None
     for K in Ks:
+
         def batched():
             r, gs = streams(K)
-            unlearn_batched(den, net, names, TensorSource(x), y, x[:K], y[:K], cfg=conf, loss_null=1.0, lr=1e-4, retains=r,
-                            generators=gs)
+            unlearn_batched(
+                den,
+                net,
+                names,
+                TensorSource(x),
+                y,
+                x[:K],
+                y[:K],
+                cfg=conf,
+                loss_null=1.0,
+                lr=1e-4,
+                retains=r,
+                generators=gs,
+            )
 
         med, _ = timed(batched, device, repeats=3, warmup=1)
         tps = K * steps / med
         base = base or tps
-        res[f"batched_K{K}"] = {"seconds": med, "target_steps_per_s": tps, "speedup_vs_K1": tps / base}
-        log(f"unlearning [batched, K={K}]: {tps:.1f} target·steps/s ({tps / base:.2f}× K=1 per target)")
+        res[f"batched_K{K}"] = {
+            "seconds": med,
+            "target_steps_per_s": tps,
+            "speedup_vs_K1": tps / base,
+        }
+        log(
+            f"unlearning [batched, K={K}]: {tps:.1f} target·steps/s ({tps / base:.2f}× K=1 per target)"
+        )
 
     # K-stacked scoring pass
     bank = NoiseBank(torch.randn(M, *shape, generator=g), den.inference_levels(M, 0.7)).to(device)
@@ -181,18 +256,35 @@ def bench_ktargets(args, device, log):
     for K in Ks:
         params = dict(net.named_parameters())
         weights = {n: params[n].detach()[None].repeat(K, *([1] * params[n].dim())) for n in names}
-        lp = LossPass(den, net, names, bank, images_per_forward=max(1, 8192 // (M * K)), precision=precision)
+        lp = LossPass(
+            den, net, names, bank, images_per_forward=max(1, 8192 // (M * K)), precision=precision
+        )
         ids = torch.arange(n_score)
 
         def score():
-            return score_stacked(lp, weights, TensorSource(x[:n_score]), y[:n_score], ids, loss_t, eps=1e-3,
-                                 use_loss_ratio=True, use_same_noise_infer=True)
+            return score_stacked(
+                lp,
+                weights,
+                TensorSource(x[:n_score]),
+                y[:n_score],
+                ids,
+                loss_t,
+                eps=1e-3,
+                use_loss_ratio=True,
+                use_same_noise_infer=True,
+            )
 
         med, _ = timed(score, device, repeats=3, warmup=1)
         rate = K * n_score * M / med
         base = base or rate
-        res[f"score_K{K}"] = {"seconds": med, "pairs_models_per_s": rate, "speedup_vs_K1": rate / base}
-        log(f"scoring [stacked, K={K}]: {rate:,.0f} images·noises·models/s ({rate / base:.2f}× K=1)")
+        res[f"score_K{K}"] = {
+            "seconds": med,
+            "pairs_models_per_s": rate,
+            "speedup_vs_K1": rate / base,
+        }
+        log(
+            f"scoring [stacked, K={K}]: {rate:,.0f} images·noises·models/s ({rate / base:.2f}× K=1)"
+        )
     return res
 
 
@@ -217,12 +309,22 @@ def main():
         print(f"[bench_gpu] {msg}", flush=True)
 
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         sha = ""
-    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
-           "git": sha, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "dry_run": args.dry_run}
+    out = {
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "git": sha,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "dry_run": args.dry_run,
+    }
     try:
         import triton
 
@@ -232,7 +334,9 @@ def main():
     log(f"device {out['device']}, torch {out['torch']}, triton {out['triton']}")
     for phase in args.phases.split(","):
         t0 = time.perf_counter()
-        out[phase] = {"scoring": bench_scoring, "ktargets": bench_ktargets}[phase](args, device, log)
+        out[phase] = {"scoring": bench_scoring, "ktargets": bench_ktargets}[phase](
+            args, device, log
+        )
         out[phase]["wall_s"] = time.perf_counter() - t0
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:  # after every phase: a timeout later keeps what was measured

@@ -38,7 +38,9 @@ def child(n: int, M: int) -> dict:
     torch.manual_seed(0)
     net = DiT((1, 8, 8), label_dim=0, patch_size=4, width=8, depth=1, heads=1, cond_width=8)
     targets = torch.rand(1, 1, 8, 8) * 2 - 1
-    cfg = mf.MUCSConfig(num_noises=M, batch_size=M, max_steps=1, lr=1e-3, loss_null=1.0, compile=False)
+    cfg = mf.MUCSConfig(
+        num_noises=M, batch_size=M, max_steps=1, lr=1e-3, loss_null=1.0, compile=False
+    )
 
     def rss(field):
         with open("/proc/self/status") as f:
@@ -54,8 +56,15 @@ def child(n: int, M: int) -> dict:
     assert res.scores.shape == (1, n) and torch.isfinite(res.scores).all()
     os.unlink(path)
     os.rmdir(folder)
-    return {"N": n, "M": M, "rss_before_bytes": before, "peak_rss_bytes": rss("VmHWM:"), "seconds": seconds,
-            "file_bytes": n * 64, "expected_n_bytes": n * (4 * M + 4 + 8 + 8)}
+    return {
+        "N": n,
+        "M": M,
+        "rss_before_bytes": before,
+        "peak_rss_bytes": rss("VmHWM:"),
+        "seconds": seconds,
+        "file_bytes": n * 64,
+        "expected_n_bytes": n * (4 * M + 4 + 8 + 8),
+    }
 
 
 def main():
@@ -70,18 +79,27 @@ def main():
         return
     rows = []
     for n in a.n:
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--num-noises", str(a.num_noises)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(n), "--num-noises", str(a.num_noises)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"N={n:>9,}: peak RSS {r['peak_rss_bytes'] / 2**20:7.1f} MiB (before attribute "
-              f"{r['rss_before_bytes'] / 2**20:.1f} MiB; file {r['file_bytes'] / 2**20:.1f} MiB; [N]-sized "
-              f"tensors {r['expected_n_bytes'] / 2**20:.1f} MiB), {r['seconds']:.1f} s", flush=True)
+        print(
+            f"N={n:>9,}: peak RSS {r['peak_rss_bytes'] / 2**20:7.1f} MiB (before attribute "
+            f"{r['rss_before_bytes'] / 2**20:.1f} MiB; file {r['file_bytes'] / 2**20:.1f} MiB; [N]-sized "
+            f"tensors {r['expected_n_bytes'] / 2**20:.1f} MiB), {r['seconds']:.1f} s",
+            flush=True,
+        )
     if len(rows) > 1:
         d = rows[-1]["peak_rss_bytes"] - rows[0]["peak_rss_bytes"]
         e = rows[-1]["expected_n_bytes"] - rows[0]["expected_n_bytes"]
-        print(f"growth {rows[0]['N']:,} → {rows[-1]['N']:,}: {d / 2**20:.1f} MiB, of which the [N]-sized tensors "
-              f"account for {e / 2**20:.1f} MiB; the rest: {(d - e) / 2**20:.1f} MiB")
+        print(
+            f"growth {rows[0]['N']:,} → {rows[-1]['N']:,}: {d / 2**20:.1f} MiB, of which the [N]-sized tensors "
+            f"account for {e / 2**20:.1f} MiB; the rest: {(d - e) / 2**20:.1f} MiB"
+        )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=2)

@@ -30,17 +30,28 @@ def worker(out: str, n: int, K: int, M: int) -> None:
     x, y = load_digits(16)
     x, y = x[:n], y[:n]
     torch.manual_seed(0)
-    net = DiT((1, 16, 16), label_dim=10, patch_size=4, width=64, depth=4, heads=4, cond_width=64).eval()
+    net = DiT(
+        (1, 16, 16), label_dim=10, patch_size=4, width=64, depth=4, heads=4, cond_width=64
+    ).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.02)
-    cfg = mf.MUCSConfig(num_noises=M, max_steps=3, lr=1e-4, loss_null=1.0, compile=False, targets_per_batch=K)
+    cfg = mf.MUCSConfig(
+        num_noises=M, max_steps=3, lr=1e-4, loss_null=1.0, compile=False, targets_per_batch=K
+    )
     t0 = time.perf_counter()
     res = mf.attribute(mf.EDMDenoiser(net), x, x[:K], cfg, y, y[:K], progress=False, cache_dir=None)
     seconds = time.perf_counter() - t0
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save({"scores": res.scores, "seconds": seconds, "timings": res.meta["timings"],
-                    "world": res.meta["world_size"]}, out)
+        torch.save(
+            {
+                "scores": res.scores,
+                "seconds": seconds,
+                "timings": res.meta["timings"],
+                "world": res.meta["world_size"],
+            },
+            out,
+        )
 
 
 def main():
@@ -61,22 +72,53 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for w in a.nproc:
             out = os.path.join(tmp, f"w{w}.pt")
-            args = [__file__, "--worker", out, "--images", str(a.images), "--targets", str(a.targets),
-                    "--num-noises", str(a.num_noises)]
-            cmd = [sys.executable, *args] if w == 1 else [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={w}", *args]
-            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            args = [
+                __file__,
+                "--worker",
+                out,
+                "--images",
+                str(a.images),
+                "--targets",
+                str(a.targets),
+                "--num-noises",
+                str(a.num_noises),
+            ]
+            cmd = (
+                [sys.executable, *args]
+                if w == 1
+                else [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc-per-node={w}",
+                    *args,
+                ]
+            )
+            subprocess.run(
+                cmd,
+                check=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             r = torch.load(out)
             ref = r["scores"] if ref is None else ref
-            assert torch.equal(r["scores"], ref), f"scores with {w} processes differ from {a.nproc[0]}"
+            assert torch.equal(r["scores"], ref), (
+                f"scores with {w} processes differ from {a.nproc[0]}"
+            )
             rows.append({"world": w, "seconds": r["seconds"], "timings": r["timings"]})
-            print(f"{w} process(es) × 1 thread: {r['seconds']:.1f} s (L_t {r['timings']['loss_t']:.1f} s, "
-                  f"unlearning {r['timings']['unlearn']:.1f} s, scoring {r['timings']['score']:.1f} s), "
-                  f"{rows[0]['seconds'] / r['seconds']:.2f}× the first; scores bitwise equal", flush=True)
+            print(
+                f"{w} process(es) × 1 thread: {r['seconds']:.1f} s (L_t {r['timings']['loss_t']:.1f} s, "
+                f"unlearning {r['timings']['unlearn']:.1f} s, scoring {r['timings']['score']:.1f} s), "
+                f"{rows[0]['seconds'] / r['seconds']:.2f}× the first; scores bitwise equal",
+                flush=True,
+            )
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"N": a.images, "targets": a.targets, "M": a.num_noises, "rows": rows}, f, indent=2)
+            json.dump(
+                {"N": a.images, "targets": a.targets, "M": a.num_noises, "rows": rows}, f, indent=2
+            )
 
 
 if __name__ == "__main__":

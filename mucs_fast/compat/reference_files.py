@@ -97,5 +97,3 @@ def load_attrib_ids(fn_out, with_all: bool = False):
         return load_checkpoint(fn_out)
     top, all_idx, scores = load_checkpoint(attrib_ids_all_path(fn_out))
     return top, all_idx, scores
-
-

@@ -34,12 +34,16 @@ def check_labels(y, N: int | None, where: str) -> torch.Tensor:
     y = torch.as_tensor(y).detach().cpu()
     if y.ndim not in (1, 2) or (N is not None and y.shape[0] != N):
         n = "N" if N is None else f"N={N}"
-        raise ValueError(f"{where}: expected labels [{n}] (class ids) or [{n}, D] (label vectors), "
-                         f"found shape {tuple(y.shape)}")
+        raise ValueError(
+            f"{where}: expected labels [{n}] (class ids) or [{n}, D] (label vectors), "
+            f"found shape {tuple(y.shape)}"
+        )
     if y.ndim == 1:
         if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
-            raise ValueError(f"{where}: expected integer class ids [N] (or float label vectors "
-                             f"[N, D]), found {y.dtype}")
+            raise ValueError(
+                f"{where}: expected integer class ids [N] (or float label vectors "
+                f"[N, D]), found {y.dtype}"
+            )
         return y.long().contiguous()
     if y.dtype == torch.bool or y.is_complex():
         raise ValueError(f"{where}: expected label vectors [N, D] of a real dtype, found {y.dtype}")
@@ -53,8 +57,9 @@ def check_ids(ids, N: int, where: str) -> torch.Tensor:
     """Dataset ids int64 [N] (CPU), distinct: an id names one training image in every result."""
     ids = torch.as_tensor(ids).detach().cpu()
     if ids.shape != (N,) or ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
-        raise ValueError(f"{where}: expected int64 ids [N={N}], found {ids.dtype} of shape "
-                         f"{tuple(ids.shape)}")
+        raise ValueError(
+            f"{where}: expected int64 ids [N={N}], found {ids.dtype} of shape {tuple(ids.shape)}"
+        )
     ids = ids.long().contiguous()
     if torch.unique(ids).numel() != N:
         raise ValueError(f"{where}: ids must be unique")

@@ -43,8 +43,10 @@ def _pick(tensors: dict, path: Path, key: str | None) -> torch.Tensor:
             raise ValueError(f"{path}: no tensor named {key!r}; found {sorted(tensors)}")
         return tensors[key]
     if len(tensors) != 1:
-        raise ValueError(f"{path}: expected exactly one tensor (or name one as '{path}:<key>'), "
-                         f"found {len(tensors)}: {sorted(tensors)}")
+        raise ValueError(
+            f"{path}: expected exactly one tensor (or name one as '{path}:<key>'), "
+            f"found {len(tensors)}: {sorted(tensors)}"
+        )
     return next(iter(tensors.values()))
 
 
@@ -67,16 +69,22 @@ def load_tensor_file(path: PathLike) -> torch.Tensor:
     p, key = split_key(path)
     ext = p.suffix.lower()
     if ext not in TENSOR_EXTENSIONS:
-        raise ValueError(f"{p}: unknown tensor file extension {ext!r}; expected one of "
-                         f"{', '.join(TENSOR_EXTENSIONS)} (or a folder of images)")
+        raise ValueError(
+            f"{p}: unknown tensor file extension {ext!r}; expected one of "
+            f"{', '.join(TENSOR_EXTENSIONS)} (or a folder of images)"
+        )
     try:
         obj = _read_tensors(p, ext, key)
     except ValueError as e:
         if str(p) in str(e):
             raise
-        raise ValueError(f"{p}: cannot read it as a {ext} tensor file ({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{p}: cannot read it as a {ext} tensor file ({type(e).__name__}: {e})"
+        ) from e
     except Exception as e:  # corrupt files raise anything from pickle/zip/safetensors errors
-        raise ValueError(f"{p}: cannot read it as a {ext} tensor file ({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{p}: cannot read it as a {ext} tensor file ({type(e).__name__}: {e})"
+        ) from e
     if isinstance(obj, torch.Tensor):
         if key is not None and ext in (".pt", ".pth"):
             raise ValueError(f"{p}: holds a single tensor; a ':{key}' key is not allowed")
@@ -90,7 +98,9 @@ def check_image_tensor(x: torch.Tensor, where: str) -> torch.Tensor:
     """Images [N, C, H, W] as stored: float, or uint8 0..255 (the reference's storage format)."""
     check_chw(x.shape, where)
     if x.dtype != torch.uint8 and not x.is_floating_point():
-        raise ValueError(f"{where}: expected float images in [-1, 1] (or uint8 0..255), found dtype {x.dtype}")
+        raise ValueError(
+            f"{where}: expected float images in [-1, 1] (or uint8 0..255), found dtype {x.dtype}"
+        )
     return x
 
 
@@ -128,8 +138,10 @@ def read_image(f: Path):
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{f}: cannot read it as an image ({type(e).__name__}: {e})") from e
     if im.mode not in IMAGE_MODES:
-        raise ValueError(f"{f}: unsupported image mode {im.mode!r}; expected one of "
-                         f"{', '.join(IMAGE_MODES)} (8 bits per band)")
+        raise ValueError(
+            f"{f}: unsupported image mode {im.mode!r}; expected one of "
+            f"{', '.join(IMAGE_MODES)} (8 bits per band)"
+        )
     return im
 
 
@@ -145,13 +157,17 @@ def check_same_image(f, image: tuple, first_file, first: tuple) -> None:
     what `image_array` returns."""
     (a, mode), (a0, mode0) = image, first
     if a.shape != a0.shape or mode != mode0:
-        raise ValueError(f"{f}: expected {a0.shape[1]}×{a0.shape[0]} {mode0} like {Path(first_file).name}, "
-                         f"found {a.shape[1]}×{a.shape[0]} {mode}; all images must share size and mode")
+        raise ValueError(
+            f"{f}: expected {a0.shape[1]}×{a0.shape[0]} {mode0} like {Path(first_file).name}, "
+            f"found {a.shape[1]}×{a.shape[0]} {mode}; all images must share size and mode"
+        )
 
 
 def image_files(folder: Path) -> list[Path]:
     """The image files of a folder, in sorted name order (the order of its ids and rows)."""
-    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def folder_ids(files) -> torch.Tensor:
@@ -179,7 +195,9 @@ def load_image_folder(path: PathLike) -> tuple[torch.Tensor, torch.Tensor]:
         raise FileNotFoundError(f"{folder}: no such folder")
     files = image_files(folder)
     if not files:
-        raise ValueError(f"{folder}: expected image files ({', '.join(IMAGE_EXTENSIONS)}), found none")
+        raise ValueError(
+            f"{folder}: expected image files ({', '.join(IMAGE_EXTENSIONS)}), found none"
+        )
     arrays = [image_array(files[0])]
     for f in files[1:]:
         arrays.append(image_array(f))

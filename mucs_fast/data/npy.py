@@ -11,8 +11,12 @@ import torch
 from .checks import check_chw
 from .source import Source
 
-NUMPY_DTYPES = {torch.uint8: np.uint8, torch.float16: np.float16, torch.float32: np.float32,
-                torch.float64: np.float64}
+NUMPY_DTYPES = {
+    torch.uint8: np.uint8,
+    torch.float16: np.float16,
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+}
 
 
 def npy_header(path) -> tuple[tuple, bool, np.dtype, int]:
@@ -27,7 +31,12 @@ def npy_header(path) -> tuple[tuple, bool, np.dtype, int]:
             else:
                 f.close()
                 m = np.load(path, mmap_mode="r", allow_pickle=False)
-                return m.shape, bool(m.flags.f_contiguous and not m.flags.c_contiguous), m.dtype, m.offset
+                return (
+                    m.shape,
+                    bool(m.flags.f_contiguous and not m.flags.c_contiguous),
+                    m.dtype,
+                    m.offset,
+                )
             return shape, fortran, dtype, f.tell()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
@@ -43,13 +52,17 @@ def check_file_size(path, expected: int, what: str) -> None:
     if size < expected:
         raise ValueError(f"{path}: truncated: {size} bytes, expected {expected} ({what})")
     if size > expected:
-        raise ValueError(f"{path}: {size} bytes, expected {expected} ({what}); the file was changed "
-                         "or is not what it claims")
+        raise ValueError(
+            f"{path}: {size} bytes, expected {expected} ({what}); the file was changed "
+            "or is not what it claims"
+        )
 
 
 def read_error(path, start, stop, e: Exception) -> ValueError:
-    return ValueError(f"{path}: cannot read images {start}..{stop} ({type(e).__name__}: {e}); "
-                      "is the file truncated or changed? (check() compares it with its header)")
+    return ValueError(
+        f"{path}: cannot read images {start}..{stop} ({type(e).__name__}: {e}); "
+        "is the file truncated or changed? (check() compares it with its header)"
+    )
 
 
 class NpySource(Source):
@@ -59,10 +72,14 @@ class NpySource(Source):
         self.path = os.fspath(path)
         shape, fortran, dtype, offset = npy_header(self.path)
         shape = check_chw(shape, self.path)
-        storage = next((t for t, n in NUMPY_DTYPES.items() if np.dtype(n) == dtype.newbyteorder("=")), None)
+        storage = next(
+            (t for t, n in NUMPY_DTYPES.items() if np.dtype(n) == dtype.newbyteorder("=")), None
+        )
         if storage is None:
-            raise ValueError(f"{self.path}: expected uint8, float16, float32 or float64 images, "
-                             f"found dtype {dtype}")
+            raise ValueError(
+                f"{self.path}: expected uint8, float16, float32 or float64 images, "
+                f"found dtype {dtype}"
+            )
         self._dtype, self._fortran, self._offset = dtype, fortran, offset
         self._native = dtype.newbyteorder("=")
         self._row = int(np.prod(shape[1:])) * dtype.itemsize
@@ -75,15 +92,19 @@ class NpySource(Source):
         shape, _, dtype, offset = npy_header(self.path)
         if (shape, dtype, offset) != (self.shape, self._dtype, self._offset):
             raise ValueError(f"{self.path}: changed since it was opened (now {dtype} {shape})")
-        check_file_size(self.path, offset + self.N * self._row,
-                         f"{self.N} images {'×'.join(map(str, self.chw))} of {dtype}")
+        check_file_size(
+            self.path,
+            offset + self.N * self._row,
+            f"{self.N} images {'×'.join(map(str, self.chw))} of {dtype}",
+        )
 
     def _map(self, start, stop):
         if self._fortran:
             m = np.memmap(self.path, self._dtype, "r", self._offset, self.shape, order="F")
             return m[start:stop]
-        return np.memmap(self.path, self._dtype, "r", self._offset + start * self._row,
-                         (stop - start, *self.chw))
+        return np.memmap(
+            self.path, self._dtype, "r", self._offset + start * self._row, (stop - start, *self.chw)
+        )
 
     def read_raw(self, start, stop):
         start, stop = self.check_range(start, stop)

@@ -52,16 +52,24 @@ class _Input:
 
 
 def _source_input(src: Source, describe: dict) -> _Input:
-    return _Input(src.N, src.chw, src.storage_dtype, lambda a, b: (src.read_raw(a, b), None, None),
-                  ids=src.ids if src.ids is not None else torch.arange(src.N, dtype=torch.int64),
-                  labels=src.labels, describe=describe)
+    return _Input(
+        src.N,
+        src.chw,
+        src.storage_dtype,
+        lambda a, b: (src.read_raw(a, b), None, None),
+        ids=src.ids if src.ids is not None else torch.arange(src.N, dtype=torch.int64),
+        labels=src.labels,
+        describe=describe,
+    )
 
 
 def _image_folder_input(folder: Path, threads: int) -> _Input:
     files = image_files(folder)  # the file order and ids of files.load_image_folder
     if not files:
-        raise ValueError(f"{folder}: expected image files ({', '.join(IMAGE_EXTENSIONS)}), found none "
-                         f"(nor {INDEX} of a packed folder, nor metadata.pt of a reference dataset folder)")
+        raise ValueError(
+            f"{folder}: expected image files ({', '.join(IMAGE_EXTENSIONS)}), found none "
+            f"(nor {INDEX} of a packed folder, nor metadata.pt of a reference dataset folder)"
+        )
     first = image_array(files[0])
 
     def items(a, b):
@@ -73,8 +81,14 @@ def _image_folder_input(folder: Path, threads: int) -> _Input:
         return x, None, None
 
     H, W, C = first[0].shape
-    return _Input(len(files), (C, H, W), torch.uint8, items, ids=folder_ids(files),
-                  describe={"kind": "image folder", "path": os.path.abspath(folder)})
+    return _Input(
+        len(files),
+        (C, H, W),
+        torch.uint8,
+        items,
+        ids=folder_ids(files),
+        describe={"kind": "image folder", "path": os.path.abspath(folder)},
+    )
 
 
 def _reference_input(folder: Path, split: str, threads: int) -> _Input:
@@ -84,8 +98,10 @@ def _reference_input(folder: Path, split: str, threads: int) -> _Input:
         raise ValueError(f"{folder}: split {split!r} is empty")
     missing = [f for f in fns if not os.path.isfile(f)]
     if missing:
-        raise FileNotFoundError(f"{folder}: {len(missing)} image files of split {split!r} are missing, "
-                                f"e.g. {missing[0]}")
+        raise FileNotFoundError(
+            f"{folder}: {len(missing)} image files of split {split!r} are missing, "
+            f"e.g. {missing[0]}"
+        )
 
     def read(fn):
         item = read_item(fn)
@@ -97,8 +113,9 @@ def _reference_input(folder: Path, split: str, threads: int) -> _Input:
     if x0.ndim != 3:
         raise ValueError(f"{fns[0]}: expected an image [C, H, W], found shape {tuple(x0.shape)}")
     if first[3].ndim != 1:
-        raise ValueError(f"{fns[0]}: expected a label vector [label_dim], found shape "
-                         f"{tuple(first[3].shape)}")
+        raise ValueError(
+            f"{fns[0]}: expected a label vector [label_dim], found shape {tuple(first[3].shape)}"
+        )
     dtype = torch.uint8 if x0.dtype == torch.uint8 else torch.float32
 
     def items(a, b):
@@ -106,19 +123,31 @@ def _reference_input(folder: Path, split: str, threads: int) -> _Input:
             got = list(pool.map(read, fns[a:b]))
         for fn, _, x, y in got:
             if x.shape != x0.shape or (x.dtype == torch.uint8) != (dtype == torch.uint8):
-                raise ValueError(f"{fn}: image {x.dtype} {tuple(x.shape)} (after the center crop), "
-                                 f"expected {x0.dtype} {tuple(x0.shape)} like {fns[0]}")
+                raise ValueError(
+                    f"{fn}: image {x.dtype} {tuple(x.shape)} (after the center crop), "
+                    f"expected {x0.dtype} {tuple(x0.shape)} like {fns[0]}"
+                )
             if y.shape != first[3].shape:
-                raise ValueError(f"{fn}: label of shape {tuple(y.shape)}, expected "
-                                 f"{tuple(first[3].shape)} like {fns[0]}")
+                raise ValueError(
+                    f"{fn}: label of shape {tuple(y.shape)}, expected "
+                    f"{tuple(first[3].shape)} like {fns[0]}"
+                )
         x = torch.stack([g[2] for g in got])
         x = x if dtype == torch.uint8 else x.float()
         ids = torch.tensor([g[1] for g in got], dtype=torch.int64)
         return x.contiguous(), ids, torch.stack([g[3] for g in got]).float()
 
-    return _Input(len(fns), tuple(x0.shape), dtype, items,
-                  describe={"kind": "reference dataset folder", "path": os.path.abspath(folder),
-                            "split": split})
+    return _Input(
+        len(fns),
+        tuple(x0.shape),
+        dtype,
+        items,
+        describe={
+            "kind": "reference dataset folder",
+            "path": os.path.abspath(folder),
+            "split": split,
+        },
+    )
 
 
 def _pack_input(src, split, labels, threads) -> _Input:
@@ -126,16 +155,26 @@ def _pack_input(src, split, labels, threads) -> _Input:
     if isinstance(src, (str, os.PathLike)):
         s = os.fspath(src)
         folder = Path(s)
-        if folder.is_dir() and not (folder / INDEX).is_file() and (folder / "metadata.pt").is_file():
+        if (
+            folder.is_dir()
+            and not (folder / INDEX).is_file()
+            and (folder / "metadata.pt").is_file()
+        ):
             if labels is not None:
-                raise ValueError(f"{s}: a reference dataset folder carries its labels; give no labels file")
+                raise ValueError(
+                    f"{s}: a reference dataset folder carries its labels; give no labels file"
+                )
             return _reference_input(folder, split or "train", threads)
         if split is not None:
-            raise ValueError(f"{s}: a split applies only to a reference dataset folder "
-                             "(metadata.pt + pt_files/)")
+            raise ValueError(
+                f"{s}: a split applies only to a reference dataset folder (metadata.pt + pt_files/)"
+            )
         if folder.is_dir():
-            inp = (_source_input(ShardSource(folder), {"kind": "packed folder"}) if (folder / INDEX).is_file()
-                   else _image_folder_input(folder, threads))
+            inp = (
+                _source_input(ShardSource(folder), {"kind": "packed folder"})
+                if (folder / INDEX).is_file()
+                else _image_folder_input(folder, threads)
+            )
             inp.describe["path"] = os.path.abspath(folder)
         else:
             p, _ = split_key(s)
@@ -145,9 +184,11 @@ def _pack_input(src, split, labels, threads) -> _Input:
             elif ext in TENSOR_EXTENSIONS:
                 src_ = open_source(s)
             else:
-                raise ValueError(f"{s}: expected an image folder, a reference dataset folder "
-                                 f"(metadata.pt + pt_files/), a packed folder or a tensor file "
-                                 f"({', '.join(TENSOR_EXTENSIONS)}), found a {ext or 'extensionless'} file")
+                raise ValueError(
+                    f"{s}: expected an image folder, a reference dataset folder "
+                    f"(metadata.pt + pt_files/), a packed folder or a tensor file "
+                    f"({', '.join(TENSOR_EXTENSIONS)}), found a {ext or 'extensionless'} file"
+                )
             inp = _source_input(src_, {"kind": f"{ext} file", "path": os.path.abspath(p)})
     else:
         if split is not None:
@@ -167,8 +208,11 @@ def _pack_input(src, split, labels, threads) -> _Input:
 
 
 def _is_pack_file(name: str) -> bool:
-    return (name in (INDEX, IDS_FILE, LABELS_FILE) or bool(SHARD_NAME.fullmatch(name))
-            or is_temp_name(name))
+    return (
+        name in (INDEX, IDS_FILE, LABELS_FILE)
+        or bool(SHARD_NAME.fullmatch(name))
+        or is_temp_name(name)
+    )
 
 
 def _prepare_out(out: Path, inp: _Input) -> None:
@@ -183,9 +227,11 @@ def _prepare_out(out: Path, inp: _Input) -> None:
     if INDEX not in names:
         foreign = sorted(n for n in names if not _is_pack_file(n))
         if foreign:
-            raise ValueError(f"{out}: not empty and not a packed folder (holds {foreign[0]!r}"
-                             f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); "
-                             "give a new or empty folder")
+            raise ValueError(
+                f"{out}: not empty and not a packed folder (holds {foreign[0]!r}"
+                f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); "
+                "give a new or empty folder"
+            )
     else:
         os.unlink(out / INDEX)  # from here on the old pack reads as incomplete
     for n in names:
@@ -207,7 +253,13 @@ class _HashingWriter:
 def _npy_header_bytes(dtype: np.dtype, shape) -> bytes:
     b = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        b, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+        b,
+        {
+            "descr": np.lib.format.dtype_to_descr(dtype),
+            "fortran_order": False,
+            "shape": tuple(shape),
+        },
+    )
     return b.getvalue()
 
 
@@ -217,8 +269,16 @@ def _stored(inp: _Input) -> torch.dtype:
     return torch.float32
 
 
-def pack(src, out, shard_images: int = 65536, progress: bool = True, *, labels=None,
-         split: str | None = None, threads: int = 8) -> dict:
+def pack(
+    src,
+    out,
+    shard_images: int = 65536,
+    progress: bool = True,
+    *,
+    labels=None,
+    split: str | None = None,
+    threads: int = 8,
+) -> dict:
     """Write the packed folder OUT (`shards` docstring) from SRC: an image folder (the files and
     ids of `files.load_image_folder`), a tensor file (.npy / .safetensors streamed; .pt read whole
     by `files.load_tensor_file`), a reference dataset folder (metadata.pt + pt_files/; `split`,
@@ -230,17 +290,33 @@ def pack(src, out, shard_images: int = 65536, progress: bool = True, *, labels=N
     Returns the index it wrote."""
     if not (isinstance(shard_images, int) and shard_images >= 1):
         raise ValueError(f"pack: shard_images must be a positive int, got {shard_images!r}")
-    inp = _pack_input(src, split, labels, threads)  # everything about SRC checked before OUT changes
+    inp = _pack_input(
+        src, split, labels, threads
+    )  # everything about SRC checked before OUT changes
     out = Path(out)
     _prepare_out(out, inp)
     w = _Writer(inp, min(shard_images, images_per_chunk(inp.chw)))
     S = -(-inp.N // shard_images)
     width = max(5, len(str(S - 1)))
-    bar = tqdm(total=inp.N, desc="pack", unit="img", unit_scale=True, leave=False, dynamic_ncols=True,
-               disable=not progress)
+    bar = tqdm(
+        total=inp.N,
+        desc="pack",
+        unit="img",
+        unit_scale=True,
+        leave=False,
+        dynamic_ncols=True,
+        disable=not progress,
+    )
     try:
-        shards = [w.shard(out / f"shard-{k:0{width}d}.npy", k * shard_images,
-                          min(shard_images, inp.N - k * shard_images), bar) for k in range(S)]
+        shards = [
+            w.shard(
+                out / f"shard-{k:0{width}d}.npy",
+                k * shard_images,
+                min(shard_images, inp.N - k * shard_images),
+                bar,
+            )
+            for k in range(S)
+        ]
         index = w.finish(out, shards)
     except BaseException:
         for n in os.listdir(out):  # no index.json: an incomplete folder; leave no shards behind
@@ -249,7 +325,12 @@ def pack(src, out, shard_images: int = 65536, progress: bool = True, *, labels=N
         raise
     finally:
         bar.close()
-    keep = {INDEX, IDS_FILE, *(s["file"] for s in shards), *([LABELS_FILE] if index["labels"] else [])}
+    keep = {
+        INDEX,
+        IDS_FILE,
+        *(s["file"] for s in shards),
+        *([LABELS_FILE] if index["labels"] else []),
+    }
     for n in os.listdir(out):  # a previous, larger pack's shards
         if _is_pack_file(n) and n not in keep:
             os.unlink(out / n)
@@ -280,31 +361,52 @@ class _Writer:
                 if self.stored != torch.uint8:
                     ok = torch.isfinite(x).reshape(x.shape[0], -1).all(1)
                     if not bool(ok.all()):
-                        raise ValueError(f"{inp.describe.get('path', 'pack')}: image "
-                                         f"{a + int((~ok).nonzero()[0])} contains NaN or Inf")
+                        raise ValueError(
+                            f"{inp.describe.get('path', 'pack')}: image "
+                            f"{a + int((~ok).nonzero()[0])} contains NaN or Inf"
+                        )
                 self.fp.update(x.reshape(-1).view(torch.uint8).numpy())
                 data = raw if raw.dtype == self.stored else x
                 w.write(data.contiguous().reshape(-1).view(torch.uint8).numpy())
                 self.ids += [] if ids is None else [ids]
                 self.labels += [] if lab is None else [lab]
                 bar.update(b - a)
-        return {"file": path.name, "start": start, "count": count, "bytes": w.n, "sha256": w.h.hexdigest()}
+        return {
+            "file": path.name,
+            "start": start,
+            "count": count,
+            "bytes": w.n,
+            "sha256": w.h.hexdigest(),
+        }
 
     def finish(self, out: Path, shards: list) -> dict:
         """ids.npy, labels.npy and, last, index.json (what makes the folder a pack)."""
         inp, stored = self.inp, self.stored
         ids = inp.ids if inp.ids is not None else torch.cat(self.ids)
-        ylab = inp.labels if inp.labels is not None else (torch.cat(self.labels) if self.labels else None)
+        ylab = (
+            inp.labels
+            if inp.labels is not None
+            else (torch.cat(self.labels) if self.labels else None)
+        )
         atomic_write(out / IDS_FILE, lambda tmp: _save_npy(tmp, ids.long()))
         if ylab is not None:
             ylab = check_labels(ylab, inp.N, "labels")
             atomic_write(out / LABELS_FILE, lambda tmp: _save_npy(tmp, ylab))
-        index = {"format": FORMAT, "N": inp.N, "C": inp.chw[0], "H": inp.chw[1], "W": inp.chw[2],
-                 "dtype": str(stored).removeprefix("torch."),
-                 "values": "v/127.5 - 1" if stored == torch.uint8 else "float32(v)",
-                 "shards": shards, "labels": LABELS_FILE if ylab is not None else None, "ids": IDS_FILE,
-                 "fingerprint": self.fp.hexdigest()[:32], "source": inp.describe,
-                 "writer": f"mucs_fast {__version__}"}
+        index = {
+            "format": FORMAT,
+            "N": inp.N,
+            "C": inp.chw[0],
+            "H": inp.chw[1],
+            "W": inp.chw[2],
+            "dtype": str(stored).removeprefix("torch."),
+            "values": "v/127.5 - 1" if stored == torch.uint8 else "float32(v)",
+            "shards": shards,
+            "labels": LABELS_FILE if ylab is not None else None,
+            "ids": IDS_FILE,
+            "fingerprint": self.fp.hexdigest()[:32],
+            "source": inp.describe,
+            "writer": f"mucs_fast {__version__}",
+        }
         atomic_write_json(out / INDEX, index)
         return index
 

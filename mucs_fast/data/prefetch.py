@@ -70,7 +70,9 @@ def _prefetch(source, ranges, device: torch.device, depth: int):
                 item = q.get(timeout=0.1)
             except queue.Empty:
                 if not t.is_alive() and q.empty():
-                    raise RuntimeError("prefetch: the reader thread stopped without a result") from None
+                    raise RuntimeError(
+                        "prefetch: the reader thread stopped without a result"
+                    ) from None
                 continue
             if item is _DONE:
                 return

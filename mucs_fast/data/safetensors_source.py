@@ -13,8 +13,13 @@ from .checks import check_chw
 from .files import split_key
 from .source import Source
 
-_SAFETENSORS = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16,
-                "F32": torch.float32, "F64": torch.float64}
+_SAFETENSORS = {
+    "U8": torch.uint8,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
 
 
 class SafetensorsSource(Source):
@@ -28,8 +33,10 @@ class SafetensorsSource(Source):
             keys = list(f.keys())
             if self.key is None:
                 if len(keys) != 1:
-                    raise ValueError(f"{self.path}: expected exactly one tensor (or name one as "
-                                     f"'{self.path}:<key>'), found {len(keys)}: {sorted(keys)}")
+                    raise ValueError(
+                        f"{self.path}: expected exactly one tensor (or name one as "
+                        f"'{self.path}:<key>'), found {len(keys)}: {sorted(keys)}"
+                    )
                 self.key = keys[0]
             elif self.key not in keys:
                 raise ValueError(f"{self.path}: no tensor named {self.key!r}; found {sorted(keys)}")
@@ -37,8 +44,12 @@ class SafetensorsSource(Source):
             shape, dt = tuple(sl.get_shape()), sl.get_dtype()
         shape = check_chw(shape, f"{self.path}:{self.key}")
         if dt not in _SAFETENSORS:
-            raise ValueError(f"{self.path}:{self.key}: expected uint8 or float images, found dtype {dt}")
-        self._init_meta(shape[0], shape[1:], _SAFETENSORS[dt], labels, ids, f"{self.path}:{self.key}")
+            raise ValueError(
+                f"{self.path}:{self.key}: expected uint8 or float images, found dtype {dt}"
+            )
+        self._init_meta(
+            shape[0], shape[1:], _SAFETENSORS[dt], labels, ids, f"{self.path}:{self.key}"
+        )
 
     def _describe(self):
         return repr(f"{self.path}:{self.key}")
@@ -49,8 +60,9 @@ class SafetensorsSource(Source):
         try:
             return safe_open(self.path, framework="pt")
         except Exception as e:  # SafetensorError: truncated or not a safetensors file
-            raise ValueError(f"{self.path}: not a readable .safetensors file ({type(e).__name__}: "
-                             f"{e})") from e
+            raise ValueError(
+                f"{self.path}: not a readable .safetensors file ({type(e).__name__}: {e})"
+            ) from e
 
     def check(self):
         with self._open() as f:
@@ -58,7 +70,10 @@ class SafetensorsSource(Source):
             if self.key not in keys:
                 raise ValueError(f"{self.path}: no tensor named {self.key!r} any more")
             sl = f.get_slice(self.key)
-            if (tuple(sl.get_shape()), _SAFETENSORS.get(sl.get_dtype())) != (self.shape, self.storage_dtype):
+            if (tuple(sl.get_shape()), _SAFETENSORS.get(sl.get_dtype())) != (
+                self.shape,
+                self.storage_dtype,
+            ):
                 raise ValueError(f"{self.path}:{self.key}: changed since it was opened")
 
     def read_raw(self, start, stop):

@@ -38,14 +38,18 @@ SHARD_NAME = re.compile(r"shard-[0-9]+\.npy")
 
 
 def _bad_index(path, what: str) -> ValueError:
-    return ValueError(f"{path}: corrupted index ({what}); re-run `mucs-fast pack` to rewrite the folder")
+    return ValueError(
+        f"{path}: corrupted index ({what}); re-run `mucs-fast pack` to rewrite the folder"
+    )
 
 
 def read_index(folder: Path) -> dict:
     path = folder / INDEX
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {INDEX}: not a packed folder (or an interrupted "
-                                "`mucs-fast pack`: re-run it)")
+        raise FileNotFoundError(
+            f"{folder}: no {INDEX}: not a packed folder (or an interrupted "
+            "`mucs-fast pack`: re-run it)"
+        )
     try:
         idx = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
@@ -53,12 +57,16 @@ def read_index(folder: Path) -> dict:
     if not isinstance(idx, dict):
         raise _bad_index(path, f"expected an object, found {type(idx).__name__}")
     if idx.get("format") != FORMAT:
-        raise _bad_index(path, f"format {idx.get('format')!r}, this mucs_fast reads format {FORMAT}")
+        raise _bad_index(
+            path, f"format {idx.get('format')!r}, this mucs_fast reads format {FORMAT}"
+        )
 
     def pos_int(d, k, where, zero=False):
         v = d.get(k)
         if not (isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or (zero and v == 0))):
-            raise _bad_index(path, f"{where}{k} = {v!r}, expected a {'non-negative' if zero else 'positive'} int")
+            raise _bad_index(
+                path, f"{where}{k} = {v!r}, expected a {'non-negative' if zero else 'positive'} int"
+            )
         return v
 
     for k in ("N", "C", "H", "W"):
@@ -91,8 +99,9 @@ def read_index(folder: Path) -> dict:
 
 def _load_small(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing ({what} of the packed folder {path.parent}); re-run "
-                                "`mucs-fast pack`")
+        raise FileNotFoundError(
+            f"{path}: missing ({what} of the packed folder {path.parent}); re-run `mucs-fast pack`"
+        )
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -116,14 +125,18 @@ class ShardSource(Source):
         self._row = int(np.prod(chw)) * self._np.itemsize
         ids = _load_small(self.path / idx["ids"], "ids")
         if ids.dtype != np.int64 or ids.shape != (idx["N"],):
-            raise ValueError(f"{self.path / idx['ids']}: expected int64 [{idx['N']}], found {ids.dtype} "
-                             f"{ids.shape}")
+            raise ValueError(
+                f"{self.path / idx['ids']}: expected int64 [{idx['N']}], found {ids.dtype} "
+                f"{ids.shape}"
+            )
         labels = None
         if idx["labels"] is not None:
             labels = _load_small(self.path / idx["labels"], "labels")
             if labels.dtype not in (np.int64, np.float32):
-                raise ValueError(f"{self.path / idx['labels']}: expected int64 or float32 labels, "
-                                 f"found {labels.dtype}")
+                raise ValueError(
+                    f"{self.path / idx['labels']}: expected int64 or float32 labels, "
+                    f"found {labels.dtype}"
+                )
             labels = torch.from_numpy(labels)
         self._init_meta(idx["N"], chw, storage, labels, torch.from_numpy(ids), os.fspath(self.path))
         if trust_index and isinstance(idx.get("fingerprint"), str):
@@ -141,15 +154,20 @@ class ShardSource(Source):
         if not f.is_file():
             raise FileNotFoundError(
                 f"{f}: missing shard {k + 1} of {len(self.shards)} (images {s['start']}.."
-                f"{s['start'] + s['count'] - 1}) of the packed folder {self.path}; re-run `mucs-fast pack`")
+                f"{s['start'] + s['count'] - 1}) of the packed folder {self.path}; re-run `mucs-fast pack`"
+            )
         shape, fortran, dtype, offset = npy_header(f)
         want = (s["count"], *self.chw)
         if tuple(shape) != want or dtype != self._np or fortran:
-            raise ValueError(f"{f}: holds {dtype} {tuple(shape)}{' (Fortran order)' if fortran else ''}, "
-                             f"the index says {self._np} {want}")
+            raise ValueError(
+                f"{f}: holds {dtype} {tuple(shape)}{' (Fortran order)' if fortran else ''}, "
+                f"the index says {self._np} {want}"
+            )
         if offset + s["count"] * self._row != s["bytes"]:
-            raise ValueError(f"{f}: header and index disagree on its size ({offset} + "
-                             f"{s['count']} × {self._row} bytes ≠ {s['bytes']})")
+            raise ValueError(
+                f"{f}: header and index disagree on its size ({offset} + "
+                f"{s['count']} × {self._row} bytes ≠ {s['bytes']})"
+            )
         self._offsets[k] = offset
         return offset
 
@@ -157,8 +175,11 @@ class ShardSource(Source):
         for k, s in enumerate(self.shards):
             self._offsets.pop(k, None)
             self._shard_header(k)
-            check_file_size(self.path / s["file"], s["bytes"],
-                             f"shard {k + 1} of {len(self.shards)}: {s['count']} images, as index.json says")
+            check_file_size(
+                self.path / s["file"],
+                s["bytes"],
+                f"shard {k + 1} of {len(self.shards)}: {s['count']} images, as index.json says",
+            )
 
     def verify(self) -> None:
         """`check`, then the sha256 of every shard against the index (reads every byte)."""
@@ -170,13 +191,17 @@ class ShardSource(Source):
                 for block in iter(lambda: fh.read(1 << 22), b""):
                     h.update(block)
             if h.hexdigest() != s["sha256"]:
-                raise ValueError(f"{f}: sha256 differs from index.json (the shard was changed or damaged)")
+                raise ValueError(
+                    f"{f}: sha256 differs from index.json (the shard was changed or damaged)"
+                )
 
     def _copy_rows(self, k, a, b, dst: np.ndarray) -> None:
         s = self.shards[k]
         f = self.path / s["file"]
         try:
-            m = np.memmap(f, self._np, "r", self._shard_header(k) + a * self._row, (b - a, *self.chw))
+            m = np.memmap(
+                f, self._np, "r", self._shard_header(k) + a * self._row, (b - a, *self.chw)
+            )
             dst[...] = m
             del m
         except (ValueError, OSError) as e:

@@ -69,8 +69,10 @@ class Source:
     def __repr__(self) -> str:
         C, H, W = self.chw
         where = self._describe()
-        return (f"{type(self).__name__}({where + ', ' if where else ''}N={self.N}, {C}×{H}×{W}, "
-                f"{str(self.storage_dtype).removeprefix('torch.')})")
+        return (
+            f"{type(self).__name__}({where + ', ' if where else ''}N={self.N}, {C}×{H}×{W}, "
+            f"{str(self.storage_dtype).removeprefix('torch.')})"
+        )
 
     def _describe(self) -> str:
         return ""
@@ -97,13 +99,17 @@ class Source:
     def _check_idx(self, idx) -> torch.Tensor:
         idx = torch.as_tensor(idx)
         if idx.ndim != 1 or idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
-            raise ValueError(f"{self!r}: gather expects integer positions [n], got {idx.dtype} "
-                             f"of shape {tuple(idx.shape)}")
+            raise ValueError(
+                f"{self!r}: gather expects integer positions [n], got {idx.dtype} "
+                f"of shape {tuple(idx.shape)}"
+            )
         idx = idx.to("cpu", torch.int64)
         if idx.numel():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.N:
-                raise ValueError(f"{self!r}: position {lo if lo < 0 else hi} is outside 0..{self.N - 1}")
+                raise ValueError(
+                    f"{self!r}: position {lo if lo < 0 else hi} is outside 0..{self.N - 1}"
+                )
         return idx
 
     def gather(self, idx) -> torch.Tensor:
@@ -180,7 +186,9 @@ class Source:
             if self._cache_fingerprint:
                 self._fingerprint = h.hexdigest()[:32]
         if self._first_nonfinite is not None:
-            raise ValueError(f"{name}: image {self._first_nonfinite} of {self!r} contains NaN or Inf")
+            raise ValueError(
+                f"{name}: image {self._first_nonfinite} of {self!r} contains NaN or Inf"
+            )
 
 
 def source_digest(x) -> str:
@@ -218,7 +226,9 @@ class TensorSource(Source):
             raise TypeError(f"TensorSource: expected a torch.Tensor, got {type(x).__name__}")
         shape = check_chw(x.shape, "TensorSource")
         if x.dtype != torch.uint8 and not x.is_floating_point():
-            raise ValueError(f"TensorSource: expected float images (or uint8 0..255), found {x.dtype}")
+            raise ValueError(
+                f"TensorSource: expected float images (or uint8 0..255), found {x.dtype}"
+            )
         self.x = x.detach()
         self._init_meta(shape[0], shape[1:], x.dtype, labels, ids, "TensorSource")
 

@@ -14,8 +14,10 @@ from .safetensors_source import SafetensorsSource
 from .shards import INDEX, ShardSource
 from .source import Source, TensorSource
 
-_FORMATS = ("a .npy file, a .safetensors file (path or path:key), a folder packed by "
-            "`mucs-fast pack` (with index.json), or an in-memory tensor")
+_FORMATS = (
+    "a .npy file, a .safetensors file (path or path:key), a folder packed by "
+    "`mucs-fast pack` (with index.json), or an in-memory tensor"
+)
 
 
 def streamable(path) -> bool:
@@ -47,15 +49,19 @@ def open_source(x) -> Source:
     if os.path.isdir(s):
         if os.path.isfile(os.path.join(s, INDEX)):
             return ShardSource(s)
-        raise ValueError(f"{s}: a folder without {INDEX} is not a packed folder (an image folder or a "
-                         f"reference dataset folder is packed first: mucs-fast pack {s} OUT); expected "
-                         f"{_FORMATS}")
+        raise ValueError(
+            f"{s}: a folder without {INDEX} is not a packed folder (an image folder or a "
+            f"reference dataset folder is packed first: mucs-fast pack {s} OUT); expected "
+            f"{_FORMATS}"
+        )
     p, key = split_key(s)  # FileNotFoundError when there is no such file
     ext = p.suffix.lower()
     if ext == ".npy" and key is None:
         return NpySource(p)
     if ext == ".safetensors":
         return SafetensorsSource(p, key)
-    raise ValueError(f"{s}: cannot stream a {ext or 'extensionless'} file; expected {_FORMATS} "
-                     "(.pt files are read whole by mucs_fast.data.load_images, or packed first with "
-                     "mucs-fast pack)")
+    raise ValueError(
+        f"{s}: cannot stream a {ext or 'extensionless'} file; expected {_FORMATS} "
+        "(.pt files are read whole by mucs_fast.data.load_images, or packed first with "
+        "mucs-fast pack)"
+    )

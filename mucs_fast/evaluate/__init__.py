@@ -10,9 +10,33 @@ Methods: `METHODS` (name → fn(ctx, targets, target_labels) -> scores [K, N]), 
 
 from .methods import METHODS, MethodContext, check_method, get_method, register_method
 from .metrics import DEFAULT_METRICS, METRICS, compute_metrics, ssim
-from .pipeline import (PHASES, QUICK, EvalConfig, StopEvaluation, evaluate, quick_config, summarize,
-                       topk_of)
+from .pipeline import (
+    PHASES,
+    QUICK,
+    EvalConfig,
+    StopEvaluation,
+    evaluate,
+    quick_config,
+    summarize,
+    topk_of,
+)
 
-__all__ = ["DEFAULT_METRICS", "METHODS", "METRICS", "PHASES", "QUICK", "EvalConfig", "MethodContext",
-           "StopEvaluation", "check_method", "compute_metrics", "evaluate", "get_method", "quick_config",
-           "register_method", "ssim", "summarize", "topk_of"]
+__all__ = [
+    "DEFAULT_METRICS",
+    "METHODS",
+    "METRICS",
+    "PHASES",
+    "QUICK",
+    "EvalConfig",
+    "MethodContext",
+    "StopEvaluation",
+    "check_method",
+    "compute_metrics",
+    "evaluate",
+    "get_method",
+    "quick_config",
+    "register_method",
+    "ssim",
+    "summarize",
+    "topk_of",
+]

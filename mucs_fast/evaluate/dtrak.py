@@ -29,8 +29,15 @@ from ..functional import StackedNet, working_copy
 from ..noise import karras_sigmas
 from ..params import trainable_names
 
-DTRAK_DEFAULTS = dict(num_levels=8, proj_dim=512, lamb=1e-3, batch_size=64, block=32768,
-                      projection="rademacher", params="all")
+DTRAK_DEFAULTS = dict(
+    num_levels=8,
+    proj_dim=512,
+    lamb=1e-3,
+    batch_size=64,
+    block=32768,
+    projection="rademacher",
+    params="all",
+)
 
 
 def _signs(seed: int, index: int, rows: int, d: int) -> torch.Tensor:
@@ -39,7 +46,9 @@ def _signs(seed: int, index: int, rows: int, d: int) -> torch.Tensor:
     return torch.randint(0, 2, (rows, d), generator=g, dtype=torch.int8).mul_(2).sub_(1)
 
 
-def _projection_block(seed: int, index: int, rows: int, d: int, kind: str, dtype=torch.float32) -> torch.Tensor:
+def _projection_block(
+    seed: int, index: int, rows: int, d: int, kind: str, dtype=torch.float32
+) -> torch.Tensor:
     """Block `index` (rows of P) of the projection [rows, d], entries ±1/√d or N(0, 1/d)."""
     if kind == "rademacher":
         return _signs(seed, index, rows, d).to(dtype) / math.sqrt(d)
@@ -75,10 +84,23 @@ class _Projection:
         return acc
 
 
-def dtrak_features(den, images: torch.Tensor, labels: Optional[torch.Tensor], *, seed: int, num_levels: int,
-                   proj_dim: int, batch_size: int, block: int, projection: str, params: str,
-                   device=None, progress: bool = False, desc: str = "dtrak",
-                   projector: Optional[_Projection] = None) -> torch.Tensor:
+def dtrak_features(
+    den,
+    images: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    *,
+    seed: int,
+    num_levels: int,
+    proj_dim: int,
+    batch_size: int,
+    block: int,
+    projection: str,
+    params: str,
+    device=None,
+    progress: bool = False,
+    desc: str = "dtrak",
+    projector: Optional[_Projection] = None,
+) -> torch.Tensor:
     """Projected per-sample gradients φ [n, d] (float64) of the model output function f.
 
     Per-sample gradients the way the engine differentiates K unlearned copies: the weights are
@@ -88,14 +110,15 @@ def dtrak_features(den, images: torch.Tensor, labels: Optional[torch.Tensor], *,
     `grad` support)."""
     from tqdm.auto import tqdm
 
-
     device = torch.device(device or "cpu")
     net = working_copy(den.net, device)
     n = images.shape[0]
     y_all = den.prepare_labels(labels, n, "labels")
     chw = tuple(images.shape[1:])
     g = torch.Generator().manual_seed(derive_seed(seed, "dtrak", "noise"))
-    if getattr(den, "level_dtype", torch.float32) == torch.int64:  # VP/DDPM: timesteps spread over [0, T)
+    if (
+        getattr(den, "level_dtype", torch.float32) == torch.int64
+    ):  # VP/DDPM: timesteps spread over [0, T)
         level = torch.linspace(den.T - 1, 0, num_levels).round().long()
     else:
         level = karras_sigmas(num_levels, den.sigma_min, den.sigma_max, den.rho)
@@ -106,36 +129,59 @@ def dtrak_features(den, images: torch.Tensor, labels: Optional[torch.Tensor], *,
     all_params = dict(net.named_parameters())
     names = list(all_params) if params == "all" else trainable_names(net, den.default_frozen())
     P = sum(all_params[n_].numel() for n_ in names)
-    project = projector if projector is not None else _Projection(seed, P, proj_dim, block, projection)
+    project = (
+        projector if projector is not None else _Projection(seed, P, proj_dim, block, projection)
+    )
     phi = torch.zeros(n, proj_dim, dtype=torch.float64)
     for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-        x = images[i:i + batch_size].to(device, torch.float32)
+        x = images[i : i + batch_size].to(device, torch.float32)
         b = x.shape[0]
-        W = {n_: all_params[n_].detach().unsqueeze(0).repeat(b, *([1] * all_params[n_].dim())).requires_grad_(True)
-             for n_ in names}
+        W = {
+            n_: all_params[n_]
+            .detach()
+            .unsqueeze(0)
+            .repeat(b, *([1] * all_params[n_].dim()))
+            .requires_grad_(True)
+            for n_ in names
+        }
         stack = StackedNet(net, W)
         xs = x.unsqueeze(1).expand(b, S, *chw)
         ys = None
         if y_all is not None:
-            y = y_all[i:i + b].to(device)
+            y = y_all[i : i + b].to(device)
             ys = y.unsqueeze(1).expand(b, S, *y.shape[1:])
         L = stack.loss(den, xs, eps, level, ys, in_dims=(0, None, None, 0))  # [b, S]
         grads = torch.autograd.grad(L.mean(1).sum(), [W[n_] for n_ in names])
         G = torch.cat([gr.reshape(b, -1) for gr in grads], 1).cpu()  # [b, P]
-        phi[i:i + b] = project(G)
+        phi[i : i + b] = project(G)
     return phi
 
 
-def dtrak(den, train: torch.Tensor, targets: torch.Tensor, train_labels=None, target_labels=None, *, seed: int = 0,
-          device=None, progress: bool = False, info: Optional[dict] = None, **settings) -> torch.Tensor:
+def dtrak(
+    den,
+    train: torch.Tensor,
+    targets: torch.Tensor,
+    train_labels=None,
+    target_labels=None,
+    *,
+    seed: int = 0,
+    device=None,
+    progress: bool = False,
+    info: Optional[dict] = None,
+    **settings,
+) -> torch.Tensor:
     """D-TRAK scores [K, N] (see module doc); settings override DTRAK_DEFAULTS."""
     opts = {**DTRAK_DEFAULTS, **settings}
     unknown = set(opts) - set(DTRAK_DEFAULTS)
     if unknown:
-        raise ValueError(f"dtrak: unknown settings {sorted(unknown)}; known: {sorted(DTRAK_DEFAULTS)}")
+        raise ValueError(
+            f"dtrak: unknown settings {sorted(unknown)}; known: {sorted(DTRAK_DEFAULTS)}"
+        )
     lamb = opts.pop("lamb")
     P = sum(p.numel() for n, p in den.net.named_parameters()) if opts["params"] == "all" else None
-    projector = _Projection(seed, P, opts["proj_dim"], opts["block"], opts["projection"]) if P else None
+    projector = (
+        _Projection(seed, P, opts["proj_dim"], opts["block"], opts["projection"]) if P else None
+    )
     kw = dict(seed=seed, device=device, progress=progress, projector=projector, **opts)
     phi = dtrak_features(den, train, train_labels, desc="dtrak train", **kw)
     phi_t = dtrak_features(den, targets, target_labels, desc="dtrak targets", **kw)
@@ -146,6 +192,11 @@ def dtrak(den, train: torch.Tensor, targets: torch.Tensor, train_labels=None, ta
     sol = torch.linalg.solve(kern, phi_t.T)  # [d, K]
     scores = (sol.T @ phi.T).float()
     if info is not None:
-        info.update({"settings": {**opts, "lamb": lamb}, "ridge": reg,
-                     "feature_norm_mean": float(phi.norm(dim=1).mean())})
+        info.update(
+            {
+                "settings": {**opts, "lamb": lamb},
+                "ridge": reg,
+                "feature_norm_mean": float(phi.norm(dim=1).mean()),
+            }
+        )
     return scores

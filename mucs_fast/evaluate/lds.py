@@ -40,16 +40,24 @@ def lds_options(opts: Optional[dict]) -> Optional[dict]:
         raise ValueError(f"lds: unknown settings {sorted(unknown)}; known: {sorted(LDS_DEFAULTS)}")
     o = {**LDS_DEFAULTS, **opts}
     if int(o["subsets"]) < 3:
-        raise ValueError(f"lds.subsets must be >= 3 (a Spearman correlation over subsets), got {o['subsets']}")
+        raise ValueError(
+            f"lds.subsets must be >= 3 (a Spearman correlation over subsets), got {o['subsets']}"
+        )
     if not 0 < float(o["alpha"]) < 1:
         raise ValueError(f"lds.alpha must lie in (0, 1), got {o['alpha']}")
     if o["steps"] is not None and int(o["steps"]) < 1:
-        raise ValueError(f"lds.steps must be >= 1 or None (same epochs as the full model), got {o['steps']}")
+        raise ValueError(
+            f"lds.steps must be >= 1 or None (same epochs as the full model), got {o['steps']}"
+        )
     if int(o["num_noises"]) < 1:
         raise ValueError(f"lds.num_noises must be >= 1, got {o['num_noises']}")
-    return {"subsets": int(o["subsets"]), "alpha": float(o["alpha"]),
-            "steps": None if o["steps"] is None else int(o["steps"]),
-            "num_noises": int(o["num_noises"]), "seed": int(o["seed"])}
+    return {
+        "subsets": int(o["subsets"]),
+        "alpha": float(o["alpha"]),
+        "steps": None if o["steps"] is None else int(o["steps"]),
+        "num_noises": int(o["num_noises"]),
+        "seed": int(o["seed"]),
+    }
 
 
 def subset_masks(N: int, subsets: int, alpha: float, seed: int) -> torch.Tensor:
@@ -70,7 +78,11 @@ def subset_seed(seed: int, s: int) -> int:
 
 def subset_train(train: dict, opts: dict) -> dict:
     """The subset models' training recipe: the full model's, with `steps` giving the same epochs."""
-    steps = opts["steps"] if opts["steps"] is not None else max(1, round(opts["alpha"] * train["steps"]))
+    steps = (
+        opts["steps"]
+        if opts["steps"] is not None
+        else max(1, round(opts["alpha"] * train["steps"]))
+    )
     return {**train, "steps": steps}
 
 
@@ -82,16 +94,25 @@ def lds_bank(den, chw, num_noises: int, seed: int):
 
 
 @torch.inference_mode()
-def model_outputs(den, images: torch.Tensor, labels: Optional[torch.Tensor], bank, device=None) -> torch.Tensor:
+def model_outputs(
+    den, images: torch.Tensor, labels: Optional[torch.Tensor], bank, device=None
+) -> torch.Tensor:
     """f(x̂) [K] float64: each image's diffusion loss under `den` averaged over `bank` (lds_bank),
     by the engine's loss pass (so exactly the loss MUCS scores with)."""
 
     device = torch.device(device or "cpu")
     K = images.shape[0]
     y = den.prepare_labels(labels, K, "target_labels")
-    lp = LossPass(den, working_copy(den.net, device), [], bank.to(device),
-                  images_per_forward=images_per_forward(None, bank.M, device))
-    losses = original_losses(lp, TensorSource(images.to(device)), None if y is None else y.to(device), torch.arange(K))
+    lp = LossPass(
+        den,
+        working_copy(den.net, device),
+        [],
+        bank.to(device),
+        images_per_forward=images_per_forward(None, bank.M, device),
+    )
+    losses = original_losses(
+        lp, TensorSource(images.to(device)), None if y is None else y.to(device), torch.arange(K)
+    )
     return losses.double().mean(1).cpu()
 
 

@@ -80,6 +80,7 @@ SETTINGS_GROUP: dict[str, Optional[str]] = {}
 def register_method(name: str, settings_group: Optional[str] = None):
     """Decorator: register `fn(ctx, targets, target_labels) -> [K, N]` under `name`;
     `settings_group`: the key of ctx.settings it reads (part of its cache key)."""
+
     def deco(fn: MethodFn) -> MethodFn:
         METHODS[name] = fn
         SETTINGS_GROUP[name] = settings_group
@@ -90,12 +91,14 @@ def register_method(name: str, settings_group: Optional[str] = None):
 
 def _components(name: str) -> list[str]:
     if name.startswith("ensemble:"):
-        parts = [p for p in name[len("ensemble:"):].split("+") if p]
+        parts = [p for p in name[len("ensemble:") :].split("+") if p]
         if len(parts) < 2:
-            raise ValueError(f"{name!r}: an ensemble needs at least two methods, e.g. ensemble:mucs+dtrak")
+            raise ValueError(
+                f"{name!r}: an ensemble needs at least two methods, e.g. ensemble:mucs+dtrak"
+            )
         return parts
     if name.startswith("center:"):
-        return [name[len("center:"):]]
+        return [name[len("center:") :]]
     return []
 
 
@@ -107,8 +110,10 @@ def check_method(name: str) -> None:
             check_method(p)
         return
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}, "
-                         "ensemble:a+b[+c], center:m")
+        raise ValueError(
+            f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}, "
+            "ensemble:a+b[+c], center:m"
+        )
 
 
 def get_method(name: str) -> MethodFn:
@@ -171,20 +176,32 @@ def _mucs(overrides: dict) -> MethodFn:
         cfg = MUCSConfig(**settings)
         res = _attribute_resumable(attribute, ctx, targets, target_labels, cfg)
         m = res.meta
-        ctx.info.update({
-            "steps": [t["steps"] for t in m["targets"]], "stop": [t["stop"] for t in m["targets"]],
-            "flagged": m["flagged"], "loss_null": m["resolved"]["loss_null"], "lr": m["resolved"]["lr"],
-            "timings": m["timings"], "config": m["config"], "pairs_evaluated": m.get("pairs_evaluated"),
-            "adaptive": m.get("adaptive"),
-        })
+        ctx.info.update(
+            {
+                "steps": [t["steps"] for t in m["targets"]],
+                "stop": [t["stop"] for t in m["targets"]],
+                "flagged": m["flagged"],
+                "loss_null": m["resolved"]["loss_null"],
+                "lr": m["resolved"]["lr"],
+                "timings": m["timings"],
+                "config": m["config"],
+                "pairs_evaluated": m.get("pairs_evaluated"),
+                "adaptive": m.get("adaptive"),
+            }
+        )
         return res.scores
 
     return fn
 
 
 def _attribute_resumable(attribute, ctx, targets, target_labels, cfg):
-    kw = dict(train_labels=ctx.train_labels, target_labels=target_labels, device=ctx.device,
-              progress=ctx.progress, cache_dir=ctx.cache_dir if ctx.cache_dir is not None else None)
+    kw = dict(
+        train_labels=ctx.train_labels,
+        target_labels=target_labels,
+        device=ctx.device,
+        progress=ctx.progress,
+        cache_dir=ctx.cache_dir if ctx.cache_dir is not None else None,
+    )
     if ctx.work_dir is None:
         return attribute(ctx.den, ctx.train, targets, cfg, **kw)
     try:
@@ -209,8 +226,14 @@ for _name, _over in MUCS_VARIANTS.items():
 def random_scores(ctx: MethodContext, targets, target_labels=None):
     """Uniform random scores, one seeded stream per target index."""
     K = targets.shape[0]
-    return torch.stack([torch.rand(ctx.N, generator=torch.Generator().manual_seed(
-        derive_seed(ctx.seed, "random", k))) for k in range(K)])
+    return torch.stack(
+        [
+            torch.rand(
+                ctx.N, generator=torch.Generator().manual_seed(derive_seed(ctx.seed, "random", k))
+            )
+            for k in range(K)
+        ]
+    )
 
 
 @register_method("pixel")
@@ -235,8 +258,18 @@ def pixel_l2_scores(ctx: MethodContext, targets, target_labels=None):
 @register_method("dtrak", "dtrak")
 def dtrak_scores(ctx: MethodContext, targets, target_labels=None):
 
-    return dtrak(ctx.den, ctx.train, targets, ctx.train_labels, target_labels, seed=ctx.seed,
-                 device=_device(ctx), progress=ctx.progress, info=ctx.info, **ctx.settings.get("dtrak", {}))
+    return dtrak(
+        ctx.den,
+        ctx.train,
+        targets,
+        ctx.train_labels,
+        target_labels,
+        seed=ctx.seed,
+        device=_device(ctx),
+        progress=ctx.progress,
+        info=ctx.info,
+        **ctx.settings.get("dtrak", {}),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,10 +302,15 @@ def abu_scores(ctx: MethodContext, targets, target_labels=None):
     yt = _labels(ctx, target_labels, K, "target_labels")
     bank_cfg = MUCSConfig(num_noises=opts["num_noises"], seed=derive_seed(ctx.seed, "abu", "bank"))
     bank = make_bank(den, tuple(ctx.train.shape[1:]), bank_cfg, bank_cfg.t_sched_infer).to(device)
-    names = trainable_names(net0, den.default_frozen()) if opts["params"] == "mucs" else \
-        [n for n, _ in net0.named_parameters()]
+    names = (
+        trainable_names(net0, den.default_frozen())
+        if opts["params"] == "mucs"
+        else [n for n, _ in net0.named_parameters()]
+    )
     # the engine's loss pass and score: the raw loss increase is its plain-difference skew
-    lp = LossPass(den, net0, names, bank, images_per_forward=images_per_forward(None, bank.M, device))
+    lp = LossPass(
+        den, net0, names, bank, images_per_forward=images_per_forward(None, bank.M, device)
+    )
     ids = torch.arange(N)
     loss_t = original_losses(lp, x, y, ids)
     from tqdm.auto import tqdm
@@ -285,8 +323,8 @@ def abu_scores(ctx: MethodContext, targets, target_labels=None):
         opt = torch.optim.Adam(params, lr=lr)
         gen = torch.Generator(device).manual_seed(derive_seed(ctx.seed, "abu", "ascent", k))
         B = opts["batch_size"]
-        xk = targets[k:k + 1].to(device).expand(B, *targets.shape[1:])
-        yk = None if yt is None else yt[k:k + 1].to(device).expand(B, *yt.shape[1:])
+        xk = targets[k : k + 1].to(device).expand(B, *targets.shape[1:])
+        yk = None if yt is None else yt[k : k + 1].to(device).expand(B, *yt.shape[1:])
         first = last = math.nan
         for s in range(opts["steps"] + 1):
             eps, level = den.training_noise(xk.shape, gen, None, device)
@@ -302,7 +340,8 @@ def abu_scores(ctx: MethodContext, targets, target_labels=None):
         gains.append((first, last))
         trained = dict(net.named_parameters())
         weights = {n: trained[n].detach()[None] for n in names}
-        out[k] = score_stacked(lp, weights, x, y, ids, loss_t, eps=0.0, use_loss_ratio=False,
-                               use_same_noise_infer=True)[0].cpu()
+        out[k] = score_stacked(
+            lp, weights, x, y, ids, loss_t, eps=0.0, use_loss_ratio=False, use_same_noise_infer=True
+        )[0].cpu()
     ctx.info.update({"settings": opts, "lr": lr, "target_loss_before_after": gains})
     return out

@@ -32,8 +32,10 @@ from torch.nn import functional as F
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"expected two image batches [B, C, H, W] of one shape, got {tuple(x.shape)} "
-                         f"and {tuple(y.shape)}")
+        raise ValueError(
+            f"expected two image batches [B, C, H, W] of one shape, got {tuple(x.shape)} "
+            f"and {tuple(y.shape)}"
+        )
     return x.detach().float().cpu().clamp(-1, 1), y.detach().float().cpu().clamp(-1, 1)
 
 
@@ -45,16 +47,25 @@ def gaussian_window(size: int = 7, sigma: float = 1.5, dtype=torch.float64) -> t
     return g[:, None] * g[None, :]
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: int = 7, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+def ssim(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    data_range: float = 1.0,
+    window: int = 7,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
     """SSIM [B] of image pairs x, y [B, C, H, W] with values in [0, data_range] (see module doc).
 
     Local statistics: μ = w∗x, σ² = w∗x² − μ², σ_xy = w∗(xy) − μ_x μ_y (valid convolution);
     SSIM map = (2μ_xμ_y + C1)(2σ_xy + C2) / ((μ_x² + μ_y² + C1)(σ_x² + σ_y² + C2)), then its mean.
     """
     if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"ssim: expected two batches [B, C, H, W] of one shape, got {tuple(x.shape)}, "
-                         f"{tuple(y.shape)}")
+        raise ValueError(
+            f"ssim: expected two batches [B, C, H, W] of one shape, got {tuple(x.shape)}, "
+            f"{tuple(y.shape)}"
+        )
     B, C, H, W = x.shape
     if H < window or W < window:
         raise ValueError(f"ssim: images ({H}×{W}) are smaller than the {window}×{window} window")
@@ -65,17 +76,21 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: int 
         return F.conv2d(t, w, groups=C)
 
     mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x ** 2
-    var_y = blur(y * y) - mu_y ** 2
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
     cov = blur(x * y) - mu_x * mu_y
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
     return s.mean((1, 2, 3)).float()
 
 
 def pixel_cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x, y = _check_pair(x, y)
-    return F.cosine_similarity(x.flatten(1).double(), y.flatten(1).double(), dim=1, eps=1e-12).float()
+    return F.cosine_similarity(
+        x.flatten(1).double(), y.flatten(1).double(), dim=1, eps=1e-12
+    ).float()
 
 
 def neg_mae(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -115,9 +130,12 @@ class FeatureNet(nn.Module):
         C, H, W = (int(v) for v in image_size)
         self.args = ((C, H, W), classes, width, feat)
         self.body = nn.Sequential(
-            nn.Conv2d(C, width, 3, padding=1), nn.GELU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(C, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
+            nn.GELU(),
             nn.Flatten(),
         )
         h, w = (math.ceil(math.ceil(v / 2) / 2) for v in (H, W))  # after two stride-2 convolutions
@@ -131,9 +149,17 @@ class FeatureNet(nn.Module):
         return self.head(self.features(x))
 
 
-def train_feature_net(images: torch.Tensor, labels: torch.Tensor, steps: int = 500, batch_size: int = 128,
-                      lr: float = 2e-3, width: int = 16, seed: int = 0, holdout: float = 0.1,
-                      progress: bool = False):
+def train_feature_net(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int = 500,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    width: int = 16,
+    seed: int = 0,
+    holdout: float = 0.1,
+    progress: bool = False,
+):
     """Train `FeatureNet` on (images [N, C, H, W] in [-1, 1], class ids [N]) with AdamW and a random
     ±1-pixel shift augmentation; a `holdout` fraction (seeded split) measures accuracy.
     Returns (net in eval mode, info {"holdout_accuracy", "train_accuracy", "steps", ...})."""
@@ -141,7 +167,9 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor, steps: int = 5
 
     labels = torch.as_tensor(labels).long()
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"train_feature_net: expected class ids [N={images.shape[0]}], got {tuple(labels.shape)}")
+        raise ValueError(
+            f"train_feature_net: expected class ids [N={images.shape[0]}], got {tuple(labels.shape)}"
+        )
     g = torch.Generator().manual_seed(seed)
     N = images.shape[0]
     perm = torch.randperm(N, generator=g)
@@ -169,9 +197,21 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor, steps: int = 5
     net.eval()
     with torch.no_grad():
         acc_fit = (net(x_fit).argmax(1) == y_fit).float().mean().item()
-        acc_hold = (net(images[hold].float()).argmax(1) == labels[hold]).float().mean().item() if n_hold else math.nan
-    return net, {"holdout_accuracy": acc_hold, "train_accuracy": acc_fit, "steps": steps, "batch_size": B,
-                 "lr": lr, "width": width, "seed": seed, "holdout": n_hold}
+        acc_hold = (
+            (net(images[hold].float()).argmax(1) == labels[hold]).float().mean().item()
+            if n_hold
+            else math.nan
+        )
+    return net, {
+        "holdout_accuracy": acc_hold,
+        "train_accuracy": acc_fit,
+        "steps": steps,
+        "batch_size": B,
+        "lr": lr,
+        "width": width,
+        "seed": seed,
+        "holdout": n_hold,
+    }
 
 
 def feature_cosine(net: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -191,7 +231,9 @@ def feature_cosine(net: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], tor
 class Metric:
     name: str
     label: str  # column title in results.md
-    fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]  # None: needs the feature net
+    fn: Optional[
+        Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ]  # None: needs the feature net
     distance: bool = False  # a negated distance (0 for identical images); see stats.ratio
 
 
@@ -206,8 +248,12 @@ METRICS = {
 DEFAULT_METRICS = tuple(METRICS)
 
 
-def compute_metrics(pre: torch.Tensor, post: torch.Tensor, names=DEFAULT_METRICS,
-                    feature_net: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+def compute_metrics(
+    pre: torch.Tensor,
+    post: torch.Tensor,
+    names=DEFAULT_METRICS,
+    feature_net: Optional[nn.Module] = None,
+) -> dict[str, torch.Tensor]:
     """{metric: similarity [B]} of every pre/post pair."""
     out = {}
     for name in names:

@@ -85,23 +85,38 @@ class EvalConfig:
     image_size: int = 16
     n_train: Optional[int] = None
     seeds: tuple = (0, 1, 2)
-    methods: tuple = ("mucs", "mucs-diff", "mucs-indep", "random", "pixel", "dtrak", "abu",
-                      "ensemble:mucs+dtrak")
+    methods: tuple = (
+        "mucs",
+        "mucs-diff",
+        "mucs-indep",
+        "random",
+        "pixel",
+        "dtrak",
+        "abu",
+        "ensemble:mucs+dtrak",
+    )
     num_targets: int = 20
     num_controls: int = 20
     target_classes: Optional[tuple] = None
     top_k: Optional[int] = None
     top_k_frac: float = 0.02
-    model: dict = dataclasses.field(default_factory=lambda: dict(
-        patch_size=4, width=64, depth=4, heads=4, mlp_ratio=4, cond_width=64, extra_tokens=0))
-    train: dict = dataclasses.field(default_factory=lambda: dict(
-        steps=3000, batch_size=128, lr=2e-3, ema_decay=0.999))
+    model: dict = dataclasses.field(
+        default_factory=lambda: dict(
+            patch_size=4, width=64, depth=4, heads=4, mlp_ratio=4, cond_width=64, extra_tokens=0
+        )
+    )
+    train: dict = dataclasses.field(
+        default_factory=lambda: dict(steps=3000, batch_size=128, lr=2e-3, ema_decay=0.999)
+    )
     sample_steps: int = 32
-    mucs: dict = dataclasses.field(default_factory=lambda: dict(
-        num_noises=50, safety_steps=300, targets_per_batch=1))
+    mucs: dict = dataclasses.field(
+        default_factory=lambda: dict(num_noises=50, safety_steps=300, targets_per_batch=1)
+    )
     dtrak: dict = dataclasses.field(default_factory=dict)
     abu: dict = dataclasses.field(default_factory=dict)
-    classifier: dict = dataclasses.field(default_factory=lambda: dict(steps=500, batch_size=128, lr=2e-3, width=16))
+    classifier: dict = dataclasses.field(
+        default_factory=lambda: dict(steps=500, batch_size=128, lr=2e-3, width=16)
+    )
     metrics: tuple = DEFAULT_METRICS
     lds: Optional[dict] = None
     adaptive: bool = False
@@ -125,8 +140,10 @@ class EvalConfig:
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
         if self.num_targets < 1 or self.num_controls < 0:
-            raise ValueError(f"num_targets must be >= 1 and num_controls >= 0, got "
-                             f"{self.num_targets}, {self.num_controls}")
+            raise ValueError(
+                f"num_targets must be >= 1 and num_controls >= 0, got "
+                f"{self.num_targets}, {self.num_controls}"
+            )
         if not 0 < self.top_k_frac < 1:
             raise ValueError(f"top_k_frac must lie in (0, 1), got {self.top_k_frac}")
 
@@ -139,10 +156,15 @@ class EvalConfig:
 
 # The --quick preset: one seed, 6 targets + 6 controls, mucs / pixel / random, shorter training;
 # QUICK_LDS: its LDS (with --lds) on 8 subset models. Numbers from it are a smoke test, not a result.
-QUICK = dict(seeds=(0,), methods=("mucs", "pixel", "random"), num_targets=6, num_controls=6,
-             train=dict(steps=1500, batch_size=128, lr=2e-3, ema_decay=0.999),
-             mucs=dict(num_noises=32, safety_steps=200, targets_per_batch=1),
-             classifier=dict(steps=300, batch_size=128, lr=2e-3, width=16))
+QUICK = dict(
+    seeds=(0,),
+    methods=("mucs", "pixel", "random"),
+    num_targets=6,
+    num_controls=6,
+    train=dict(steps=1500, batch_size=128, lr=2e-3, ema_decay=0.999),
+    mucs=dict(num_noises=32, safety_steps=200, targets_per_batch=1),
+    classifier=dict(steps=300, batch_size=128, lr=2e-3, width=16),
+)
 QUICK_LDS = dict(subsets=8)
 
 
@@ -155,7 +177,9 @@ class StopEvaluation(Exception):
 
 
 def _digest(obj) -> str:
-    return tensor_digest({"k": torch.tensor(0), "json": json.dumps(obj, sort_keys=True, default=repr)})[:20]
+    return tensor_digest(
+        {"k": torch.tensor(0), "json": json.dumps(obj, sort_keys=True, default=repr)}
+    )[:20]
 
 
 def _log(msg: str) -> None:
@@ -198,22 +222,43 @@ class Store:
         from safetensors.torch import save_file
 
         t = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        atomic_write(self.path(name), lambda tmp: save_file(t, tmp, metadata={"info": json.dumps(meta, default=repr)}))
+        atomic_write(
+            self.path(name),
+            lambda tmp: save_file(t, tmp, metadata={"info": json.dumps(meta, default=repr)}),
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # the phases
 # --------------------------------------------------------------------------------------------
-def _model_phase(store: Store, cfg: EvalConfig, x, y, seed: int, removed: torch.Tensor, data_key: str,
-                 device, progress: bool, recipe: Optional[dict] = None):
+def _model_phase(
+    store: Store,
+    cfg: EvalConfig,
+    x,
+    y,
+    seed: int,
+    removed: torch.Tensor,
+    data_key: str,
+    device,
+    progress: bool,
+    recipe: Optional[dict] = None,
+):
     """Train (or load) the model on x without the rows `removed` (training recipe `recipe`, default
     cfg.train); returns (den, key, info)."""
 
     train_cfg = cfg.train if recipe is None else recipe
     removed = torch.unique(torch.as_tensor(removed, dtype=torch.int64))
-    key = _digest({"data": data_key, "model": cfg.model, "train": train_cfg, "seed": seed,
-                   "removed": tensor_digest(removed) if removed.numel() else "none", "format": FORMAT,
-                   "conditional": y is not None})
+    key = _digest(
+        {
+            "data": data_key,
+            "model": cfg.model,
+            "train": train_cfg,
+            "seed": seed,
+            "removed": tensor_digest(removed) if removed.numel() else "none",
+            "format": FORMAT,
+            "conditional": y is not None,
+        }
+    )
     name = f"model-{key}.pt"
     path = store.path(name)
     if os.path.isfile(path):
@@ -230,36 +275,74 @@ def _model_phase(store: Store, cfg: EvalConfig, x, y, seed: int, removed: torch.
         torch.manual_seed(derive_seed(seed, "model-init"))
         net = DiT(tuple(x.shape[1:]), label_dim=label_dim, **cfg.model)
     t0 = time.perf_counter()
-    den, info = train(EDMDenoiser(net), x[keep], None if y is None else y[keep], seed=seed, device=device,
-                      progress=progress, **train_cfg)
-    summary = {"n_train": int(keep.sum()), "removed": int(removed.numel()), "seconds": time.perf_counter() - t0,
-               "final_loss": float(sum(info["loss"][-100:]) / max(1, len(info["loss"][-100:]))),
-               "num_params": info["num_params"]}
+    den, info = train(
+        EDMDenoiser(net),
+        x[keep],
+        None if y is None else y[keep],
+        seed=seed,
+        device=device,
+        progress=progress,
+        **train_cfg,
+    )
+    summary = {
+        "n_train": int(keep.sum()),
+        "removed": int(removed.numel()),
+        "seconds": time.perf_counter() - t0,
+        "final_loss": float(sum(info["loss"][-100:]) / max(1, len(info["loss"][-100:]))),
+        "num_params": info["num_params"],
+    }
     save_checkpoint(path, den, {"info": json.dumps(summary)})
     store.note(name, True)
     return den, key, summary
 
 
-def _generate_phase(store: Store, cfg: EvalConfig, den, model_key: str, seeds: torch.Tensor,
-                    labels: Optional[torch.Tensor], device, progress: bool):
+def _generate_phase(
+    store: Store,
+    cfg: EvalConfig,
+    den,
+    model_key: str,
+    seeds: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    device,
+    progress: bool,
+):
 
-    key = _digest({"model": model_key, "seeds": seeds.tolist(), "labels": None if labels is None else labels.tolist(),
-                   "steps": cfg.sample_steps, "format": FORMAT})
+    key = _digest(
+        {
+            "model": model_key,
+            "seeds": seeds.tolist(),
+            "labels": None if labels is None else labels.tolist(),
+            "steps": cfg.sample_steps,
+            "format": FORMAT,
+        }
+    )
     name = f"gen-{key}.safetensors"
     got = store.load_tensors(name)
     if got is not None:
         store.note(name, False)
         return got[0]["images"], key
     t0 = time.perf_counter()
-    imgs = sample_edm(den, seeds, labels, num_steps=cfg.sample_steps, device=device, progress=progress)
+    imgs = sample_edm(
+        den, seeds, labels, num_steps=cfg.sample_steps, device=device, progress=progress
+    )
     imgs = imgs.clamp(-1, 1)
-    store.save_tensors(name, {"images": imgs, "seeds": seeds}, {"seconds": time.perf_counter() - t0})
+    store.save_tensors(
+        name, {"images": imgs, "seeds": seeds}, {"seconds": time.perf_counter() - t0}
+    )
     store.note(name, True)
     return imgs, key
 
 
-def _scores_phase(store: Store, cfg: EvalConfig, method: str, ctx_base: dict, targets, target_labels,
-                  base_key: dict, memo: dict):
+def _scores_phase(
+    store: Store,
+    cfg: EvalConfig,
+    method: str,
+    ctx_base: dict,
+    targets,
+    target_labels,
+    base_key: dict,
+    memo: dict,
+):
     """Scores [K, N] of `method` (loaded, or computed and saved), memoized per seed."""
     if method in memo:
         return memo[method]
@@ -271,15 +354,21 @@ def _scores_phase(store: Store, cfg: EvalConfig, method: str, ctx_base: dict, ta
         store.note(name, False)
         memo[method] = (got[0]["scores"], got[1])
         return memo[method]
-    ctx = MethodContext(**ctx_base, work_dir=store.path(f"run-{slug}-{key}"),
-                        scores_of=lambda m: _scores_phase(store, cfg, m, ctx_base, targets, target_labels,
-                                                          base_key, memo)[0])
+    ctx = MethodContext(
+        **ctx_base,
+        work_dir=store.path(f"run-{slug}-{key}"),
+        scores_of=lambda m: _scores_phase(
+            store, cfg, m, ctx_base, targets, target_labels, base_key, memo
+        )[0],
+    )
     t0 = time.perf_counter()
     scores = get_method(method)(ctx, targets, target_labels)
     scores = torch.as_tensor(scores).float()
     if scores.shape != (targets.shape[0], ctx.N):
-        raise ValueError(f"method {method!r} returned scores of shape {tuple(scores.shape)}, expected "
-                         f"[K={targets.shape[0]}, N={ctx.N}]")
+        raise ValueError(
+            f"method {method!r} returned scores of shape {tuple(scores.shape)}, expected "
+            f"[K={targets.shape[0]}, N={ctx.N}]"
+        )
     info = {**ctx.info, "seconds": time.perf_counter() - t0}
     store.save_tensors(name, {"scores": scores}, info)
     store.note(name, True)
@@ -300,24 +389,61 @@ def _lds_models(store: Store, cfg: EvalConfig, x, y, data_key: str, device, prog
     train = subset_train(cfg.train, o)
     models, keys, infos = [], [], []
     for s in range(o["subsets"]):
-        _log(f"LDS: subset model {s + 1}/{o['subsets']} ({int(masks[s].sum())} images, {train['steps']} steps)")
-        den, key, info = _model_phase(store, cfg, x, y, subset_seed(o["seed"], s), (~masks[s]).nonzero()[:, 0],
-                                      data_key, device, progress, recipe=train)
+        _log(
+            f"LDS: subset model {s + 1}/{o['subsets']} ({int(masks[s].sum())} images, {train['steps']} steps)"
+        )
+        den, key, info = _model_phase(
+            store,
+            cfg,
+            x,
+            y,
+            subset_seed(o["seed"], s),
+            (~masks[s]).nonzero()[:, 0],
+            data_key,
+            device,
+            progress,
+            recipe=train,
+        )
         models.append(den)
         keys.append(key)
         infos.append(info)
-    return {"masks": masks, "models": models, "keys": keys,
-            "info": {**o, "train_steps": train["steps"], "subset_size": int(masks[0].sum()), "models": infos}}
+    return {
+        "masks": masks,
+        "models": models,
+        "keys": keys,
+        "info": {
+            **o,
+            "train_steps": train["steps"],
+            "subset_size": int(masks[0].sum()),
+            "models": infos,
+        },
+    }
 
 
-def _lds_phase(store: Store, cfg: EvalConfig, lds: dict, targets, target_labels, gen_key: str, scores: dict,
-               device) -> dict:
+def _lds_phase(
+    store: Store,
+    cfg: EvalConfig,
+    lds: dict,
+    targets,
+    target_labels,
+    gen_key: str,
+    scores: dict,
+    device,
+) -> dict:
     """One seed's LDS: the targets' outputs under every subset model (an artifact), then each
     method's LDS per target."""
     o = cfg.lds
     bank_seed = derive_seed(o["seed"], "lds-bank")
-    key = _digest({"gen": gen_key, "T": targets.shape[0], "models": lds["keys"], "num_noises": o["num_noises"],
-                   "bank_seed": bank_seed, "format": FORMAT})
+    key = _digest(
+        {
+            "gen": gen_key,
+            "T": targets.shape[0],
+            "models": lds["keys"],
+            "num_noises": o["num_noises"],
+            "bank_seed": bank_seed,
+            "format": FORMAT,
+        }
+    )
     name = f"lds-outputs-{key}.safetensors"
     got = store.load_tensors(name)
     if got is not None:
@@ -326,19 +452,25 @@ def _lds_phase(store: Store, cfg: EvalConfig, lds: dict, targets, target_labels,
     else:
         t0 = time.perf_counter()
         bank = lds_bank(lds["models"][0], targets.shape[1:], o["num_noises"], bank_seed)
-        outputs = torch.stack([model_outputs(den, targets, target_labels, bank, device)
-                               for den in lds["models"]], dim=1)  # [T, S]
+        outputs = torch.stack(
+            [model_outputs(den, targets, target_labels, bank, device) for den in lds["models"]],
+            dim=1,
+        )  # [T, S]
         store.save_tensors(name, {"outputs": outputs}, {"seconds": time.perf_counter() - t0})
         store.note(name, True)
-    return {"outputs": outputs, "per_target": {m: lds_per_target(sc, lds["masks"], outputs)
-                                               for m, sc in scores.items()}}
+    return {
+        "outputs": outputs,
+        "per_target": {m: lds_per_target(sc, lds["masks"], outputs) for m, sc in scores.items()},
+    }
 
 
 def _classifier(store: Store, cfg: EvalConfig, x, y, data_key: str, progress: bool):
 
     if y is None or "feat" not in cfg.metrics:
         return None, None
-    key = _digest({"data": data_key, "classifier": cfg.classifier, "format": FORMAT, "feature_net": 2})
+    key = _digest(
+        {"data": data_key, "classifier": cfg.classifier, "format": FORMAT, "feature_net": 2}
+    )
     name = f"classifier-{key}.pt"
     path = store.path(name)
     if os.path.isfile(path):
@@ -351,7 +483,11 @@ def _classifier(store: Store, cfg: EvalConfig, x, y, data_key: str, progress: bo
         except Exception:
             pass
     net, info = train_feature_net(x, y, progress=progress, **cfg.classifier)
-    payload = {"args": [list(net.args[0]), *net.args[1:]], "state_dict": net.state_dict(), "info": json.dumps(info)}
+    payload = {
+        "args": [list(net.args[0]), *net.args[1:]],
+        "state_dict": net.state_dict(),
+        "info": json.dumps(info),
+    }
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
     store.note(name, True)
     return net, info
@@ -360,8 +496,15 @@ def _classifier(store: Store, cfg: EvalConfig, x, y, data_key: str, progress: bo
 # --------------------------------------------------------------------------------------------
 # evaluate
 # --------------------------------------------------------------------------------------------
-def evaluate(out: str, config: Optional[EvalConfig] = None, *, device=None, progress: bool = True,
-             stop_after: Optional[str] = None, data: Optional[tuple] = None) -> dict:
+def evaluate(
+    out: str,
+    config: Optional[EvalConfig] = None,
+    *,
+    device=None,
+    progress: bool = True,
+    stop_after: Optional[str] = None,
+    data: Optional[tuple] = None,
+) -> dict:
     """Run (or resume) the counterfactual evaluation into folder `out`; returns results.json's dict.
 
     config: an EvalConfig (default: the full digits protocol); device: default CPU;
@@ -390,8 +533,10 @@ def evaluate(out: str, config: Optional[EvalConfig] = None, *, device=None, prog
         cfg = dataclasses.replace(cfg, mucs={**cfg.mucs, "adaptive_top_k": k})
     data_key = tensor_digest({"x": x, "y": y if y is not None else torch.tensor([])})
     store = Store(out)
-    atomic_write_json(os.path.join(out, "eval_config.json"), {"config": cfg.to_dict(), "data": desc, "N": N,
-                                                              "top_k": k, "mucs_fast": __version__})
+    atomic_write_json(
+        os.path.join(out, "eval_config.json"),
+        {"config": cfg.to_dict(), "data": desc, "N": N, "top_k": k, "mucs_fast": __version__},
+    )
     _log(f"data: {desc}; N={N}, top-k={k}; seeds {list(cfg.seeds)}; methods {list(cfg.methods)}")
     classifier, clf_info = _classifier(store, cfg, x, y, data_key, progress)
     lds = _lds_models(store, cfg, x, y, data_key, device, progress) if cfg.lds else None
@@ -402,31 +547,54 @@ def evaluate(out: str, config: Optional[EvalConfig] = None, *, device=None, prog
     per_seed = {}
     for seed in cfg.seeds:
         _log(f"seed {seed}: pre model ({cfg.train['steps']} steps)")
-        pre, pre_key, pre_info = _model_phase(store, cfg, x, y, seed, torch.empty(0, dtype=torch.int64),
-                                              data_key, device, progress)
+        pre, pre_key, pre_info = _model_phase(
+            store, cfg, x, y, seed, torch.empty(0, dtype=torch.int64), data_key, device, progress
+        )
         if stop_after == "pre":
             raise StopEvaluation("pre")
-        gen_seeds = torch.tensor([derive_seed(seed, "generate", i) % (1 << 62) for i in range(G)], dtype=torch.int64)
+        gen_seeds = torch.tensor(
+            [derive_seed(seed, "generate", i) % (1 << 62) for i in range(G)], dtype=torch.int64
+        )
         gen_labels = None
         if y is not None:
-            tc = torch.tensor(cfg.target_classes) if cfg.target_classes is not None else torch.arange(classes)
+            tc = (
+                torch.tensor(cfg.target_classes)
+                if cfg.target_classes is not None
+                else torch.arange(classes)
+            )
             if int(tc.min()) < 0 or int(tc.max()) >= classes:
-                raise ValueError(f"target_classes must lie in [0, {classes}), got {cfg.target_classes}")
-            gen_labels = torch.cat([tc[torch.arange(T) % tc.numel()], torch.arange(G - T) % classes])
+                raise ValueError(
+                    f"target_classes must lie in [0, {classes}), got {cfg.target_classes}"
+                )
+            gen_labels = torch.cat(
+                [tc[torch.arange(T) % tc.numel()], torch.arange(G - T) % classes]
+            )
         _log(f"seed {seed}: generating {T} targets + {G - T} controls")
-        gen_pre, gen_key = _generate_phase(store, cfg, pre, pre_key, gen_seeds, gen_labels, device, progress)
+        gen_pre, gen_key = _generate_phase(
+            store, cfg, pre, pre_key, gen_seeds, gen_labels, device, progress
+        )
         if stop_after == "generate":
             raise StopEvaluation("generate")
         targets = gen_pre[:T]
         t_labels = None if gen_labels is None else gen_labels[:T]
-        ctx_base = dict(den=pre, train=x, train_labels=y, seed=seed, device=device, progress=progress,
-                        settings=cfg.settings(), cache_dir=os.path.join(out, "cache"))
+        ctx_base = dict(
+            den=pre,
+            train=x,
+            train_labels=y,
+            seed=seed,
+            device=device,
+            progress=progress,
+            settings=cfg.settings(),
+            cache_dir=os.path.join(out, "cache"),
+        )
         base_key = {"pre": pre_key, "gen": gen_key, "T": T, "seed": seed}
         memo: dict = {}
         scores, infos, topk = {}, {}, {}
         for m in cfg.methods:
             _log(f"seed {seed}: attribution with {m}")
-            scores[m], infos[m] = _scores_phase(store, cfg, m, ctx_base, targets, t_labels, base_key, memo)
+            scores[m], infos[m] = _scores_phase(
+                store, cfg, m, ctx_base, targets, t_labels, base_key, memo
+            )
             topk[m] = topk_of(scores[m], k)
         lds_seed = None
         if lds is not None:
@@ -444,29 +612,60 @@ def evaluate(out: str, config: Optional[EvalConfig] = None, *, device=None, prog
         sims, gens = {}, {}
         for m in cfg.methods:
             den_post, post_key, _ = posts[m]
-            gens[m], _ = _generate_phase(store, cfg, den_post, post_key, gen_seeds, gen_labels, device, progress)
-            sims[m] = {grp: compute_metrics(gen_pre[sl], gens[m][sl], cfg.metrics, classifier)
-                       for grp, sl in (("targets", slice(0, T)), ("controls", slice(T, G)))}
+            gens[m], _ = _generate_phase(
+                store, cfg, den_post, post_key, gen_seeds, gen_labels, device, progress
+            )
+            sims[m] = {
+                grp: compute_metrics(gen_pre[sl], gens[m][sl], cfg.metrics, classifier)
+                for grp, sl in (("targets", slice(0, T)), ("controls", slice(T, G)))
+            }
         if stop_after == "regenerate":
             raise StopEvaluation("regenerate")
-        per_seed[seed] = {"pre": pre_info, "post": {m: posts[m][2] for m in cfg.methods}, "sims": sims,
-                          "topk": topk, "union": {m: int(stats.union(topk[m]).numel()) for m in cfg.methods},
-                          "method_info": infos, "gen_pre": gen_pre, "gen_post": gens, "targets_labels": t_labels,
-                          "lds": lds_seed}
-    results = summarize(cfg, per_seed, N=N, k=k, data_desc=desc, classifier_info=clf_info,
-                        lds_info=None if lds is None else lds["info"])
+        per_seed[seed] = {
+            "pre": pre_info,
+            "post": {m: posts[m][2] for m in cfg.methods},
+            "sims": sims,
+            "topk": topk,
+            "union": {m: int(stats.union(topk[m]).numel()) for m in cfg.methods},
+            "method_info": infos,
+            "gen_pre": gen_pre,
+            "gen_post": gens,
+            "targets_labels": t_labels,
+            "lds": lds_seed,
+        }
+    results = summarize(
+        cfg,
+        per_seed,
+        N=N,
+        k=k,
+        data_desc=desc,
+        classifier_info=clf_info,
+        lds_info=None if lds is None else lds["info"],
+    )
     results["artifacts"] = {"computed": store.computed, "reused": store.reused}
     results["timings"] = {"total_seconds": time.perf_counter() - t_start}
-    results["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-                          "device": str(device)}
+    results["machine"] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "device": str(device),
+    }
     write_outputs(out, cfg, results, per_seed)
     return results
 
 
-def summarize(cfg: EvalConfig, per_seed: dict, *, N: int, k: int, data_desc: str = "",
-              classifier_info: Optional[dict] = None, lds_info: Optional[dict] = None) -> dict:
+def summarize(
+    cfg: EvalConfig,
+    per_seed: dict,
+    *,
+    N: int,
+    k: int,
+    data_desc: str = "",
+    classifier_info: Optional[dict] = None,
+    lds_info: Optional[dict] = None,
+) -> dict:
     """Pool per-image similarities over seeds and compute every statistic (results.json's dict);
     with LDS (per_seed[s]["lds"]), its per-target values pooled over seeds → "lds"."""
     seeds = list(per_seed)
@@ -485,23 +684,61 @@ def summarize(cfg: EvalConfig, per_seed: dict, *, N: int, k: int, data_desc: str
                 entry[grp][metric] = stats.group_stats(sim_m, sim_r, METRICS[metric].distance, grp)
             vals = list(entry[grp].values())
             entry.setdefault("mean", {})[grp] = {
-                "auc": _nanmean([v["auc"] for v in vals]), "ratio": _nanmean([v["ratio"] for v in vals])}
+                "auc": _nanmean([v["auc"] for v in vals]),
+                "ratio": _nanmean([v["ratio"] for v in vals]),
+            }
         res_methods[m] = entry
-    pvalues = {grp: {metric: {m1: {m2: stats.mannwhitney_p(pooled(m1, grp, metric), pooled(m2, grp, metric),
-                                                           "less" if grp == "targets" else "two-sided")
-                                   for m2 in methods if m2 != m1} for m1 in methods}
-                     for metric in cfg.metrics} for grp in ("targets", "controls")}
+    pvalues = {
+        grp: {
+            metric: {
+                m1: {
+                    m2: stats.mannwhitney_p(
+                        pooled(m1, grp, metric),
+                        pooled(m2, grp, metric),
+                        "less" if grp == "targets" else "two-sided",
+                    )
+                    for m2 in methods
+                    if m2 != m1
+                }
+                for m1 in methods
+            }
+            for metric in cfg.metrics
+        }
+        for grp in ("targets", "controls")
+    }
     within = {}
     for m in methods:
         vals = [v for s in seeds for v in stats.within_overlaps(per_seed[s]["topk"][m])]
         mu, ci = stats.mean_ci(vals)
         within[m] = {"mean": mu, "ci": ci}
-    cross = {m1: {m2: stats.mean_ci([v for s in seeds for v in stats.cross_overlaps(
-        per_seed[s]["topk"][m1], per_seed[s]["topk"][m2])])[0] for m2 in methods if m2 != m1} for m1 in methods}
+    cross = {
+        m1: {
+            m2: stats.mean_ci(
+                [
+                    v
+                    for s in seeds
+                    for v in stats.cross_overlaps(per_seed[s]["topk"][m1], per_seed[s]["topk"][m2])
+                ]
+            )[0]
+            for m2 in methods
+            if m2 != m1
+        }
+        for m1 in methods
+    }
     union_per_seed = {m: [per_seed[s]["union"][m] for s in seeds] for m in methods}
-    per_seed_auc = {str(s): {m: {metric: stats.auc(per_seed[s]["sims"][m]["targets"][metric],
-                                                   per_seed[s]["sims"]["random"]["targets"][metric])
-                                 for metric in cfg.metrics} for m in methods} for s in seeds}
+    per_seed_auc = {
+        str(s): {
+            m: {
+                metric: stats.auc(
+                    per_seed[s]["sims"][m]["targets"][metric],
+                    per_seed[s]["sims"]["random"]["targets"][metric],
+                )
+                for metric in cfg.metrics
+            }
+            for m in methods
+        }
+        for s in seeds
+    }
     results = {
         "format": FORMAT,
         "mucs_fast": __version__,
@@ -512,8 +749,13 @@ def summarize(cfg: EvalConfig, per_seed: dict, *, N: int, k: int, data_desc: str
         "pvalues": pvalues,
         "overlap": {"within": within, "cross": cross},
         "per_seed_auc": per_seed_auc,
-        "per_image": {m: {grp: {metric: pooled(m, grp, metric).tolist() for metric in cfg.metrics}
-                          for grp in ("targets", "controls")} for m in methods},
+        "per_image": {
+            m: {
+                grp: {metric: pooled(m, grp, metric).tolist() for metric in cfg.metrics}
+                for grp in ("targets", "controls")
+            }
+            for m in methods
+        },
         "models": {str(s): {"pre": per_seed[s]["pre"], "post": per_seed[s]["post"]} for s in seeds},
         "method_info": {m: {str(s): per_seed[s]["method_info"][m] for s in seeds} for m in methods},
         "classifier": classifier_info,

@@ -55,7 +55,11 @@ def ratio(sim_method, sim_random, distance: bool = False) -> tuple[float, float]
         vals = 100.0 * (med - d_m) / max(med, 0.01)
     else:
         vals = 100.0 * (m / max(float(np.median(r)), 0.01) - 1.0)
-    ci = CI_FACTOR * float(np.std(vals, ddof=1)) / math.sqrt(vals.size) if vals.size > 1 else math.nan
+    ci = (
+        CI_FACTOR * float(np.std(vals, ddof=1)) / math.sqrt(vals.size)
+        if vals.size > 1
+        else math.nan
+    )
     return float(np.mean(vals)), ci
 
 
@@ -75,8 +79,13 @@ def group_stats(sim_method, sim_random, distance: bool, group: str) -> dict:
     """{"auc", "ratio", "ratio_ci", "p", "n"} of one method, metric and group ("targets"/"controls")."""
     r, ci = ratio(sim_method, sim_random, distance)
     alt = "less" if group == "targets" else "two-sided"
-    return {"auc": auc(sim_method, sim_random), "ratio": r, "ratio_ci": ci,
-            "p": mannwhitney_p(sim_method, sim_random, alt), "n": int(_np(sim_method).size)}
+    return {
+        "auc": auc(sim_method, sim_random),
+        "ratio": r,
+        "ratio_ci": ci,
+        "p": mannwhitney_p(sim_method, sim_random, alt),
+        "n": int(_np(sim_method).size),
+    }
 
 
 def overlap(a: Iterable[int], b: Iterable[int]) -> float:
@@ -102,7 +111,10 @@ def within_overlaps(topk: torch.Tensor) -> list[float]:
 
 def cross_overlaps(topk_a: torch.Tensor, topk_b: torch.Tensor) -> list[float]:
     """Per target k: overlap of method a's and method b's top-k sets."""
-    return [overlap(a.tolist(), b.tolist()) for a, b in zip(torch.as_tensor(topk_a), torch.as_tensor(topk_b))]
+    return [
+        overlap(a.tolist(), b.tolist())
+        for a, b in zip(torch.as_tensor(topk_a), torch.as_tensor(topk_b))
+    ]
 
 
 def union(topk: torch.Tensor) -> torch.Tensor:
@@ -110,7 +122,9 @@ def union(topk: torch.Tensor) -> torch.Tensor:
     return torch.unique(torch.as_tensor(topk).reshape(-1))
 
 
-def rank_average(score_list: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+def rank_average(
+    score_list: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None
+) -> torch.Tensor:
     """Rank-average ensemble of several [K, N] score matrices: each row is turned into ranks
     normalized to [0, 1] (the highest score → 1; ties get their average rank), then averaged."""
     from scipy.stats import rankdata

@@ -318,9 +318,18 @@ class DiT(nn.Module):
         if not self.unconditional:
             f += lin(self.cond_dim, cw) + lin(cw, cw)
         f += lin(C * ph * pw, w, tp)  # patch embedding
-        per_block = lin(cw, 6 * w) + lin(w, 3 * w, T) + 2 * (2 * T * T * w) + lin(w, w, T) + lin(w, h, T) + lin(h, w, T)
+        per_block = (
+            lin(cw, 6 * w)
+            + lin(w, 3 * w, T)
+            + 2 * (2 * T * T * w)
+            + lin(w, w, T)
+            + lin(w, h, T)
+            + lin(h, w, T)
+        )
         f += len(self.dit_backbone) * per_block
-        f += lin(cw, 2 * w) + lin(w, C * ph * pw, tp) + lin(C, C, H * W)  # final adaLN, unpatchify, last
+        f += (
+            lin(cw, 2 * w) + lin(w, C * ph * pw, tp) + lin(C, C, H * W)
+        )  # final adaLN, unpatchify, last
         return int(f)
 
     def forward(

@@ -32,8 +32,8 @@ from torch import Tensor
 def bias_corrections(step: Tensor, lr: float, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
     """(step_size [K], √(1 − β2^t) [K]) in float64."""
     t = step.to(torch.float64)
-    step_size = lr / (1 - beta1 ** t)
-    bc2_sqrt = (1 - beta2 ** t).sqrt()
+    step_size = lr / (1 - beta1**t)
+    bc2_sqrt = (1 - beta2**t).sqrt()
     return step_size, bc2_sqrt
 
 
@@ -43,9 +43,19 @@ def _sqrt_rn(v: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def bounded_adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                       exp_avg_sqs: Sequence[Tensor], step: Tensor, active: Tensor, lr: float,
-                       beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+def bounded_adamw_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    step: Tensor,
+    active: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
     """In place. params/grads/exp_avgs/exp_avg_sqs: lists of [K, ...] tensors; step: int [K];
     active: bool [K]."""
     step_size, bc2_sqrt = bias_corrections(step, lr, beta1, beta2)

@@ -24,8 +24,13 @@ import torch
 from torch import Tensor
 
 
-def _residual(out: Tensor, x_noisy: Optional[Tensor], target: Tensor, c_skip: Optional[Tensor],
-              c_out: Optional[Tensor]) -> Tensor:
+def _residual(
+    out: Tensor,
+    x_noisy: Optional[Tensor],
+    target: Tensor,
+    c_skip: Optional[Tensor],
+    c_out: Optional[Tensor],
+) -> Tensor:
     B = out.shape[0]
     acc = _acc_dtype(out)
     r = out.reshape(B, -1).to(acc)
@@ -40,15 +45,28 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def edm_loss(out: Tensor, x_noisy: Optional[Tensor], target: Tensor, c_skip: Optional[Tensor],
-             c_out: Optional[Tensor], weight: Tensor) -> Tensor:
+def edm_loss(
+    out: Tensor,
+    x_noisy: Optional[Tensor],
+    target: Tensor,
+    c_skip: Optional[Tensor],
+    c_out: Optional[Tensor],
+    weight: Tensor,
+) -> Tensor:
     """L [B]; out, x_noisy, target: [B, ...] of equal shape; c_skip, c_out, weight: [B]."""
     r = _residual(out, x_noisy, target, c_skip, c_out)
     return weight.to(r.dtype) * r.square().mean(1)
 
 
-def edm_loss_backward(grad: Tensor, out: Tensor, x_noisy: Optional[Tensor], target: Tensor,
-                      c_skip: Optional[Tensor], c_out: Optional[Tensor], weight: Tensor) -> Tensor:
+def edm_loss_backward(
+    grad: Tensor,
+    out: Tensor,
+    x_noisy: Optional[Tensor],
+    target: Tensor,
+    c_skip: Optional[Tensor],
+    c_out: Optional[Tensor],
+    weight: Tensor,
+) -> Tensor:
     """∂(Σ_b grad[b]·L[b])/∂out = grad[b]·weight[b]·(2/D)·c_out[b]·r[b, i], shaped and typed like out."""
     D = out[0].numel()
     r = _residual(out, x_noisy, target, c_skip, c_out)

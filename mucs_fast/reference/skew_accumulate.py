@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 
 
-def skew_accumulate(loss_u: Tensor, loss_t: Tensor, eps: float = 1e-3, use_ratio: bool = True) -> Tensor:
+def skew_accumulate(
+    loss_u: Tensor, loss_t: Tensor, eps: float = 1e-3, use_ratio: bool = True
+) -> Tensor:
     """loss_u [K, n, M], loss_t [n, M] → S [K, n], float32 (float64 for float64 loss_u)."""
     acc = torch.float64 if loss_u.dtype == torch.float64 else torch.float32
     u = loss_u.to(acc)

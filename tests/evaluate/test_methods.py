@@ -25,12 +25,24 @@ def tiny_ctx(N=24, seed=0, **kw):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             den = EDMDenoiser(DiT((1, 8, 8), 2, **TINY))
-        _MODELS[N, seed] = train(den, x, y, steps=8, batch_size=8, lr=1e-2, warmup=0, progress=False)[0]
+        _MODELS[N, seed] = train(
+            den, x, y, steps=8, batch_size=8, lr=1e-2, warmup=0, progress=False
+        )[0]
     return MethodContext(den=_MODELS[N, seed], train=x, train_labels=y, seed=seed, **kw)
 
 
 def test_registry_and_names():
-    for name in ("mucs", "mucs-diff", "mucs-indep", "mucs-unbounded", "random", "pixel", "pixel-l2", "dtrak", "abu"):
+    for name in (
+        "mucs",
+        "mucs-diff",
+        "mucs-indep",
+        "mucs-unbounded",
+        "random",
+        "pixel",
+        "pixel-l2",
+        "dtrak",
+        "abu",
+    ):
         assert name in METHODS
     check_method("ensemble:mucs+dtrak+pixel")
     check_method("center:mucs")
@@ -61,7 +73,9 @@ def test_random_is_seeded_per_target():
     t = ctx.train[:3]
     a = get_method("random")(ctx, t, None)
     assert a.shape == (3, 24) and torch.equal(a, get_method("random")(ctx, t, None))
-    assert torch.equal(a[:2], get_method("random")(ctx, t[:2], None))  # target k's stream is its own
+    assert torch.equal(
+        a[:2], get_method("random")(ctx, t[:2], None)
+    )  # target k's stream is its own
     ctx.seed = 1
     assert not torch.equal(a, get_method("random")(ctx, t, None))
 
@@ -93,7 +107,9 @@ def test_ensemble_and_center_over_a_planted_method():
 
 
 def test_dtrak_shapes_determinism_and_self_influence():
-    ctx = tiny_ctx(N=20, settings={"dtrak": {"num_levels": 3, "proj_dim": 32, "batch_size": 8, "block": 1000}})
+    ctx = tiny_ctx(
+        N=20, settings={"dtrak": {"num_levels": 3, "proj_dim": 32, "batch_size": 8, "block": 1000}}
+    )
     which = torch.tensor([4, 13])
     t = ctx.train[which].clone()
     s = get_method("dtrak")(ctx, t, ctx.train_labels[which])
@@ -106,7 +122,9 @@ def test_dtrak_shapes_determinism_and_self_influence():
 
 
 def test_abu_scores_a_duplicated_target_highest():
-    ctx = tiny_ctx(N=20, settings={"abu": {"steps": 3, "batch_size": 16, "num_noises": 8, "lr_factor": 0.1}})
+    ctx = tiny_ctx(
+        N=20, settings={"abu": {"steps": 3, "batch_size": 16, "num_noises": 8, "lr_factor": 0.1}}
+    )
     which = torch.tensor([0, 5, 11, 17])
     t = ctx.train[which].clone()
     s = get_method("abu")(ctx, t, ctx.train_labels[which])
@@ -115,13 +133,19 @@ def test_abu_scores_a_duplicated_target_highest():
     for k, j in enumerate(which.tolist()):  # ascent on x̂ raises the loss of its duplicate most
         assert int((s[k] > s[k, j]).sum()) == 0
     with pytest.raises(ValueError, match="unknown settings"):
-        get_method("abu")(tiny_ctx(N=20, settings={"abu": {"stepz": 1}}), t, ctx.train_labels[which])
+        get_method("abu")(
+            tiny_ctx(N=20, settings={"abu": {"stepz": 1}}), t, ctx.train_labels[which]
+        )
 
 
 @pytest.mark.parametrize("name", ["mucs", "mucs-diff", "mucs-indep", "mucs-unbounded"])
 def test_mucs_variants_run_through_the_engine(tmp_path, name):
-    ctx = tiny_ctx(N=16, settings={"mucs": {"num_noises": 4, "safety_steps": 3, "loss_null": 1.0}},
-                   work_dir=str(tmp_path / "run"), cache_dir=None)
+    ctx = tiny_ctx(
+        N=16,
+        settings={"mucs": {"num_noises": 4, "safety_steps": 3, "loss_null": 1.0}},
+        work_dir=str(tmp_path / "run"),
+        cache_dir=None,
+    )
     t = ctx.train[:2].clone()
     s = get_method(name)(ctx, t, ctx.train_labels[:2])
     assert s.shape == (2, 16) and torch.isfinite(s).all()
@@ -135,18 +159,27 @@ def test_mucs_variants_run_through_the_engine(tmp_path, name):
 @pytest.mark.parametrize("name", ["mucs", "mucs-indep"])
 def test_mucs_variants_adaptive_settings(tmp_path, name):
     # adaptive_top_k reaches the engine; mucs-indep (no shared bank to screen with) stays exact
-    ctx = tiny_ctx(N=16, settings={"mucs": {"num_noises": 4, "safety_steps": 3, "loss_null": 1.0,
-                                            "adaptive_top_k": 3}}, work_dir=None, cache_dir=None)
+    ctx = tiny_ctx(
+        N=16,
+        settings={
+            "mucs": {"num_noises": 4, "safety_steps": 3, "loss_null": 1.0, "adaptive_top_k": 3}
+        },
+        work_dir=None,
+        cache_dir=None,
+    )
     s = get_method(name)(ctx, ctx.train[:2].clone(), ctx.train_labels[:2])
     assert s.shape == (2, 16)
     assert (ctx.info["adaptive"] is None) == (name == "mucs-indep")
     assert ctx.info["config"]["adaptive_top_k"] == (None if name == "mucs-indep" else 3)
 
 
-@pytest.mark.parametrize("name, settings", [
-    ("dtrak", {"num_levels": 2, "proj_dim": 8, "batch_size": 8, "block": 1000}),
-    ("abu", {"steps": 1, "batch_size": 4, "num_noises": 4}),
-])
+@pytest.mark.parametrize(
+    "name, settings",
+    [
+        ("dtrak", {"num_levels": 2, "proj_dim": 8, "batch_size": 8, "block": 1000}),
+        ("abu", {"steps": 1, "batch_size": 4, "num_noises": 4}),
+    ],
+)
 def test_methods_leave_the_callers_net_as_it_was(name, settings):
     """A method computes with a working copy: the caller's module keeps its mode, flags and weights."""
     ctx = tiny_ctx(N=12, settings={name: settings})
@@ -159,7 +192,9 @@ def test_methods_leave_the_callers_net_as_it_was(name, settings):
         grads = {n: p.requires_grad for n, p in net.named_parameters()}
         get_method(name)(ctx, ctx.train[:2].clone(), ctx.train_labels[:2])
         assert all(m.training for m in net.modules())
-        assert {n: p.requires_grad for n, p in net.named_parameters()} == grads and not first.requires_grad
+        assert {
+            n: p.requires_grad for n, p in net.named_parameters()
+        } == grads and not first.requires_grad
         assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
     finally:
         first.requires_grad_(True)

@@ -26,11 +26,13 @@ def ssim_loop(x, y, L=1.0, size=7, sigma=1.5):
     vals = []
     for i in range(H - size + 1):
         for j in range(W - size + 1):
-            a, b = x[i:i + size, j:j + size].double(), y[i:i + size, j:j + size].double()
+            a, b = x[i : i + size, j : j + size].double(), y[i : i + size, j : j + size].double()
             ma, mb = (w * a).sum(), (w * b).sum()
             va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
             cov = (w * (a - ma) * (b - mb)).sum()
-            vals.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+            vals.append(
+                ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+            )
     return torch.stack(vals).mean()
 
 
@@ -66,7 +68,9 @@ def test_pixel_metrics_closed_form():
     y[1] = -x[1]
     assert torch.allclose(pixel_cosine(x, y), torch.tensor([1.0, -1.0]))
     assert torch.allclose(correlation(x, y), torch.tensor([1.0, -1.0]), atol=1e-6)
-    assert torch.allclose(neg_mae(x, y), torch.tensor([0.0, -1.0]))  # on [0, 1]: |u - v| = 1 everywhere
+    assert torch.allclose(
+        neg_mae(x, y), torch.tensor([0.0, -1.0])
+    )  # on [0, 1]: |u - v| = 1 everywhere
     assert torch.allclose(neg_euclidean(x, y), torch.tensor([0.0, -8.0]))  # sqrt(64 pixels * 1^2)
     over = x * 1.5  # values outside [-1, 1] are clipped first
     assert torch.allclose(neg_mae(x, over), torch.zeros(2))
@@ -102,4 +106,6 @@ def test_feature_net_any_image_size(chw):
     from mucs_fast.evaluate.metrics import FeatureNet
 
     net = FeatureNet(chw, classes=3, width=2, feat=8)
-    assert net(torch.zeros(2, *chw)).shape == (2, 3) and net.features(torch.zeros(2, *chw)).shape == (2, 8)
+    assert net(torch.zeros(2, *chw)).shape == (2, 3) and net.features(
+        torch.zeros(2, *chw)
+    ).shape == (2, 8)

@@ -10,14 +10,26 @@ import torch
 
 from mucs_fast.evaluate import METHODS, EvalConfig, StopEvaluation, evaluate, register_method
 
-TINY_MODEL = dict(patch_size=4, width=16, depth=1, heads=2, mlp_ratio=2, cond_width=16, extra_tokens=0)
+TINY_MODEL = dict(
+    patch_size=4, width=16, depth=1, heads=2, mlp_ratio=2, cond_width=16, extra_tokens=0
+)
 ALL_METRICS = ("ssim", "cos", "neg_mae", "neg_euc", "correl", "feat")
 
 
 def tiny_cfg(**kw):
-    base = dict(seeds=(0,), methods=("pixel", "random"), num_targets=3, num_controls=2, top_k=2, image_size=8,
-                model=TINY_MODEL, train=dict(steps=0, batch_size=8, lr=1e-2, ema_decay=0.9), sample_steps=4,
-                classifier=dict(steps=3, batch_size=8, lr=1e-2, width=4), metrics=ALL_METRICS)
+    base = dict(
+        seeds=(0,),
+        methods=("pixel", "random"),
+        num_targets=3,
+        num_controls=2,
+        top_k=2,
+        image_size=8,
+        model=TINY_MODEL,
+        train=dict(steps=0, batch_size=8, lr=1e-2, ema_decay=0.9),
+        sample_steps=4,
+        classifier=dict(steps=3, batch_size=8, lr=1e-2, width=4),
+        metrics=ALL_METRICS,
+    )
     return EvalConfig(**{**base, **kw})
 
 
@@ -34,7 +46,10 @@ def check_schema(results, cfg):
             for metric in cfg.metrics:
                 d = results["methods"][m][grp][metric]
                 assert set(d) >= {"auc", "ratio", "ratio_ci", "p"}
-                assert all(v is None or isinstance(v, float) for v in (d["auc"], d["ratio"], d["ratio_ci"], d["p"]))
+                assert all(
+                    v is None or isinstance(v, float)
+                    for v in (d["auc"], d["ratio"], d["ratio_ci"], d["p"])
+                )
     assert set(results["overlap"]) == {"within", "cross"}
     assert set(results["overlap"]["cross"]) == set(cfg.methods)
 
@@ -63,12 +78,15 @@ def planted_class_data(n_planted: int, N: int = 40):
     """(x, y): class 0, the planted subset (n_planted images), bright; class 1 (the rest) dark."""
     g = torch.Generator().manual_seed(0)
     y = torch.cat([torch.zeros(n_planted), torch.ones(N - n_planted)]).long()
-    return torch.where(y[:, None, None, None] == 0, 0.6, -0.6) + 0.05 * torch.randn(N, 1, 8, 8, generator=g), y
+    return torch.where(y[:, None, None, None] == 0, 0.6, -0.6) + 0.05 * torch.randn(
+        N, 1, 8, 8, generator=g
+    ), y
 
 
 @contextlib.contextmanager
 def planted_method(name: str):
     """A registered toy method scoring membership in class 0 (the planted subset), for one test."""
+
     @register_method(name)
     def planted(ctx, targets, target_labels=None):
         return (ctx.train_labels == 0).float().expand(targets.shape[0], -1).clone()
@@ -86,9 +104,15 @@ def test_planted_influential_subset_is_found_and_detected(tmp_path):
     # same number of random images per target (whose union leaves some class-0 images in).
     x, y = planted_class_data(6)
     with planted_method("_planted_pipeline"):
-        cfg = tiny_cfg(methods=("_planted_pipeline", "random"), num_targets=4, num_controls=2, top_k=6,
-                       target_classes=(0,), train=dict(steps=120, batch_size=16, lr=1e-2, ema_decay=0.9),
-                       metrics=("cos", "neg_mae"))
+        cfg = tiny_cfg(
+            methods=("_planted_pipeline", "random"),
+            num_targets=4,
+            num_controls=2,
+            top_k=6,
+            target_classes=(0,),
+            train=dict(steps=120, batch_size=16, lr=1e-2, ema_decay=0.9),
+            metrics=("cos", "neg_mae"),
+        )
         res = evaluate(str(tmp_path), cfg, data=(x, y), progress=False)
     assert res["union_sizes"]["_planted_pipeline"] == 6
     assert res["overlap"]["within"]["_planted_pipeline"]["mean"] == 1.0
@@ -106,9 +130,13 @@ def test_resume_after_a_phase_redoes_only_the_rest(tmp_path):
     assert sum(a.startswith("scores-") for a in arts) == 3
     res = evaluate(str(tmp_path), cfg, data=toy_data(), progress=False)
     computed, reused = res["artifacts"]["computed"], res["artifacts"]["reused"]
-    assert all(c.startswith(("model-", "gen-")) for c in computed), computed  # post models, regenerations
+    assert all(c.startswith(("model-", "gen-")) for c in computed), (
+        computed
+    )  # post models, regenerations
     assert not any(c.startswith(("scores-", "classifier-")) for c in computed)
-    assert sum(r.startswith("scores-") for r in reused) == 3 and any(r.startswith("model-") for r in reused)
+    assert sum(r.startswith("scores-") for r in reused) == 3 and any(
+        r.startswith("model-") for r in reused
+    )
     again = evaluate(str(tmp_path), cfg, data=toy_data(), progress=False)
     assert again["artifacts"]["computed"] == []
     assert again["methods"] == res["methods"]
@@ -121,14 +149,50 @@ def test_cli_evaluate_on_a_tensor_file(tmp_path, capsys):
     torch.save(x, tmp_path / "train.pt")
     torch.save(y, tmp_path / "train.pt.labels.pt")
     out = tmp_path / "out"
-    rc = main(["evaluate", "--data", str(tmp_path / "train.pt"), "--image-size", "8", "--train-steps", "0",
-               "--methods", "pixel,random", "--seeds", "0", "--targets", "2", "--controls", "1", "--top-k", "2",
-               "--metrics", "ssim,cos", "--out", str(out), "--quiet"])
+    rc = main(
+        [
+            "evaluate",
+            "--data",
+            str(tmp_path / "train.pt"),
+            "--image-size",
+            "8",
+            "--train-steps",
+            "0",
+            "--methods",
+            "pixel,random",
+            "--seeds",
+            "0",
+            "--targets",
+            "2",
+            "--controls",
+            "1",
+            "--top-k",
+            "2",
+            "--metrics",
+            "ssim,cos",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["methods"] == ["pixel", "random"] and res["config"]["N"] == 20
     assert "| pixel |" in capsys.readouterr().out
-    assert main(["evaluate", "--data", str(tmp_path / "train.pt"), "--methods", "nope", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data",
+                str(tmp_path / "train.pt"),
+                "--methods",
+                "nope",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
 
 
 def test_adaptive_resolves_the_evaluations_top_k_into_the_mucs_settings(tmp_path):
