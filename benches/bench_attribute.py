@@ -6,8 +6,9 @@ time scales linearly with N), the demo DiT (patch 4, width 64, depth 4; random
 unlearning steps so every K does the same work. All `TARGETS` targets are attributed in blocks of
 K; K = 1 is the plain one-target path. K ∈ {1, 4, 8} run eager (compile=False) so that K is the
 only difference; "8c" is K = 8 with the scoring pass torch.compile'd (what compile="auto" does from
-100,000 image·noise pairs per pass, e.g. the full digits set at M = 100), compile time included. Scores of every case must equal K = 1's (max abs
-diff ≤ 1e-6) — asserted in the same run, before any time is reported.
+100,000 image·noise pairs per pass, e.g. the full digits set at M = 100), compile time included.
+Scores of every case must equal K = 1's (max abs diff ≤ 1e-6) — asserted in the same run, before any
+time is reported.
 
     pytest benches/bench_attribute.py --benchmark-enable          (the real measurement, ~10 min)
     pytest benches/bench_attribute.py --benchmark-disable          (CI: a tiny instance, seconds)

@@ -21,7 +21,8 @@ TMP_SUFFIX = ".tmp"
 
 
 def is_temp_name(name: str) -> bool:
-    """True for the `.<name>.<random>.tmp` files `atomic_path` writes (left behind only by a crash)."""
+    """True for the `.<name>.<random>.tmp` files `atomic_path` writes (left behind only by a
+    crash)."""
     return name.startswith(".") and name.endswith(TMP_SUFFIX) and name.count(".") >= 3
 
 

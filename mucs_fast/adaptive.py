@@ -53,7 +53,8 @@ def screening_order(level: torch.Tensor) -> torch.Tensor:
     M = level.numel()
     by_level = torch.argsort(level.detach().double().cpu(), descending=True, stable=True)
     bits = max(1, (M - 1).bit_length())
-    ranks: dict = {}  # van der Corput points v = j/2^b as ranks ⌈v·M⌉ (the first rank of v's cell at
+    # van der Corput points v = j/2^b as ranks ⌈v·M⌉ (the first rank of v's cell at
+    ranks: dict = {}
     for i in range(1 << bits):  # every scale), first occurrences (2^b ≥ M: every rank occurs)
         ranks.setdefault(
             min(M - 1, (int(format(i, f"0{bits}b")[::-1], 2) * M + (1 << bits) - 1) >> bits), None

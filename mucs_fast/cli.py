@@ -107,7 +107,8 @@ def demo_model(args, images, labels, device):
         torch.manual_seed(args.seed)
         net = DiT((C, H, W), label_dim=10, **DEMO_MODEL)
     say(
-        f"model: training a {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M-parameter DiT for "
+        f"model: training a {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M-parameter DiT "
+        "for "
         f"{args.train_steps} steps (cached afterwards at {path})"
     )
     t0 = time.perf_counter()
@@ -153,14 +154,16 @@ def cmd_demo(args) -> int:
     seeds = list(range(1000, 1000 + K))
     target_labels = torch.arange(K) % 10
     say(
-        f"targets: {K} images sampled with seeds {seeds[0]}..{seeds[-1]}, labels {target_labels.tolist()}"
+        f"targets: {K} images sampled with seeds {seeds[0]}..{seeds[-1]}, labels "
+        f"{target_labels.tolist()}"
     )
     t0 = time.perf_counter()
     targets = sample_edm(den, seeds, target_labels, device=device, progress=True).clamp(-1, 1)
     sample_s = time.perf_counter() - t0
 
     say(
-        f"attribute: MUCS with M={cfg.num_noises} noises, B={cfg.B}, lr={den.train_lr / cfg.lr_factor:g}"
+        f"attribute: MUCS with M={cfg.num_noises} noises, B={cfg.B}, "
+        f"lr={den.train_lr / cfg.lr_factor:g}"
         + (" (quick settings: fewer noises/steps than the paper's defaults)" if args.quick else "")
     )
     # The demo's own record; the attribution's timings cover the rest (timings.total).
@@ -258,7 +261,8 @@ def cmd_attribute(args) -> int:
 # pack
 # ------------------------------------------------------------------------------------------------
 def cmd_pack(args) -> int:
-    """SRC → the packed, memory-mappable folder OUT (mucs_fast/data/pack.py); `--train OUT` streams it."""
+    """SRC → the packed, memory-mappable folder OUT (mucs_fast/data/pack.py); `--train OUT` streams
+    it."""
 
     if args.shard_images < 1:
         raise ValueError(f"--shard-images must be >= 1, got {args.shard_images}")
@@ -274,13 +278,15 @@ def cmd_pack(args) -> int:
         )
     except KeyboardInterrupt:
         say(
-            f"interrupted: {args.out} is not a packed folder (no index.json); rerun the same command"
+            f"interrupted: {args.out} is not a packed folder (no index.json); rerun the same "
+            "command"
         )
         return 130
     size = sum(s["bytes"] for s in index["shards"])
     labels = f", {index['labels']}" if index["labels"] else ""
     say(
-        f"wrote {args.out}: {index['N']} images {index['C']}×{index['H']}×{index['W']} {index['dtype']} in "
+        f"wrote {args.out}: {index['N']} images {index['C']}×{index['H']}×{index['W']} "
+        f"{index['dtype']} in "
         f"{len(index['shards'])} shard(s) of <= {args.shard_images} ({size / 2**20:.1f} MiB), "
         f"{index['ids']}{labels}, index.json in {time.perf_counter() - t0:.1f} s; "
         f"stream it with --train {args.out}"
@@ -327,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--model",
         required=True,
-        help="diffusers model directory, mucs_fast checkpoint, or (with --trust-pickle) a saved nn.Module",
+        help="diffusers model directory, mucs_fast checkpoint, or (with --trust-pickle) a saved "
+        "nn.Module",
     )
     a.add_argument(
         "--train", help="training images: .pt/.npy/.safetensors [N,C,H,W] or an image folder"
@@ -349,14 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--adaptive",
         action="store_true",
-        help="adaptive scoring: screen on a few noises, score on the full bank only the images that can "
+        help="adaptive scoring: screen on a few noises, score on the full bank only the images "
+        "that can "
         "reach each target's --top-k (default 100); the rest keep estimates (audited; see README)",
     )
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="allow --model to be a pickled file (a whole saved nn.Module, diffusers .bin weights): "
+        help="allow --model to be a pickled file (a whole saved nn.Module, diffusers .bin "
+        "weights): "
         "unpickling runs the code the file holds, so only for files you trust",
     )
     add_reference_arguments(a)  # --reference-samples / --reference-data (mucs_fast/compat/cli.py)
@@ -393,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Exit codes: 0 done, 2 a usage or input error (one line on stderr, no traceback), 130 Ctrl-C."""
+    """Exit codes: 0 done, 2 a usage or input error (one line on stderr, no traceback), 130
+    Ctrl-C."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

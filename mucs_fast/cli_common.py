@@ -1,6 +1,6 @@
 """What `mucs-fast attribute` (mucs_fast/cli.py) and its reference-files variant
-(mucs_fast/compat/cli.py) share: --model through `loading.load_model`, checking the flags before any heavy work,
-the MUCSConfig they build, CLI wording for engine messages, and the closing summary.
+(mucs_fast/compat/cli.py) share: --model through `loading.load_model`, checking the flags before any
+heavy work, the MUCSConfig they build, CLI wording for engine messages, and the closing summary.
 
 Neither CLI module imports the other's internals through here: this module imports neither.
 """
@@ -106,8 +106,8 @@ def check_top_k(top_k: int | None, N: int | None = None) -> None:
 
 def attribute_config(args):
     """The MUCSConfig of `mucs-fast attribute`'s flags; checks --model exists, --out, --device,
-    --loss-null and --top-k first (all before any model or data is read). MUCSConfig's own checks name fields;
-    main() rewords them as flags (cli_message)."""
+    --loss-null and --top-k first (all before any model or data is read). MUCSConfig's own checks
+    name fields; main() rewords them as flags (cli_message)."""
 
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"--model {args.model}: no such file or directory")
@@ -174,7 +174,8 @@ def interrupted_message(out: str | None) -> str:
             else 0
         )
         return (
-            f"interrupted: finished targets ({n} so far) are kept in {out}; rerun the same command with "
+            f"interrupted: finished targets ({n} so far) are kept in {out}; rerun the same command "
+            "with "
             "--resume to continue"
         )
     return "interrupted before any target finished; rerun the same command to start again"
@@ -184,7 +185,8 @@ def print_summary(res, out, seconds) -> None:
     t = res.meta.get("timings", {})
     steps = [i["steps"] for i in res.meta["targets"]]
     say(
-        f"done in {seconds:.1f} s (L_t {t.get('loss_t', 0):.1f} s, unlearning {t.get('unlearn', 0):.1f} s, "
+        f"done in {seconds:.1f} s (L_t {t.get('loss_t', 0):.1f} s, unlearning "
+        f"{t.get('unlearn', 0):.1f} s, "
         f"scoring {t.get('score', 0):.1f} s); unlearning steps per target: {steps}"
     )
     ad = res.meta.get("adaptive")
@@ -193,7 +195,8 @@ def print_summary(res, out, seconds) -> None:
         pairs = res.meta["pairs_evaluated"]
         hi = sum(a["expected_missed_95"][1] for a in ad["targets"] if a)
         say(
-            f"adaptive (top {ad['top_k']}): {sum(pairs) / max(1, len(pairs)) / full:.1%} of the exact forwards per "
+            f"adaptive (top {ad['top_k']}): {sum(pairs) / max(1, len(pairs)) / full:.1%} of the "
+            "exact forwards per "
             f"target, {res.exact.float().mean():.1%} of the scores exact; audit: "
             f"{sum(a['audit_misses'] for a in ad['targets'] if a)} misses in "
             f"{sum(a['audited'] for a in ad['targets'] if a)} audited set-aside images "
@@ -201,6 +204,7 @@ def print_summary(res, out, seconds) -> None:
         )
     if res.meta.get("flagged"):
         say(
-            f"WARNING: targets {res.meta['flagged']} stopped by NaN or the safety cap (see attribution.json)"
+            f"WARNING: targets {res.meta['flagged']} stopped by NaN or the safety cap (see "
+            "attribution.json)"
         )
     say(f"wrote {out}/scores.safetensors, attribution.json" + (", report.png" if out else ""))

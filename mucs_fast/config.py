@@ -92,9 +92,11 @@ class MUCSConfig:
     """z: an image is set aside when its paired upper bound (estimate + z·standard error) is below
     the k-th largest lower bound; larger = safer and slower."""
     adaptive_screen_noises: Optional[int] = None
-    """Noises per screening segment (set-aside checks after 1, 2, 4, … segments); None: ⌈M/16⌉, at least 2."""
+    """Noises per screening segment (set-aside checks after 1, 2, 4, … segments); None: ⌈M/16⌉, at
+    least 2."""
     adaptive_audit: float = 0.02
-    """Fraction of the set-aside images scored on the full bank anyway, to estimate the miss rate."""
+    """Fraction of the set-aside images scored on the full bank anyway, to estimate the miss
+    rate."""
 
     # Engine options (do not change scores).
     targets_per_batch: int = 1

@@ -35,7 +35,9 @@ class Writes:
         if bad.numel():
             i = int(bad[0])
             raise RuntimeError(
-                f"{self.what}: {bad.numel()} of {self.count.numel()} entries were not written exactly "
-                f"once (the first, entry {i}, {int(self.count[i])} times): a read dropped or repeated "
+                f"{self.what}: {bad.numel()} of {self.count.numel()} entries were not written "
+                "exactly "
+                f"once (the first, entry {i}, {int(self.count[i])} times): a read dropped or "
+                "repeated "
                 "a range; no result is returned"
             )

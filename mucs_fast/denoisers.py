@@ -49,7 +49,8 @@ class Denoiser:
         raise NotImplementedError
 
     def full_grid(self, M: int, device=None) -> torch.Tensor:
-        """Levels of the whole inference grid with M levels (t_sched = 1): used by t_sched="auto"."""
+        """Levels of the whole inference grid with M levels (t_sched = 1): used by
+        t_sched="auto"."""
         return self.inference_levels(M, 1.0, device=device)
 
     # -- loss -----------------------------------------------------------------------------------
@@ -59,7 +60,8 @@ class Denoiser:
 
     def grid_terms(self, eps: torch.Tensor, level: torch.Tensor, n: int) -> dict:
         """What `grid_loss` needs of the noise alone, for chunks of n images: the same for every
-        chunk of a fixed bank, so a scoring pass builds it once (per-row preconditioning, levels)."""
+        chunk of a fixed bank, so a scoring pass builds it once (per-row preconditioning,
+        levels)."""
         return {"level": level.repeat_interleave(n)}
 
     def grid_loss(
@@ -108,7 +110,8 @@ class Denoiser:
             return None
         if y is None:
             raise ValueError(
-                f"{what}: the model is class-conditional (label_dim={self.label_dim}) but no labels "
+                f"{what}: the model is class-conditional (label_dim={self.label_dim}) but no "
+                "labels "
                 f"were given; pass {what}=<tensor [{n}] of class ids or [{n}, {self.label_dim}]>"
             )
         y = torch.as_tensor(y).detach()
@@ -214,7 +217,7 @@ class EDMDenoiser(Denoiser):
             label_dim = getattr(net, "cond_dim", getattr(net, "label_dim", None))
         self.label_dim = int(label_dim) if label_dim else None
         unconditional = getattr(net, "unconditional", None)
-        self.conditional = bool(self.label_dim) and not (unconditional is True)
+        self.conditional = bool(self.label_dim) and unconditional is not True
         self.null_factory = null_factory
         self.train_lr = train_lr if train_lr is not None else getattr(net, "train_lr", None)
         if not self.sigma_data > 0:
@@ -327,8 +330,10 @@ class EDMDenoiser(Denoiser):
         if self.null_factory is not None or isinstance(getattr(self.net, "args", None), tuple):
             return None
         return (
-            'loss_null="auto" needs a freshly initialized copy of the model, but EDMDenoiser cannot '
-            "build one for %s: pass EDMDenoiser(..., null_factory=<callable returning a new model>) "
+            'loss_null="auto" needs a freshly initialized copy of the model, but EDMDenoiser '
+            "cannot "
+            "build one for %s: pass EDMDenoiser(..., null_factory=<callable returning a new "
+            "model>) "
             "or a number as MUCSConfig(loss_null=...)" % type(self.net).__name__
         )
 

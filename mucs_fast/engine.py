@@ -190,7 +190,8 @@ def estimate_loss_null(
 
 
 def make_bank(den: Denoiser, chw, cfg: MUCSConfig, t_sched) -> NoiseBank:
-    """The inference bank, drawn on the CPU from its own seed (so it is the same on every device)."""
+    """The inference bank, drawn on the CPU from its own seed (so it is the same on every
+    device)."""
     g = torch.Generator().manual_seed(derive_seed(cfg.seed, "bank"))
     level = den.inference_levels(cfg.num_noises, t_sched, generator=g)
     eps = torch.randn((cfg.num_noises, *chw), generator=g)
@@ -199,7 +200,8 @@ def make_bank(den: Denoiser, chw, cfg: MUCSConfig, t_sched) -> NoiseBank:
 
 def target_streams(cfg: MUCSConfig, target_fp: str, N: int, device):
     """Target-owned randomness: retain batches (CPU generator, like a DataLoader), training noise
-    (on the device), and the seed of its independent inference noise (use_same_noise_infer=False)."""
+    (on the device), and the seed of its independent inference noise
+    (use_same_noise_infer=False)."""
     retain = RetainStream(
         N, cfg.B, torch.Generator().manual_seed(derive_seed(cfg.seed, "retain", target_fp))
     )
@@ -217,7 +219,8 @@ def _bar(it, desc, progress, total=None, unit="it"):
 
 class JobBar:
     """One progress bar for the whole job (rank 0): image·noise pairs of this rank's share of the
-    L_t pass and of every block's scoring pass, with the phase and the unlearning losses beside it."""
+    L_t pass and of every block's scoring pass, with the phase and the unlearning losses beside
+    it."""
 
     def __init__(self, total: int, enabled: bool, world: int):
         from tqdm.auto import tqdm
@@ -534,7 +537,8 @@ def unlearn_block(run: Run, block: list) -> tuple[torch.Tensor, list]:
 def score_block(run: Run, plan: Plan, W: torch.Tensor, infos: list) -> tuple[list, list]:
     """(score rows [N], exact rows [N] bool) (CPU) of the copies with trainable weights W [K, P]:
     this rank scores its shards, the ranks' rows are combined; a copy whose unlearning diverged
-    gets NaN (and no exact score). Exact scoring: every score is exact; adaptive: see adaptive.py."""
+    gets NaN (and no exact score). Exact scoring: every score is exact; adaptive: see
+    adaptive.py."""
     cfg, N = run.cfg, run.N
     t0 = time.perf_counter()
     ok = [i for i, info in enumerate(infos) if info["stop"] != "nan"]

@@ -9,8 +9,8 @@ depend on N and the chunk size only, never on the number of processes, so every 
 comes from the same chunk call whatever the world size — results are bitwise the same for 1 or W
 processes on CPU. Shards go to ranks round-robin. Blocks of targets go to ranks in rounds of W: in a
 round, rank r unlearns block r; then each block's trainable weights are broadcast from its owner and
-every rank scores its own shards with them. So one target on W ranks scores as fast as W targets, and
-unlearning (a few percent of the work) runs in parallel whenever there are blocks to spread.
+every rank scores its own shards with them. So one target on W ranks scores as fast as W targets,
+and unlearning (a few percent of the work) runs in parallel whenever there are blocks to spread.
 Partial results are combined with a sum over ranks of tensors that are zero outside each rank's
 shards: exactly one rank contributes to each entry, so the sum is exact.
 """
@@ -52,7 +52,8 @@ class Group:
         return self.world > 1
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        """In-place sum over ranks (exact here: other ranks contribute zeros at this rank's entries)."""
+        """In-place sum over ranks (exact here: other ranks contribute zeros at this rank's
+        entries)."""
         if not self.distributed:
             return t
         buf = t.to(self.comm_device)
@@ -103,7 +104,8 @@ def join(device) -> tuple[Group, torch.device]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
-        # the group we made is ours to tear down: a gloo group left to interpreter shutdown can abort
+        # the group we made is ours to tear down: a gloo group left to interpreter shutdown can
+        # abort
         # the process ("terminate called without an active exception") after the work is done
         atexit.register(_destroy_group)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

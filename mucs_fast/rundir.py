@@ -2,8 +2,8 @@
 targets in flight, and `resume=True` continues where a run stopped.
 
 Layout: `run.json` (the run's key and digest), `targets/NNNNNN.safetensors` (one finished target:
-its scores [N], exact mask [N] and unlearning info), `run.lock` (held while a run uses the folder), and, once
-the run ends, the result files (scores.safetensors, attribution.json).
+its scores [N], exact mask [N] and unlearning info), `run.lock` (held while a run uses the folder),
+and, once the run ends, the result files (scores.safetensors, attribution.json).
 
 One run at a time: opening a RunDir takes an exclusive `flock` on run.lock (the holder's PID is
 written into it) and `close()` releases it. The kernel drops the lock when its process dies, so a
@@ -38,7 +38,8 @@ except ImportError:  # not POSIX: no locking (documented limitation)
 
 
 def _foreign_entries(path: str) -> list:
-    """Entries of `path` that a run directory's bookkeeping does not explain (lock, crash leftovers)."""
+    """Entries of `path` that a run directory's bookkeeping does not explain (lock, crash
+    leftovers)."""
     return [e for e in os.listdir(path) if e != LOCK_FILE and not is_temp_name(e)]
 
 
@@ -179,7 +180,8 @@ class RunDir:
 
     def load_target(self, k: int):
         """(scores [N] float32, info dict, exact [N] bool) of a finished target k of this run, or
-        None: not there, another run's, or damaged (then with a warning; the engine recomputes it)."""
+        None: not there, another run's, or damaged (then with a warning; the engine recomputes
+        it)."""
         from safetensors import safe_open
 
         p = self._target_file(k)
@@ -212,7 +214,7 @@ class RunDir:
                 {"scores": scores, "exact": exact}
             ):
                 raise ValueError("scores do not match their recorded digest")
-        except Exception as e:  # noqa: BLE001 (safetensors raises its own error types; any failure = damaged)
+        except Exception as e:  # noqa: BLE001 (safetensors' own errors too: any failure = damaged)
             warnings.warn(
                 f"run_dir {self.path}: {p} is damaged ({type(e).__name__}: {e}); "
                 f"target {k} is recomputed",
@@ -257,7 +259,8 @@ class RunDir:
         self.close()
 
 
-# -- L_t shards: written by the rank that computed them (one file per shard, never shared) ----------
+# -- L_t shards: written by the rank that computed them (one file per shard, never shared)
+# ----------
 
 
 def _shard_file(path, i: int) -> str:

@@ -1,8 +1,9 @@
 """Samplers with per-image seeds: EDM Heun (Karras et al. 2022, Algorithm 1, S_churn = 0) for EDM
-denoisers and DDIM (Song et al. 2021; η = 1 with all T steps is ancestral DDPM) for diffusers models.
+denoisers and DDIM (Song et al. 2021; η = 1 with all T steps is ancestral DDPM) for diffusers
+models.
 
-Image i's randomness comes only from its own torch.Generator seeded with seeds[i] (drawn on the CPU),
-so an image does not depend on the batch it is generated in, nor on the device, up to
+Image i's randomness comes only from its own torch.Generator seeded with seeds[i] (drawn on the
+CPU), so an image does not depend on the batch it is generated in, nor on the device, up to
 floating-point reduction order.
 """
 
@@ -78,8 +79,8 @@ def sample_edm(
     rho: float | None = None,
     shape=None,
 ) -> torch.Tensor:
-    """EDM Heun sampler (Algorithm 1 of Karras et al. 2022 with S_churn = 0, i.e. deterministic after
-    the initial noise), as the reference samples (num_steps = 32).
+    """EDM Heun sampler (Algorithm 1 of Karras et al. 2022 with S_churn = 0, i.e. deterministic
+    after the initial noise), as the reference samples (num_steps = 32).
 
     n_or_seeds: a number n (seeds 0..n−1) or the seeds themselves; image i starts from
     σ_max·ε_i with ε_i drawn from a generator seeded with seeds[i]. labels: class ids [n] or label

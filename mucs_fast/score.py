@@ -48,7 +48,8 @@ def images_per_forward(score_batch: Optional[int], M: int, device: torch.device)
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
-    """ "auto" → the reference's policy: bf16 autocast on CUDA (fp32 loss accumulation), fp32 elsewhere."""
+    """ "auto" → the reference's policy: bf16 autocast on CUDA (fp32 loss accumulation), fp32
+    elsewhere."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
@@ -118,7 +119,8 @@ class LossPass:
         N: Optional[int] = None,
     ):
         self.den, self.bank, self.images_per_forward = den, bank, int(images_per_forward)
-        # compiled: every chunk has images_per_forward rows (the last one padded) unless the whole set of N
+        # compiled: every chunk has images_per_forward rows (the last one padded) unless the whole
+        # set of N
         # images fits one chunk; decided for the whole set, so a shard's chunks are the set's chunks
         self.N = N
         self.device = bank.eps.device
@@ -162,7 +164,8 @@ class LossPass:
         return view
 
     def prepare(self, weights: Optional[dict]):
-        """The models of one pass: `weights` {name: [K, ...]} of K copies, or None for the original."""
+        """The models of one pass: `weights` {name: [K, ...]} of K copies, or None for the
+        original."""
         weights = self.original if weights is None else weights
         if (
             self.mode == "vmap"
@@ -186,8 +189,9 @@ class LossPass:
         start: int = 0,
         stop: Optional[int] = None,
     ):
-        """(n0, n1, x, y, ε) per chunk of `images_per_forward` images of x[start:stop], padded to it when
-        compiled; ε is the bank or, with `seeds` (independent noise), each model's own [K, M, n, ...]."""
+        """(n0, n1, x, y, ε) per chunk of `images_per_forward` images of x[start:stop], padded to it
+        when compiled; ε is the bank or, with `seeds` (independent noise), each model's own [K, M,
+        n, ...]."""
         N, per, M = len(x), self.images_per_forward, self.bank.M
         stop = N if stop is None else stop
         pad = self.compile and (N if self.N is None else self.N) > per

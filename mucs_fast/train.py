@@ -1,8 +1,8 @@
 """Train a diffusion model with its own per-sample loss (for the demo, tests and benches), and
 save/load checkpoints of our DiT.
 
-The loss is the denoiser's: `den.training_noise` draws (ε, level) as the reference does (log-normal σ
-for EDM nets, uniform t for DDPM models) and `den.loss` returns L per sample; the objective is its
+The loss is the denoiser's: `den.training_noise` draws (ε, level) as the reference does (log-normal
+σ for EDM nets, uniform t for DDPM models) and `den.loss` returns L per sample; the objective is its
 batch mean. Optimizer: AdamW; an EMA of the weights is what gets returned (the reference's recipe).
 """
 
@@ -72,9 +72,9 @@ def train(
     """Train `den.net` in place; return (a new denoiser wrapping a deep copy of the EMA weights,
     info dict).
 
-    images: [N, C, H, W] in the model's data range; labels: class ids [N] or label vectors, converted
-    by `den.prepare_labels` (required for conditional models). Batches: shuffled epochs without
-    replacement (the last incomplete batch of an epoch is dropped; B = min(batch_size, N)).
+    images: [N, C, H, W] in the model's data range; labels: class ids [N] or label vectors,
+    converted by `den.prepare_labels` (required for conditional models). Batches: shuffled epochs
+    without replacement (the last incomplete batch of an epoch is dropped; B = min(batch_size, N)).
     lr: AdamW learning rate (betas 0.9/0.999, weight decay `weight_decay`), reached by a linear
     warm-up over `warmup` steps, then constant. The default 2e-3 suits the small demo DiT (3000
     steps at batch 128 on sklearn digits give recognizable class-conditional samples); the
@@ -84,8 +84,8 @@ def train(
     d = min(ema_decay, (1 + t)/(10 + t)) so that short runs are not dominated by the initial weights
     (the reference uses the plain decay; pass ema_warmup=False for it).
     Determinism: batches and noise come from one torch.Generator seeded with `seed`; randomness
-    inside the model (dropout, label dropout) runs under a forked, seeded global RNG, so the caller's
-    global RNG state is neither used nor changed. Same seed, same device → same weights.
+    inside the model (dropout, label dropout) runs under a forked, seeded global RNG, so the
+    caller's global RNG state is neither used nor changed. Same seed, same device → same weights.
     info: steps, batch_size, lr, ema_decay, weight_decay, seed, loss (per-step batch means),
     time_s, num_params.
     """

@@ -101,7 +101,8 @@ def mirrored_objective(
     """(L_r, L_f, objective) from per-sample losses [..., B] of the retain and forget batches.
 
     L_r = mean L(x_r), L_f = mean min(L(x̂), L_null) (no clamp when not `bounded`: the ablation),
-    objective = L_r − λ·L_f: descending it keeps the data and pushes the target's loss up to the bound.
+    objective = L_r − λ·L_f: descending it keeps the data and pushes the target's loss up to the
+    bound.
     """
     loss_f = loss_f.clamp(max=loss_null) if bounded else loss_f
     L_r, L_f = loss_r.mean(-1), loss_f.mean(-1)

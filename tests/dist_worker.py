@@ -1,6 +1,6 @@
-"""A tiny attribution run for the multi-process tests: `torchrun --nproc-per-node W dist_worker.py OUT
-[options]` or plain `python dist_worker.py OUT` (one process). Every rank returns the full result; each
-rank saves its scores to OUT/rank<r>.pt so the test can check that all ranks agree."""
+"""A tiny attribution run for the multi-process tests: `torchrun --nproc-per-node W dist_worker.py
+OUT [options]` or plain `python dist_worker.py OUT` (one process). Every rank returns the full
+result; each rank saves its scores to OUT/rank<r>.pt so the test can check that all ranks agree."""
 
 import argparse
 import os

@@ -4,7 +4,8 @@ import torch
 
 
 class TinyEDMNet(torch.nn.Module):
-    """EDM-preconditioned per-pixel MLP, called like the reference: net(x_noisy, sigma, y=None, a=None) → D.
+    """EDM-preconditioned per-pixel MLP, called like the reference: net(x_noisy, sigma, y=None,
+    a=None) → D.
 
     Parameter names follow the reference DiT where it matters for REFERENCE_FROZEN: the block MLP
     (`dit_backbone.0.mlp.*`) is trainable, the embedders and `last.` are frozen.
@@ -48,8 +49,8 @@ class TinyEDMNet(torch.nn.Module):
 
 
 class TinyRawEDMNet(TinyEDMNet):
-    """TinyEDMNet that also exposes its raw F as `network(c_in·x, c_noise, y)`, like mucs_fast's DiT:
-    EDMDenoiser then evaluates F directly (the raw path) and K-stacked copies call a method."""
+    """TinyEDMNet that also exposes its raw F as `network(c_in·x, c_noise, y)`, like mucs_fast's
+    DiT: EDMDenoiser then evaluates F directly (the raw path) and K-stacked copies call a method."""
 
     def network(self, x_in, c_noise, y=None, a=None):
         return self._raw(x_in, c_noise, y, a)

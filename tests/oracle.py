@@ -3,9 +3,9 @@
 Independent of mucs_fast on purpose (no denoiser, op or engine code): a test that compares the
 engine with this file pins the algorithm, not the engine against itself. EDM D-form nets only
 (D = net(x_noisy, σ, y=y)). Random draws follow the engine's order so that runs agree step for step:
-per step, the retain ids (one torch.randperm(N) per epoch, drop-last) from g_retain; then from g_noise
-σ = exp(P_std·randn(B) + P_mean) and ε = randn(B, C, H, W) for the retain batch, then the same for the
-forget batch (unless use_same_noise_train).
+per step, the retain ids (one torch.randperm(N) per epoch, drop-last) from g_retain; then from
+g_noise σ = exp(P_std·randn(B) + P_mean) and ε = randn(B, C, H, W) for the retain batch, then the
+same for the forget batch (unless use_same_noise_train).
 """
 
 import copy
@@ -44,7 +44,8 @@ def unlearn(
     P_std=1.2,
     sigma_data=0.5,
 ):
-    """Unlearn x̂ [C, H, W] from a fresh deep copy of `net`. Returns (copy, [(L_r, L_f)], steps, stop)."""
+    """Unlearn x̂ [C, H, W] from a fresh deep copy of `net`. Returns (copy, [(L_r, L_f)], steps,
+    stop)."""
     net = copy.deepcopy(net).eval()
     for n, p in net.named_parameters():  # only the trainable parameters change
         p.requires_grad_(n in names)
@@ -91,7 +92,8 @@ def unlearn(
 
 @torch.no_grad()
 def scores(net, net_u, train_x, train_y, bank_eps, bank_sigma, eps=1e-3, sigma_data=0.5):
-    """score[j] = mean_m (L_u − L_t)/(L_u + L_t + eps), both models on the same (ε_m, σ_m) for every j."""
+    """score[j] = mean_m (L_u − L_t)/(L_u + L_t + eps), both models on the same (ε_m, σ_m) for every
+    j."""
     N, M = train_x.shape[0], bank_sigma.shape[0]
     L_t = torch.empty(N, M, dtype=torch.float64)
     L_u = torch.empty(N, M, dtype=torch.float64)

@@ -114,7 +114,8 @@ def test_pairs_evaluated_and_exact_mask_match_the_work_done(problem):
         seen = sum(int(d) * c for d, c in info["set_aside_at"].items())
         assert sum(info["set_aside_at"].values()) == res.N - n_exact
         assert res.meta["pairs_evaluated"][k] == info["pairs_evaluated"] == n_exact * M + seen
-    # L_t only for the (image, segment) pairs some target used: at most every pair, at least the exact ones'
+    # L_t only for the (image, segment) pairs some target used: at most every pair, at least the
+    # exact ones'
     assert max(res.meta["pairs_evaluated"]) <= res.meta["pairs_evaluated_original"] < res.N * M
     assert res.meta["adaptive"]["top_k"] == 3 and res.meta["adaptive"]["screen_noises"] == 3
 

@@ -113,7 +113,8 @@ def _sequential_and_batched(family, dtype=torch.float32, threads=None):
 def test_batched_equals_sequential(family, dtype):
     w0, w_seq, w_bat, s_seq, s_bat = _sequential_and_batched(family, dtype)
     for n in w0:
-        # atol = 1e-2·lr (1% of one AdamW step): AdamW normalizes each gradient element, so an element
+        # atol = 1e-2·lr (1% of one AdamW step): AdamW normalizes each gradient element, so an
+        # element
         # whose gradient is nearly cancelled turns fp32 rounding (vmapped vs plain matmuls) into a
         # visible fraction of lr; elements with real gradients agree to rtol 1e-5.
         torch.testing.assert_close(

@@ -79,7 +79,8 @@ def _one_error_line(err):
     return lines[-1]
 
 
-# -- 1. --model never unpickles by default ----------------------------------------------------------
+# -- 1. --model never unpickles by default
+# ----------------------------------------------------------
 def test_a_model_file_that_runs_code_is_refused_without_trust_pickle(data, capsys):
     marker = data / "code-ran"
     torch.save({"format": "mucs_fast.dit", "net": _RunsCode(marker)}, data / "evil.pt")
@@ -149,7 +150,8 @@ def test_a_diffusers_folder_loads_its_safetensors_and_refuses_bin_pickles(tmp_pa
     assert isinstance(load_model(str(tmp_path / "bin"), trust_pickle=True), DiffusersDenoiser)
 
 
-# -- 3. one-line errors, before the model or the data is read ---------------------------------------
+# -- 3. one-line errors, before the model or the data is read
+# ---------------------------------------
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """Fail the test if the command gets as far as reading data or the model."""
@@ -264,7 +266,8 @@ def test_ctrl_c_during_attribute_says_how_to_resume(data, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
-        f"[mucs-fast] interrupted: finished targets (1 so far) are kept in {out}; rerun the same command "
+        f"[mucs-fast] interrupted: finished targets (1 so far) are kept in {out}; rerun the same "
+        "command "
         "with --resume to continue"
     )
 

@@ -92,7 +92,8 @@ def test_stop_rule_on_scripted_losses():
 
 class ScriptedDenoiser(mf.EDMDenoiser):
     """Loss of one step's [retain; forget] batch: 0.5 for the retain half, the next scripted value
-    for the forget half, plus a differentiable zero (the engine evaluates both halves in one call)."""
+    for the forget half, plus a differentiable zero (the engine evaluates both halves in one
+    call)."""
 
     def __init__(self, net, script):
         super().__init__(net)
@@ -138,7 +139,8 @@ def test_retain_stream_is_dataloader_like():
         RetainStream(3, 4, torch.Generator())
 
 
-# -- trainable set ----------------------------------------------------------------------------------
+# -- trainable set
+# ----------------------------------------------------------------------------------
 REFERENCE_DIT_NAMES = [
     "x_embedder.proj.weight",
     "x_embedder.proj.bias",
@@ -205,7 +207,8 @@ def test_reference_frozen_leaves_block_mlps_and_condition_embedder():
         trainable_names(net, [""])
 
 
-# -- score formula ------------------------------------------------------------------------------------
+# -- score formula
+# ------------------------------------------------------------------------------------
 def test_score_formula_and_switches():
     loss_t = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]])  # [n=2, M=3]
     loss_u = torch.tensor([[[2.0, 2.0, 1.0], [0.5, 1.5, 0.5]]])  # [K=1, n=2, M=3]
@@ -234,7 +237,8 @@ def test_score_formula_and_switches():
         res.topk(0)
 
 
-# -- end to end ----------------------------------------------------------------------------------------
+# -- end to end
+# ----------------------------------------------------------------------------------------
 def _tiny_problem(K=3, N=40, label_dim=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -54,7 +54,8 @@ def no_heavy_compute(monkeypatch):
         ),
         (
             "wide_labels",
-            r"target_labels: expected class ids \[N\] or label vectors \[N, 3\], got shape \(2, 5\)",
+            r"target_labels: expected class ids \[N\] or label vectors \[N, 3\], got shape \(2, "
+            r"5\)",
         ),
         ("label_count", r"train_labels: expected 24 labels"),
         ("label_range", r"train_labels: class ids must lie in \[0, 3\)"),
@@ -128,7 +129,8 @@ def test_config_validation():
 
 
 class NaNForClass2(torch.nn.Module):
-    """Wraps a net so that samples with label 2 come out NaN (a model that blows up on one target)."""
+    """Wraps a net so that samples with label 2 come out NaN (a model that blows up on one
+    target)."""
 
     def __init__(self, net):
         super().__init__()

@@ -21,8 +21,8 @@ from mucs_fast.unlearn import RetainStream, unlearn_batched
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One thread for this module: the trained model and the planted run are then the same on every
-    machine (the thread count changes reduction order); ops this small gain nothing from threads and,
-    on busy shared cores, lose a lot."""
+    machine (the thread count changes reduction order); ops this small gain nothing from threads
+    and, on busy shared cores, lose a lot."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -108,7 +108,8 @@ def test_unlearning_matches_oracle_step_for_step(label_dim, K, loss_null):
     cfg = mf.MUCSConfig(batch_size=4, max_steps=S)
     problem, names, weights, infos, runs = _engine_and_oracle(label_dim, K, cfg, loss_null, lr=1e-2)
     # An unconditional TinyEDMNet never uses y_embedder: it gets no gradient, so torch's AdamW (the
-    # oracle) skips it while a flat-buffer AdamW only decays it; neither changes the model's outputs.
+    # oracle) skips it while a flat-buffer AdamW only decays it; neither changes the model's
+    # outputs.
     compared = [n for n in names if label_dim or not n.startswith("y_embedder")]
     p_0 = dict(problem[0].named_parameters())
     for k, (net_u, trace, steps, stop) in enumerate(runs):
@@ -126,7 +127,8 @@ def test_unlearning_matches_oracle_step_for_step(label_dim, K, loss_null):
 
 
 def test_unlearning_stop_rule_matches_oracle():
-    # L_null a little above the targets' starting forget losses (≈ 1.4): each reaches the goal on its
+    # L_null a little above the targets' starting forget losses (≈ 1.4): each reaches the goal on
+    # its
     # own clock (11, 11 and 35 steps here).
     cfg = mf.MUCSConfig(batch_size=4, safety_steps=60)
     _, names, weights, infos, runs = _engine_and_oracle(3, 3, cfg, loss_null=1.6, lr=5e-2)
@@ -143,7 +145,8 @@ def test_unlearning_stop_rule_matches_oracle():
     assert len(set(steps)) > 1, steps  # targets stop on their own clocks
 
 
-# -- the whole pipeline against the oracle ----------------------------------------------------------
+# -- the whole pipeline against the oracle
+# ----------------------------------------------------------
 def _engine_streams(seed, target_fp):
     """The engine's per-target generators (mucs_fast.engine._streams). Coupled to how the engine
     derives its seeds on purpose: it lets one test compare mf.attribute with the oracle end to end;
@@ -235,7 +238,8 @@ def test_identity_unlearning_scores_zero():
         assert res.scores.abs().max() < 1e-5, tpb
 
 
-# -- a briefly trained tiny DiT on 32 digits --------------------------------------------------------
+# -- a briefly trained tiny DiT on 32 digits
+# --------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_model():
     den, x, info = trained_digits_dit(32)
@@ -357,7 +361,8 @@ def test_lr_defaults_to_train_lr_over_lr_factor():
         run(mf.EDMDenoiser(net), lr=None)
 
 
-# -- d. t_sched = "auto" on images with known distances ----------------------------------------------
+# -- d. t_sched = "auto" on images with known distances
+# ----------------------------------------------
 def _karras_fraction_above(threshold, num):
     """Fraction of the Karras grid σ_i (s_i = i/(num − 1)) above `threshold`, from the closed form:
     σ_i > t ⟺ s_i < (σ_max^{1/ρ} − t^{1/ρ}) / (σ_max^{1/ρ} − σ_min^{1/ρ})."""
@@ -380,8 +385,10 @@ def test_t_sched_auto_on_known_distances():
             assert got == pytest.approx(want), (a, B)
 
     # The 5 % quantile, neither the minimum nor the median: 10 near-duplicate pairs among 20 images,
-    # one at distance 0.02, nine at 0.1, every other pair ≥ 1. In one batch (B = N) that is 2 + 18 of
-    # the 380 ordered pairs; entry int(0.05·380) = 19 of the sorted distances is 0.1 → threshold 0.05.
+    # one at distance 0.02, nine at 0.1, every other pair ≥ 1. In one batch (B = N) that is 2 + 18
+    # of
+    # the 380 ordered pairs; entry int(0.05·380) = 19 of the sorted distances is 0.1 → threshold
+    # 0.05.
     n, D2 = 10, 64
     delta = torch.full((n, 1), 0.1)
     delta[0] = 0.02
@@ -394,7 +401,8 @@ def test_t_sched_auto_on_known_distances():
     # s* = (80^{1/7} − 0.05^{1/7}) / (80^{1/7} − 0.002^{1/7}) = 0.8353 → levels i ≤ 82 of 0..99
     assert got == pytest.approx(_karras_fraction_above(0.05, 100)) == pytest.approx(0.83)
 
-    # end to end: the resolved fraction of the 8-level grid of num_noises = 8 (threshold 1/2 → 5 of 8)
+    # end to end: the resolved fraction of the 8-level grid of num_noises = 8 (threshold 1/2 → 5 of
+    # 8)
     x = math.sqrt(D / 2) * basis
     res = mf.attribute(
         mf.EDMDenoiser(TinyEDMNet()),
@@ -413,7 +421,8 @@ def test_t_sched_auto_on_known_distances():
     )
 
 
-# -- e. the VP loss is the model's own ε-prediction loss ---------------------------------------------
+# -- e. the VP loss is the model's own ε-prediction loss
+# ---------------------------------------------
 def test_vp_loss_is_the_epsilon_prediction_loss():
     from mucs_fast.models.unet import ddpm_scheduler, tiny_unet
 

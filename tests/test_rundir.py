@@ -208,8 +208,8 @@ def test_run_dir_files_follow_the_umask(tmp_path, umask):
 def test_a_resume_under_another_version_backend_device_or_precision_is_refused(
     tmp_path, field, value
 ):
-    """The engine's run key holds what a row depends on beyond the config: resuming a CPU fp32 run on
-    CUDA bf16 (or another version or op backend) would mix rows computed two ways."""
+    """The engine's run key holds what a row depends on beyond the config: resuming a CPU fp32 run
+    on CUDA bf16 (or another version or op backend) would mix rows computed two ways."""
     import json
     import unittest.mock
 

@@ -1,4 +1,5 @@
-"""train() (determinism, EMA, both denoiser kinds), checkpoints, and the per-image-seeded samplers."""
+"""train() (determinism, EMA, both denoiser kinds), checkpoints, and the per-image-seeded
+samplers."""
 
 import math
 import pickle

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Adaptive scoring (issue 11) against exact scoring, same run, same machine: forwards saved, wall time,
-top-k recall vs exact and Spearman on the exactly scored images.
+"""Adaptive scoring (issue 11) against exact scoring, same run, same machine: forwards saved, wall
+time, top-k recall vs exact and Spearman on the exactly scored images.
 
-Models: `demo` (the `mucs-fast demo` DiT on sklearn digits 16×16, cached like the demo's), `unet` (a tiny
-class-conditional diffusers UNet2DModel trained briefly on the same digits, cached in --work). Targets:
-the model's own samples (EDM Heun / DDIM), seeds 1000 + k, labels k mod 10. One exact run, then one
-adaptive run per (k, margin) — each run unlearns again (the same weights: the streams are per target).
+Models: `demo` (the `mucs-fast demo` DiT on sklearn digits 16×16, cached like the demo's), `unet` (a
+tiny class-conditional diffusers UNet2DModel trained briefly on the same digits, cached in --work).
+Targets: the model's own samples (EDM Heun / DDIM), seeds 1000 + k, labels k mod 10. One exact run,
+then one adaptive run per (k, margin) — each run unlearns again (the same weights: the streams are
+per target).
 
   .venv/bin/python benches/adaptive/run.py --model demo --threads 2
   .venv/bin/python benches/adaptive/run.py --model unet --train-steps 1500 --threads 2
@@ -149,11 +150,13 @@ def main(argv=None):
     if den.train_lr is None:
         base["lr"] = 2e-4
     print(
-        f"{args.model}: N={N}, K={args.targets}, M={args.num_noises}, k={ks}, margins={args.margins}"
+        f"{args.model}: N={N}, K={args.targets}, M={args.num_noises}, k={ks}, "
+        f"margins={args.margins}"
     )
     exact = mf.attribute(den, x, t, mf.MUCSConfig(**base), y, ty, progress=False, cache_dir=None)
     print(
-        f"exact: total {exact.meta['timings']['total']:.1f} s, steps {[i['steps'] for i in exact.meta['targets']]}"
+        f"exact: total {exact.meta['timings']['total']:.1f} s, steps "
+        f"{[i['steps'] for i in exact.meta['targets']]}"
     )
     rows = []
     for k in ks:
@@ -168,9 +171,12 @@ def main(argv=None):
             row = compare(exact, res, k)
             rows.append(row)
             print(
-                f"k={k:4d} z={z:g}: forwards ÷{row['forwards_ratio']:.2f} (unlearned ÷{row['forwards_ratio_unlearned']:.2f}), "
-                f"scoring {row['scoring_s_exact']:.1f} → {row['scoring_s_adaptive']:.1f} s (×{row['scoring_speedup']:.2f}), "
-                f"recall {row['recall_mean']:.3f} (min {row['recall_min']:.3f}), ρ exact-scored {row['spearman_exact_scored']:.4f}, "
+                f"k={k:4d} z={z:g}: forwards ÷{row['forwards_ratio']:.2f} (unlearned "
+                f"÷{row['forwards_ratio_unlearned']:.2f}), "
+                f"scoring {row['scoring_s_exact']:.1f} → {row['scoring_s_adaptive']:.1f} s "
+                f"(×{row['scoring_speedup']:.2f}), "
+                f"recall {row['recall_mean']:.3f} (min {row['recall_min']:.3f}), ρ exact-scored "
+                f"{row['spearman_exact_scored']:.4f}, "
                 f"exact {row['exact_fraction']:.3f}, audit {row['audit']}"
             )
     out = args.out or os.path.join(

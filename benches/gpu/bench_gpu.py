@@ -2,7 +2,8 @@
 
     python benches/gpu/bench_gpu.py --out results.json [--dry-run]
 
-1. scoring: images·noises per second of the original-model loss pass (`score.original_losses` of a one-model `LossPass`, the
+1. scoring: images·noises per second of the original-model loss pass (`score.original_losses` of a
+one-model `LossPass`, the
    per-chunk work of every scoring pass) on the CIFAR-10 reference DiT config (32×32×3, patch 2,
    256 + 32 tokens, width 768, 12 blocks, 12 heads, MLP 4, adaLN width 256), bf16 autocast with fp32
    loss accumulation, eager and torch.compile; FLOPs per image from torch.utils.flop_counter;
@@ -156,8 +157,10 @@ def bench_scoring(args, device, log):
         }
         results[mode] = r
         log(
-            f"scoring [{mode}]: {pairs:,.0f} images·noises/s, {tflops:.1f} TFLOP/s, MFU {100 * r['mfu']:.1f} %, "
-            f"exact CIFAR-10 scoring {r['scoring_minutes_per_target_cifar']:.2f} min/target (floor 5.2), "
+            f"scoring [{mode}]: {pairs:,.0f} images·noises/s, {tflops:.1f} TFLOP/s, MFU "
+            f"{100 * r['mfu']:.1f} %, "
+            f"exact CIFAR-10 scoring {r['scoring_minutes_per_target_cifar']:.2f} min/target (floor "
+            "5.2), "
             f"first call {t_first:.1f} s"
         )
     if device.type == "cuda":
@@ -245,7 +248,8 @@ def bench_ktargets(args, device, log):
             "speedup_vs_K1": tps / base,
         }
         log(
-            f"unlearning [batched, K={K}]: {tps:.1f} target·steps/s ({tps / base:.2f}× K=1 per target)"
+            f"unlearning [batched, K={K}]: {tps:.1f} target·steps/s ({tps / base:.2f}× K=1 per "
+            "target)"
         )
 
     # K-stacked scoring pass

@@ -1,4 +1,5 @@
-"""One markdown table from a GPU check's results folder (gpu.json, ops.json): what BENCHMARKS.md quotes."""
+"""One markdown table from a GPU check's results folder (gpu.json, ops.json): what BENCHMARKS.md
+quotes."""
 
 import json
 import os
@@ -18,33 +19,40 @@ def main(out: str) -> None:
         if os.path.isfile(k_path):
             g.setdefault("ktargets", json.load(open(k_path)).get("ktargets"))
         print(
-            f"### {g['device']} — torch {g['torch']} (CUDA {g['cuda']}), triton {g['triton']}, git {g['git']}, "
+            f"### {g['device']} — torch {g['torch']} (CUDA {g['cuda']}), triton {g['triton']}, git "
+            f"{g['git']}, "
             f"{g['date']}{' (DRY RUN)' if g.get('dry_run') else ''}\n"
         )
         s = g.get("scoring")
         if s:
             print(
-                f"Scoring pass, DiT {s['model']['width']}×{s['model']['depth']} on {tuple(s['model']['image_size'])}: "
-                f"{s['flops_per_image'] / 1e9:.2f} GFLOP/image (flop_counter {s.get('flops_counter', 0) / 1e9:.2f}, "
-                f"analytic incl. attention {s.get('flops_analytic', 0) / 1e9:.2f}; MFU uses the larger), "
+                f"Scoring pass, DiT {s['model']['width']}×{s['model']['depth']} on "
+                f"{tuple(s['model']['image_size'])}: "
+                f"{s['flops_per_image'] / 1e9:.2f} GFLOP/image (flop_counter "
+                f"{s.get('flops_counter', 0) / 1e9:.2f}, "
+                f"analytic incl. attention {s.get('flops_analytic', 0) / 1e9:.2f}; MFU uses the "
+                "larger), "
                 f"N={s['N']}, M={s['M']}, {s['pairs_per_forward']} pairs/forward\n"
             )
             print(
-                "| mode | images·noises/s | TFLOP/s | MFU (790) | CIFAR-10 exact scoring, min/target (floor 5.2) |"
+                "| mode | images·noises/s | TFLOP/s | MFU (790) | CIFAR-10 exact scoring, "
+                "min/target (floor 5.2) |"
             )
             print("|---|---|---|---|---|")
             for mode in ("eager", "compiled", "raw"):
                 if mode in s:
                     r = s[mode]
                     print(
-                        f"| {mode} | {r['pairs_per_s']:,.0f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f} % | "
+                        f"| {mode} | {r['pairs_per_s']:,.0f} | {r['tflops']:.1f} | "
+                        f"{100 * r['mfu']:.1f} % | "
                         f"{r['scoring_minutes_per_target_cifar']:.2f} |"
                     )
             print()
         k = g.get("ktargets")
         if k:
             print(
-                f"K targets, DiT {k['model']['width']}×{k['model']['depth']} on {tuple(k['model']['image_size'])}, "
+                f"K targets, DiT {k['model']['width']}×{k['model']['depth']} on "
+                f"{tuple(k['model']['image_size'])}, "
                 f"B={k['B']}, {k['steps']} steps, {k['trainable']:,} trainable weights per target\n"
             )
             print("| run | target·steps/s | × K=1 |")
@@ -52,14 +60,16 @@ def main(out: str) -> None:
             for key, r in k.items():
                 if key.startswith("batched_K"):
                     print(
-                        f"| unlearn_batched K={key[9:]} | {r['target_steps_per_s']:.1f} | {r['speedup_vs_K1']:.2f} |"
+                        f"| unlearn_batched K={key[9:]} | {r['target_steps_per_s']:.1f} | "
+                        f"{r['speedup_vs_K1']:.2f} |"
                     )
             print("\n| stacked scoring | images·noises·models/s | × K=1 |")
             print("|---|---|---|")
             for key, r in k.items():
                 if key.startswith("score_K"):
                     print(
-                        f"| K={key[7:]} | {r['pairs_models_per_s']:,.0f} | {r['speedup_vs_K1']:.2f} |"
+                        f"| K={key[7:]} | {r['pairs_models_per_s']:,.0f} | "
+                        f"{r['speedup_vs_K1']:.2f} |"
                     )
             print()
     if os.path.isfile(ops_path):
@@ -70,7 +80,8 @@ PROVIDER_ORDER = ("reference", "compiled", "op", "triton", "cuda")
 
 
 def op_table(benchmarks: list) -> str:
-    """One row per (op, case), one column per provider: median µs, and GB/s / % of peak of the fastest."""
+    """One row per (op, case), one column per provider: median µs, and GB/s / % of peak of the
+    fastest."""
     rows: dict = {}
     for b in benchmarks:
         m = re.match(r"test_(\w+)\[(.*)\]$", b["name"])

@@ -89,7 +89,8 @@ def main():
         r = rows[-1]
         print(
             f"N={n:>9,}: peak RSS {r['peak_rss_bytes'] / 2**20:7.1f} MiB (before attribute "
-            f"{r['rss_before_bytes'] / 2**20:.1f} MiB; file {r['file_bytes'] / 2**20:.1f} MiB; [N]-sized "
+            f"{r['rss_before_bytes'] / 2**20:.1f} MiB; file {r['file_bytes'] / 2**20:.1f} MiB; "
+            "[N]-sized "
             f"tensors {r['expected_n_bytes'] / 2**20:.1f} MiB), {r['seconds']:.1f} s",
             flush=True,
         )
@@ -97,7 +98,8 @@ def main():
         d = rows[-1]["peak_rss_bytes"] - rows[0]["peak_rss_bytes"]
         e = rows[-1]["expected_n_bytes"] - rows[0]["expected_n_bytes"]
         print(
-            f"growth {rows[0]['N']:,} → {rows[-1]['N']:,}: {d / 2**20:.1f} MiB, of which the [N]-sized tensors "
+            f"growth {rows[0]['N']:,} → {rows[-1]['N']:,}: {d / 2**20:.1f} MiB, of which the "
+            "[N]-sized tensors "
             f"account for {e / 2**20:.1f} MiB; the rest: {(d - e) / 2**20:.1f} MiB"
         )
     if a.out:

@@ -2,7 +2,8 @@
 torch thread each, on a problem where scoring dominates; scores must be bitwise equal (asserted
 before any time is reported).
 
-    python benches/scaleout/run.py [--nproc 1 2] [--images 1797] [--targets 2] [--num-noises 100] [--out JSON]
+    python benches/scaleout/run.py [--nproc 1 2] [--images 1797] [--targets 2] [--num-noises 100]
+[--out JSON]
 
 Problem: the demo's DiT shape (patch 4, width 64, depth 4, class-conditional) with random weights
 on sklearn digits (16×16, the first --images), `--targets` targets of the training set, M noises, 3
@@ -109,8 +110,10 @@ def main():
             )
             rows.append({"world": w, "seconds": r["seconds"], "timings": r["timings"]})
             print(
-                f"{w} process(es) × 1 thread: {r['seconds']:.1f} s (L_t {r['timings']['loss_t']:.1f} s, "
-                f"unlearning {r['timings']['unlearn']:.1f} s, scoring {r['timings']['score']:.1f} s), "
+                f"{w} process(es) × 1 thread: {r['seconds']:.1f} s (L_t "
+                f"{r['timings']['loss_t']:.1f} s, "
+                f"unlearning {r['timings']['unlearn']:.1f} s, scoring {r['timings']['score']:.1f} "
+                "s), "
                 f"{rows[0]['seconds'] / r['seconds']:.2f}× the first; scores bitwise equal",
                 flush=True,
             )

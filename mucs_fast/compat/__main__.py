@@ -1,6 +1,7 @@
 """`python -m mucs_fast.compat SCRIPT.py ARGS...`: run a reference script (attrib.py, generate.py,
 ...) unchanged, with omegaconf containers allowlisted for `torch.load(weights_only=True)` in this
-process (the reference stores its config in every checkpoint, which torch ≥ 2.6 otherwise refuses)."""
+process (the reference stores its config in every checkpoint, which torch ≥ 2.6 otherwise
+refuses)."""
 
 import os
 import runpy

@@ -51,7 +51,8 @@ def add_reference_arguments(parser) -> None:
         "--attrib-ids",
         default=None,
         metavar="PATH",
-        help="where to write the reference's attrib-ids.pt (+ _all.pt); default: <out>/attrib-ids.pt",
+        help="where to write the reference's attrib-ids.pt (+ _all.pt); default: "
+        "<out>/attrib-ids.pt",
     )
     g.add_argument(
         "--reference-code",

@@ -38,8 +38,9 @@ checkpoints load with weights_only=True (`load_checkpoint`, `omegaconf_safe_glob
 This module is the import path of that one-line file; it re-exports the drop-in's pieces:
 `attributor` (the Attributor: constructor, side effects, run() on the engine), `replay` (the
 reference's algorithm on its global stream: `ResidentLoader`, the public methods, fast=False),
-`distributed` (an alias of `mucs_fast.parallel.rank_world`, kept for scripts that import it: (rank, world size)), `reference_conf` (its optimizer and sampler config),
-`reference_models` (its models: raw module, null model, checkpoints), `reference_files` (its files).
+`distributed` (an alias of `mucs_fast.parallel.rank_world`, kept for scripts that import it: (rank,
+world size)), `reference_conf` (its optimizer and sampler config), `reference_models` (its models:
+raw module, null model, checkpoints), `reference_files` (its files).
 """
 
 from ..parallel import rank_world as distributed

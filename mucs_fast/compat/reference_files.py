@@ -18,7 +18,9 @@ from typing import NamedTuple
 import torch
 
 from .._io import atomic_write
-from ..data.reference_folder import (  # noqa: F401  (re-exported: the reference's files in one place)
+
+from ..data.checks import to_model_range
+from ..data.reference_folder import (
     METADATA,
     PT_FOLDER,
     ReferenceData,
@@ -30,13 +32,37 @@ from ..data.reference_folder import (  # noqa: F401  (re-exported: the reference
     save_dataset,
     split_filenames,
 )
-from ..data.checks import to_model_range  # noqa: F401
-from ..safe_load import (  # noqa: F401
+from ..safe_load import (
     install_omegaconf_safe_globals,
     load_checkpoint,
     omegaconf_globals,
     omegaconf_safe_globals,
 )
+
+# the reference's files in one place: its dataset folder and safe loading are re-exported
+__all__ = [
+    "METADATA",
+    "PT_FOLDER",
+    "ReferenceData",
+    "Samples",
+    "attrib_ids_all_path",
+    "center_crop",
+    "dataset_tensors",
+    "install_omegaconf_safe_globals",
+    "load_attrib_ids",
+    "load_checkpoint",
+    "load_dataset",
+    "load_files",
+    "load_metadata",
+    "load_samples",
+    "omegaconf_globals",
+    "omegaconf_safe_globals",
+    "save_attrib_ids",
+    "save_dataset",
+    "save_samples",
+    "split_filenames",
+    "to_model_range",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +87,8 @@ def load_samples(path, map_location="cpu") -> Samples:
     ):
         raise ValueError(
             f"{path}: not a reference samples.pt (expected [idx, x, y, xgen, extra dict], "
-            f"got {type(obj).__name__}{f' of {len(obj)}' if isinstance(obj, (list, tuple)) else ''})"
+            "got "
+            f"{type(obj).__name__}{f' of {len(obj)}' if isinstance(obj, (list, tuple)) else ''})"
         )
     s = Samples(*obj)
     n = s.xgen.shape[0]

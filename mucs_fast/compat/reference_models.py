@@ -17,7 +17,8 @@ from .reference_files import load_checkpoint
 
 
 def raw_module(model) -> torch.nn.Module:
-    """The plain nn.Module behind a Lightning-Fabric (or DDP) wrapper; the module itself otherwise."""
+    """The plain nn.Module behind a Lightning-Fabric (or DDP) wrapper; the module itself
+    otherwise."""
     inner = getattr(model, "module", None)
     return inner if isinstance(inner, torch.nn.Module) else model
 
@@ -79,7 +80,8 @@ def load_reference_model(checkpoint, code_dir=None, metadata=None, which: str = 
     `models.<conf.model.name>.Model(conf.model, metadata)`, imported from the reference checkout
     `code_dir` (default: already importable); weights `which` ("ema", else "model") of the
     checkpoint, read with `load_checkpoint` (omegaconf-safe, weights_only=True). The denoiser knows
-    the sampler's σ range, the training lr (unlearning lr = lr / 10) and how to build a fresh model."""
+    the sampler's σ range, the training lr (unlearning lr = lr / 10) and how to build a fresh
+    model."""
 
     fn = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "configuration.yaml")
     if not os.path.isfile(fn):

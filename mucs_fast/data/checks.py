@@ -13,7 +13,8 @@ import torch
 
 def to_model_range(raw: torch.Tensor) -> torch.Tensor:
     """Stored values → float32 in the model's range, contiguous: uint8 v ↦ v/127.5 − 1 (bitwise
-    the reference's (v/255 − 0.5)/0.5 for all 256 values: tests/test_data.py); floats as they are."""
+    the reference's (v/255 − 0.5)/0.5 for all 256 values: tests/test_data.py); floats as they
+    are."""
     if raw.dtype == torch.uint8:
         return raw.float().div_(127.5).sub_(1).contiguous()
     return raw.float().contiguous()

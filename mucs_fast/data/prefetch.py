@@ -23,11 +23,12 @@ _DONE = object()
 
 
 def prefetch(source, ranges, device, depth: int = 2) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """`source`: a `Source` (anything with `read(start, stop)` and `check_range`). Yield (start, stop, images float32 [stop−start, C, H, W] on device) for each range, in
-    order, while a background thread reads up to `depth` ranges ahead. On CUDA the host tensor
-    is pinned and copied with non_blocking=True (on the current stream). An error in the reader
-    re-raises here; closing the iterator (break + close(), garbage collection, an exception in
-    the caller) stops and joins the thread. Ranges are checked before anything is read."""
+    """`source`: a `Source` (anything with `read(start, stop)` and `check_range`). Yield (start,
+    stop, images float32 [stop−start, C, H, W] on device) for each range, in order, while a
+    background thread reads up to `depth` ranges ahead. On CUDA the host tensor is pinned and copied
+    with non_blocking=True (on the current stream). An error in the reader re-raises here; closing
+    the iterator (break + close(), garbage collection, an exception in the caller) stops and joins
+    the thread. Ranges are checked before anything is read."""
     ranges = [source.check_range(a, b) for a, b in ranges]
     if not (isinstance(depth, int) and depth >= 1):
         raise ValueError(f"prefetch: depth must be a positive int, got {depth!r}")

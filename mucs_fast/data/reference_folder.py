@@ -167,9 +167,9 @@ def save_dataset(
     name: str = "mucs_fast",
     threads: int = 8,
 ) -> dict:
-    """Write a reference dataset folder. x: uint8 [N, C, H, W] or float in [-1, 1]; y: [N, label_dim]
-    (or class ids [N], one-hot encoded with label_dim = max + 1); ids: dataset ids (default 0..N−1);
-    splits: {"train": positions, "test": positions, ...} (default: all "train").
+    """Write a reference dataset folder. x: uint8 [N, C, H, W] or float in [-1, 1]; y: [N,
+    label_dim] (or class ids [N], one-hot encoded with label_dim = max + 1); ids: dataset ids
+    (default 0..N−1); splits: {"train": positions, "test": positions, ...} (default: all "train").
     Returns the metadata dict it wrote."""
     path = os.fspath(path)
     N = x.shape[0]

@@ -154,7 +154,8 @@ class ShardSource(Source):
         if not f.is_file():
             raise FileNotFoundError(
                 f"{f}: missing shard {k + 1} of {len(self.shards)} (images {s['start']}.."
-                f"{s['start'] + s['count'] - 1}) of the packed folder {self.path}; re-run `mucs-fast pack`"
+                f"{s['start'] + s['count'] - 1}) of the packed folder {self.path}; re-run "
+                "`mucs-fast pack`"
             )
         shape, fortran, dtype, offset = npy_header(f)
         want = (s["count"], *self.chw)

@@ -32,7 +32,8 @@ CHUNK_BYTES = 32 << 20
 
 
 def images_per_chunk(chw, chunk_images: int | None = None) -> int:
-    """Images per chunk of a streaming pass: `chunk_images`, or as many as CHUNK_BYTES of float32 hold."""
+    """Images per chunk of a streaming pass: `chunk_images`, or as many as CHUNK_BYTES of float32
+    hold."""
     if chunk_images is not None:
         return max(1, int(chunk_images))
     return max(1, CHUNK_BYTES // (4 * chw[0] * chw[1] * chw[2]))

@@ -70,14 +70,17 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     e.add_argument(
         "--adaptive",
         action="store_true",
-        help="MUCS and its ablations score adaptively for the evaluation's top-k (exact scores only "
+        help="MUCS and its ablations score adaptively for the evaluation's top-k (exact scores "
+        "only "
         "for each target's top-k candidates; mucs-indep stays exact)",
     )
     e.add_argument(
         "--lds",
         action="store_true",
-        help="also the linear datamodeling score: subset models on random halves of the training set "
-        "(32; --quick: 8), each target's loss under each, Spearman against each method's prediction",
+        help="also the linear datamodeling score: subset models on random halves of the training "
+        "set "
+        "(32; --quick: 8), each target's loss under each, Spearman against each method's "
+        "prediction",
     )
     e.add_argument(
         "--lds-subsets", type=int, default=None, help="LDS subset models S (implies --lds)"
@@ -86,13 +89,15 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
         "--lds-steps",
         type=int,
         default=None,
-        help="training steps of each subset model (implies --lds; default: the full model's epochs)",
+        help="training steps of each subset model (implies --lds; default: the full model's "
+        "epochs)",
     )
     e.add_argument(
         "--stop-after",
         default=None,
         choices=PHASES,
-        help="stop once this phase is done (its artifacts stay for a later run, e.g. to train the LDS "
+        help="stop once this phase is done (its artifacts stay for a later run, e.g. to train the "
+        "LDS "
         "subset models in a process of their own)",
     )
     e.add_argument("--device", default=None, help="torch device (default cpu)")
@@ -159,7 +164,8 @@ def cmd_evaluate(args) -> int:
         )
     except StopEvaluation as stop:
         print(
-            f"[mucs-fast evaluate] stopped after phase {stop} in {(time.perf_counter() - t0) / 60:.1f} min; "
+            f"[mucs-fast evaluate] stopped after phase {stop} in "
+            f"{(time.perf_counter() - t0) / 60:.1f} min; "
             f"rerun without --stop-after to continue from {args.out}",
             file=sys.stderr,
             flush=True,
@@ -169,7 +175,8 @@ def cmd_evaluate(args) -> int:
     with open(os.path.join(args.out, "results.md")) as f:
         sys.stdout.write(f.read())
     print(
-        f"[mucs-fast evaluate] done in {seconds / 60:.1f} min; wrote {args.out}/results.json, results.md, "
+        f"[mucs-fast evaluate] done in {seconds / 60:.1f} min; wrote {args.out}/results.json, "
+        "results.md, "
         "densities.png, pre_post_targets.png, pre_post_controls.png",
         file=sys.stderr,
         flush=True,

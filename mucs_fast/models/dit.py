@@ -188,7 +188,8 @@ class SelfAttention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """x += g1·Attn(mod(LN(x); s1, b1)); x += g2·MLP(mod(LN(x); s2, b2)), mod(h; s, b) = (1+s)·h + b."""
+    """x += g1·Attn(mod(LN(x); s1, b1)); x += g2·MLP(mod(LN(x); s2, b2)), mod(h; s, b) = (1+s)·h +
+    b."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, cond_width: int):
         super().__init__()
@@ -243,8 +244,9 @@ class DiT(nn.Module):
 
     The defaults are the demo model for 16×16 digits (patch 4 → 16 tokens, 334 k parameters with
     10 classes): on 2 CPU cores it trains to recognizable class-conditional samples in ~3000 steps
-    and scores ~4 k (image, noise) pairs per second. The reference CIFAR-10 DiT is patch 2, width 768,
-    depth 12, heads 12, cond_width 256, extra_tokens 32 (behind a conv frontend not built here).
+    and scores ~4 k (image, noise) pairs per second. The reference CIFAR-10 DiT is patch 2, width
+    768, depth 12, heads 12, cond_width 256, extra_tokens 32 (behind a conv frontend not built
+    here).
 
     `args` holds the constructor arguments as plain Python values: `type(net)(*net.args)` builds a
     fresh, untrained copy (used for loss_null="auto" and by checkpoints).

@@ -1,4 +1,5 @@
-"""Plain-PyTorch references of every op: the default implementation and the ground truth of tests."""
+"""Plain-PyTorch references of every op: the default implementation and the ground truth of
+tests."""
 
 from .bounded_adamw_step import bounded_adamw_step
 from .edm_loss import edm_loss, edm_loss_backward

@@ -9,8 +9,8 @@ Karras et al. 2022 (EDM), eq. 2 and Table 1; spec/MUCS.md "Per-sample diffusion 
 - F-form (raw network output F): c_skip, c_out from σ, target = x, weight = λ(σ).
 - VP/ε-prediction: out = ε_θ, target = ε, weight = 1.
 
-Precision: the accumulation dtype follows `out`: half/bfloat16/float32 → float32 (result float32 [B]),
-float64 → float64 (for gradcheck); every other input is converted to it first. The op
+Precision: the accumulation dtype follows `out`: half/bfloat16/float32 → float32 (result float32
+[B]), float64 → float64 (for gradcheck); every other input is converted to it first. The op
 mucs_fast::edm_loss differentiates `out` only (the engine never needs the others' gradients);
 its backward is edm_loss_backward below. Order: torch.sum decides this reference's summation
 order; the compiled kernels use the fixed lane order of csrc/core/edm_loss.h.
@@ -67,7 +67,8 @@ def edm_loss_backward(
     c_out: Optional[Tensor],
     weight: Tensor,
 ) -> Tensor:
-    """∂(Σ_b grad[b]·L[b])/∂out = grad[b]·weight[b]·(2/D)·c_out[b]·r[b, i], shaped and typed like out."""
+    """∂(Σ_b grad[b]·L[b])/∂out = grad[b]·weight[b]·(2/D)·c_out[b]·r[b, i], shaped and typed like
+    out."""
     D = out[0].numel()
     r = _residual(out, x_noisy, target, c_skip, c_out)
     scale = grad.to(r.dtype) * weight.to(r.dtype) * (2.0 / D)

@@ -181,7 +181,8 @@ def test_mucs_variants_adaptive_settings(tmp_path, name):
     ],
 )
 def test_methods_leave_the_callers_net_as_it_was(name, settings):
-    """A method computes with a working copy: the caller's module keeps its mode, flags and weights."""
+    """A method computes with a working copy: the caller's module keeps its mode, flags and
+    weights."""
     ctx = tiny_ctx(N=12, settings={name: settings})
     net = ctx.den.net
     modes = [(m, m.training) for m in net.modules()]
