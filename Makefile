@@ -25,7 +25,10 @@ $(STAMP): $(SRC)
 demo: $(STAMP)
 	$(BIN)/mucs-fast demo $(ARGS)
 
+LINTED := mucs_fast tests benches kernels setup.py
+
 test: $(STAMP)
+	$(BIN)/ruff check $(LINTED) && $(BIN)/ruff format --check -q $(LINTED)
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build/cmake -j2 >/dev/null \
 		&& ctest --test-dir build/cmake --output-on-failure
 	$(BIN)/python -m pytest -q tests benches --benchmark-disable $(ARGS)

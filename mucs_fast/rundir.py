@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from ._version import __version__
 from ._io import atomic_write, atomic_write_json, is_temp_name, key_digest, tensor_digest
+from ._version import __version__
 
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"

@@ -10,8 +10,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import mucs_fast as mf  # noqa: E402
 from nets import TinyEDMNet  # noqa: E402
+
+import mucs_fast as mf  # noqa: E402
 
 
 def problem(K, N=40, seed=0):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from nets import replicated, standalone
 
 import mucs_fast as mf
 from mucs_fast.data import TensorSource
@@ -12,7 +13,6 @@ from mucs_fast.models.unet import ddpm_scheduler, tiny_dit, tiny_unet
 from mucs_fast.params import trainable_names
 from mucs_fast.score import LossPass, original_losses, score_stacked
 from mucs_fast.unlearn import RetainStream, unlearn_batched
-from nets import replicated, standalone
 
 
 def _family(name):

@@ -6,13 +6,12 @@ held; every result entry is written exactly once (coverage.Writes)."""
 import numpy as np
 import pytest
 import torch
+from nets import TinyEDMNet
 
 import mucs_fast as mf
 from mucs_fast import parallel
 from mucs_fast.coverage import Writes, nan_tensor
 from mucs_fast.data import Source, TensorSource, pack
-
-from nets import TinyEDMNet
 
 # M = 4 noises and 40 pairs per forward: chunks of 10 images, so none of the sizes below divides
 CFG = dict(

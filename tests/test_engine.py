@@ -5,16 +5,15 @@ import math
 
 import pytest
 import torch
+from nets import TinyEDMNet
 
 import mucs_fast as mf
-from mucs_fast.data import TensorSource
 from mucs_fast import noise
 from mucs_fast.config import REFERENCE_FROZEN
+from mucs_fast.data import TensorSource
 from mucs_fast.params import trainable_names
 from mucs_fast.score import skew_scores
 from mucs_fast.unlearn import RetainStream, stop_reason, unlearn_batched
-
-from nets import TinyEDMNet
 
 
 # -- σ grid -------------------------------------------------------------------------------------

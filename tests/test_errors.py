@@ -5,11 +5,10 @@ import os
 
 import pytest
 import torch
+from nets import TinyEDMNet
 
 import mucs_fast as mf
 from mucs_fast import engine
-
-from nets import TinyEDMNet
 
 CFG = mf.MUCSConfig(num_noises=6, lr=1e-3, safety_steps=4)
 

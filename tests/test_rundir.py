@@ -213,9 +213,10 @@ def test_a_resume_under_another_version_backend_device_or_precision_is_refused(
     import json
     import unittest.mock
 
+    from nets import TinyEDMNet
+
     import mucs_fast as mf
     from mucs_fast import engine
-    from nets import TinyEDMNet
 
     torch.manual_seed(0)
     den = mf.EDMDenoiser(TinyEDMNet(C=1, width=8))

@@ -19,13 +19,14 @@ from mucs_fast import data as sources
 from mucs_fast._io import tensor_digest
 from mucs_fast.cli import main
 from mucs_fast.compat.reference_files import load_dataset, save_dataset
-from mucs_fast.data import as_images, load_image_folder
 from mucs_fast.data import (
     NpySource,
     SafetensorsSource,
     ShardSource,
     Source,
     TensorSource,
+    as_images,
+    load_image_folder,
     open_source,
     pack,
     prefetch,

@@ -4,12 +4,11 @@ scores of the same images held in memory; damaged files fail before any compute;
 import numpy as np
 import pytest
 import torch
+from nets import TinyEDMNet
 
 import mucs_fast as mf
 from mucs_fast import engine
 from mucs_fast.data import NpySource, pack
-
-from nets import TinyEDMNet
 
 CFG = dict(num_noises=6, lr=1e-2, safety_steps=5, score_batch=30, targets_per_batch=2)
 

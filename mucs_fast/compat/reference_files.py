@@ -18,7 +18,6 @@ from typing import NamedTuple
 import torch
 
 from .._io import atomic_write
-
 from ..data.checks import to_model_range
 from ..data.reference_folder import (
     METADATA,

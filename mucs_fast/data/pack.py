@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._version import __version__
 from .._io import atomic_path, atomic_write, atomic_write_json, is_temp_name
+from .._version import __version__
+from ..safe_load import omegaconf_safe_globals
 from .checks import check_labels, to_model_range
 from .files import (
     IMAGE_EXTENSIONS,
@@ -36,7 +37,6 @@ from .files import (
 )
 from .npy import NUMPY_DTYPES
 from .reference_folder import center_crop, label_row, load_metadata, read_item, split_filenames
-from ..safe_load import omegaconf_safe_globals
 from .shards import FORMAT, IDS_FILE, INDEX, LABELS_FILE, SHARD_NAME, ShardSource
 from .source import Source, TensorSource, images_per_chunk
 from .stream import open_source

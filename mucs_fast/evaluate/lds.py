@@ -26,7 +26,7 @@ from ..config import MUCSConfig
 from ..data import TensorSource
 from ..engine import make_bank
 from ..functional import working_copy
-from ..score import LossPass, original_losses, images_per_forward
+from ..score import LossPass, images_per_forward, original_losses
 
 LDS_DEFAULTS = dict(subsets=32, alpha=0.5, steps=None, num_noises=256, seed=0)
 

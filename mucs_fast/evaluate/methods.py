@@ -38,7 +38,7 @@ from ..data import TensorSource
 from ..engine import attribute, make_bank
 from ..functional import working_copy
 from ..params import set_trainable, trainable_names
-from ..score import LossPass, original_losses, images_per_forward, score_stacked
+from ..score import LossPass, images_per_forward, original_losses, score_stacked
 from .dtrak import dtrak
 from .stats import rank_average
 

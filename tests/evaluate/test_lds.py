@@ -189,10 +189,10 @@ def test_pipeline_lds_finds_a_planted_influential_class_and_resumes(tmp_path):
 
 
 def test_cli_lds_flags(tmp_path):
+    import argparse
+
     from mucs_fast.cli import main
     from mucs_fast.evaluate.cli import add_evaluate_parser, config_from_args
-
-    import argparse
 
     p = argparse.ArgumentParser()
     add_evaluate_parser(p.add_subparsers())
