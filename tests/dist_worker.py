@@ -31,7 +31,7 @@ def main():
     p.add_argument("out")
     p.add_argument("--targets", type=int, default=3)
     p.add_argument(
-        "--n", type=int, default=40, help="training images (37: a short last chunk and shard)"
+        "--images", type=int, default=40, help="training images (37: a short last chunk and shard)"
     )
     p.add_argument("--targets-per-batch", type=int, default=1)
     p.add_argument("--independent-noise", action="store_true")
@@ -47,7 +47,7 @@ def main():
     )
     a = p.parse_args()
     torch.set_num_threads(1)
-    net, train, targets, ytr, ytg = problem(a.targets, a.n)
+    net, train, targets, ytr, ytg = problem(a.targets, a.images)
     cfg = mf.MUCSConfig(
         num_noises=8,
         lr=1e-2,

@@ -53,7 +53,7 @@ def _scores(out, nproc):
         ["--independent-noise"],
         ["--targets", "1"],
         ["--streamed", "--targets-per-batch", "2"],
-        ["--streamed", "--n", "37", "--targets-per-batch", "2"],
+        ["--streamed", "--images", "37", "--targets-per-batch", "2"],
         ["--adaptive", "5", "--targets-per-batch", "2"],
     ],
     ids=["K1", "K2", "independent", "one-target", "streamed", "streamed-N37", "adaptive"],
