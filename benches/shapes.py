@@ -31,13 +31,13 @@ NOISY_INPUTS_GPU = {
     "cifar_n64_M128": ((64, 3, 32, 32), 128),  # CIFAR-10 scoring chunk, n·M = 8192
 }
 
-# bounded_adamw_step: K targets × P trainable weights, one flat [K, P] buffer per tensor.
-BOUNDED_ADAMW_STEP_CPU = {
+# masked_adamw_step: K targets × P trainable weights, one flat [K, P] buffer per tensor.
+MASKED_ADAMW_STEP_CPU = {
     "small_K1": (1, 262_144),  # a small DiT's trainable block-MLP weights
     "small_K16": (16, 262_144),
 }
-BOUNDED_ADAMW_STEP_GPU = {
-    **BOUNDED_ADAMW_STEP_CPU,
+MASKED_ADAMW_STEP_GPU = {
+    **MASKED_ADAMW_STEP_CPU,
     "cifar_dit_K1": (1, 56_623_104),  # CIFAR-10 reference DiT: 24 block-MLP matrices 768×3072
     "cifar_dit_K16": (16, 56_623_104),
 }

@@ -227,7 +227,7 @@ void dispatch_noisy(const NoisyArgs& a, F&& f) {
   });
 }
 
-// bounded_adamw_step_ inputs, checked. param/grad/exp_avg/exp_avg_sq: [K, ...] of one float32 or
+// masked_adamw_step_ inputs, checked. param/grad/exp_avg/exp_avg_sq: [K, ...] of one float32 or
 // float64 dtype; step: int64 [K]; active: bool [K]; all on one device.
 struct AdamwArgs {
   int64_t K = 0, P = 0;  // rows, elements per row

@@ -25,7 +25,7 @@ from .config import MUCSConfig
 from .data import Source
 from .denoisers import Denoiser
 from .functional import StackedNet, flat_views
-from .ops import bounded_adamw_step
+from .ops import masked_adamw_step
 
 
 class RetainStream:
@@ -135,7 +135,7 @@ def unlearn_batched(
 
     The trainable weights of all running targets live in one flat [K, P] buffer (per-parameter
     views feed the network), so the gradient arrives as one [K, P] tensor and one fused
-    `bounded_adamw_step` updates every weight of every target.
+    `masked_adamw_step` updates every weight of every target.
 
     Returns ({name: [K, ...] unlearned weights}, [UnlearnInfo] * K).
     """
@@ -183,7 +183,7 @@ def unlearn_batched(
             cont[keep] = True
             (grad,) = torch.autograd.grad(objective[cont.to(device, non_blocking=True)].sum(), [W])
             steps_a = steps[active] + cont.long()
-            bounded_adamw_step(
+            masked_adamw_step(
                 [W.detach()],
                 [grad],
                 [m],

@@ -74,7 +74,7 @@ if [ "$DRY" != 1 ]; then
     phase ctest 90 bash -c "cmake -S . -B /tmp/mucs-cmake -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && \
         cmake --build /tmp/mucs-cmake -j16 >/dev/null && ctest --test-dir /tmp/mucs-cmake --output-on-failure"
   fi
-  phase bench_ops 120 $PY -m pytest benches/bench_noisy_inputs.py benches/bench_bounded_adamw_step.py \
+  phase bench_ops 120 $PY -m pytest benches/bench_noisy_inputs.py benches/bench_masked_adamw_step.py \
       benches/bench_edm_loss.py benches/bench_skew_accumulate.py -q -p no:cacheprovider -W ignore \
       --benchmark-enable -k "not compiled" --benchmark-json="$OUT/ops.json" --benchmark-columns=median,rounds
 fi

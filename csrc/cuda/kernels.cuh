@@ -9,7 +9,7 @@
 //     memory with coalesced loads.
 //   noisy_inputs: elementwise; grid (M·n rows, chunks of a row), kNoisyThreads threads, each thread
 //     kNoisyIlp elements of its chunk, strided by the block width (coalesced).
-//   bounded_adamw_step: elementwise; grid (chunks, K rows), kAdamwThreads threads; a block of an
+//   masked_adamw_step: elementwise; grid (chunks, K rows), kAdamwThreads threads; a block of an
 //     inactive row returns at once; each thread computes its row's bias corrections once and then
 //     updates packs of 16 bytes (float4 / double2) when the row is 16-byte aligned.
 //
@@ -20,7 +20,7 @@
 
 #include <cstdint>
 
-#include "../core/bounded_adamw_step.h"
+#include "../core/masked_adamw_step.h"
 #include "../core/edm_loss.h"
 #include "../core/noisy_inputs.h"
 #include "../core/skew_accumulate.h"
@@ -163,7 +163,7 @@ struct alignas(sizeof(T) * kVec) Pack {
 // kVec elements per pack (kVec > 1 needs P % kVec == 0 and 16-byte aligned tensors).
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kAdamwThreads)
-bounded_adamw_step_kernel(T* __restrict__ param, const T* __restrict__ grad, T* __restrict__ exp_avg,
+masked_adamw_step_kernel(T* __restrict__ param, const T* __restrict__ grad, T* __restrict__ exp_avg,
                           T* __restrict__ exp_avg_sq, const int64_t* __restrict__ step,
                           const bool* __restrict__ active, int64_t P, double lr, double beta1,
                           double beta2, core::AdamwScalars<T> s) {

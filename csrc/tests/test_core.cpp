@@ -4,7 +4,7 @@
 #include <cstdio>
 #include <vector>
 
-#include "core/bounded_adamw_step.h"
+#include "core/masked_adamw_step.h"
 #include "core/edm_loss.h"
 #include "core/noisy_inputs.h"
 #include "core/skew_accumulate.h"

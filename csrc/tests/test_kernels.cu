@@ -55,7 +55,7 @@ INSTANTIATE_NOISY(__nv_bfloat16, float, float)
 INSTANTIATE_NOISY(__half, __half, float)
 INSTANTIATE_NOISY(__half, float, float)
 #define INSTANTIATE_ADAMW(T, kVec)                                                               \
-  template __global__ void kern::bounded_adamw_step_kernel<T, kVec>(T*, const T*, T*, T*,        \
+  template __global__ void kern::masked_adamw_step_kernel<T, kVec>(T*, const T*, T*, T*,        \
       const int64_t*, const bool*, int64_t, double, double, double, mucs_fast::core::AdamwScalars<T>);
 INSTANTIATE_ADAMW(float, 1)
 INSTANTIATE_ADAMW(float, 4)
@@ -220,13 +220,13 @@ static void run_adamw(int64_t K, int64_t P) {
   CUDA_OK(cudaMalloc(&d_act, K));
   CUDA_OK(cudaMemcpy(d_act, active, K, cudaMemcpyHostToDevice));
   const dim3 grid(3, static_cast<unsigned>(K));  // few blocks: threads loop over their row
-  kern::bounded_adamw_step_kernel<T, kVec>
+  kern::masked_adamw_step_kernel<T, kVec>
       <<<grid, kern::kAdamwThreads>>>(d_p, d_g, d_m, d_v, d_step, d_act, P, lr, b1, b2, s);
   CUDA_OK(cudaGetLastError());
   CUDA_OK(cudaDeviceSynchronize());
   if (!same_bits(to_host(d_p, K * P), hp) || !same_bits(to_host(d_m, K * P), hm) ||
       !same_bits(to_host(d_v, K * P), hv)) {
-    std::fprintf(stderr, "bounded_adamw_step: device and host differ (K=%lld, P=%lld)\n", (long long)K,
+    std::fprintf(stderr, "masked_adamw_step: device and host differ (K=%lld, P=%lld)\n", (long long)K,
                  (long long)P);
     ++failures;
   }

@@ -8,13 +8,13 @@ torch.ops.mucs_fast.* calls reach them from then on. `backends()` says what serv
 """
 
 from ._backend import backends, extension_error, load
-from .bounded_adamw_step import bounded_adamw_step
 from .edm_loss import edm_loss, edm_loss_backward
+from .masked_adamw_step import masked_adamw_step
 from .noisy_inputs import noisy_inputs
 from .skew_accumulate import skew_accumulate
 
 __all__ = [
-    "bounded_adamw_step",
+    "masked_adamw_step",
     "edm_loss",
     "edm_loss_backward",
     "noisy_inputs",

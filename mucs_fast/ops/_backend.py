@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-OPS = ("edm_loss", "edm_loss_backward", "skew_accumulate", "noisy_inputs", "bounded_adamw_step_")
+OPS = ("edm_loss", "edm_loss_backward", "skew_accumulate", "noisy_inputs", "masked_adamw_step_")
 DEVICE_TYPES = ("cpu", "cuda")
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 CUDA_NAMESPACE = "mucs_fast_cuda"  # the CUDA C++ kernels, whichever kernel serves mucs_fast::<op>
@@ -37,7 +37,7 @@ CUDA_KERNEL = {
     "edm_loss_backward": "cuda",
     "skew_accumulate": "cuda",
     "noisy_inputs": "cuda",
-    "bounded_adamw_step_": "cuda",
+    "masked_adamw_step_": "cuda",
 }
 
 

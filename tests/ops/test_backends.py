@@ -14,7 +14,7 @@ from mucs_fast.ops import _backend
 
 from .conftest import ACCELERATOR, INTERPRETED
 
-OPS = ["edm_loss", "edm_loss_backward", "skew_accumulate", "noisy_inputs", "bounded_adamw_step_"]
+OPS = ["edm_loss", "edm_loss_backward", "skew_accumulate", "noisy_inputs", "masked_adamw_step_"]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -61,7 +61,7 @@ def test_triton_kernels_run_under_the_interpreter(op):
         "noisy_inputs": (x, x[:1] * 2, w[:1], w[:1], None),
     }.get(op)
     fn = _backend.triton_kernel(op)
-    if op == "bounded_adamw_step_":
+    if op == "masked_adamw_step_":
         p, g, m, v = x.clone(), x.flip(0), torch.zeros_like(x), torch.zeros_like(x)
         state = (
             p.clone(),
@@ -73,11 +73,11 @@ def test_triton_kernels_run_under_the_interpreter(op):
         )
         fn(*state, 1e-3, 0.9, 0.999, 1e-8, 0.01)
         ref = (p.clone(), g, m.clone(), v.clone(), *state[4:])
-        torch.ops.mucs_fast.bounded_adamw_step_(*ref, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        torch.ops.mucs_fast.masked_adamw_step_(*ref, 1e-3, 0.9, 0.999, 1e-8, 0.01)
         assert torch.equal(state[0], ref[0]) and not torch.equal(state[0], p)
     else:
         assert torch.equal(fn(*args), getattr(torch.ops.mucs_fast, op)(*args))
-    module = {"edm_loss_backward": "edm_loss", "bounded_adamw_step_": "bounded_adamw_step"}
+    module = {"edm_loss_backward": "edm_loss", "masked_adamw_step_": "masked_adamw_step"}
     assert f"mucs_fast.kernels.{module.get(op, op)}" in sys.modules
 
 
@@ -104,7 +104,7 @@ def test_triton_kernels_compile_to_ieee_ptx():
         import triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from mucs_fast.kernels import bounded_adamw_step, edm_loss, noisy_inputs, skew_accumulate
+        from mucs_fast.kernels import masked_adamw_step, edm_loss, noisy_inputs, skew_accumulate
 
         def source(fn, types, constexprs):
             sig = {n: "constexpr" if n in constexprs else types.get(n, "i64") for n in fn.arg_names}
@@ -124,7 +124,7 @@ def test_triton_kernels_compile_to_ieee_ptx():
                 source(noisy_inputs._noisy_inputs_kernel,
                        dict(out_ptr=ty, x_ptr=ty, eps_ptr="*fp32", a_ptr=acc, b_ptr=acc, c_ptr=acc),
                        dict(HAS_C=True, ACC=TL, BLOCK=1024)),
-                source(bounded_adamw_step._bounded_adamw_step_kernel,
+                source(masked_adamw_step._masked_adamw_step_kernel,
                        dict(p_ptr=acc, g_ptr=acc, m_ptr=acc, v_ptr=acc, step_ptr="*i64",
                             active_ptr="*u8", **{n: "fp64" for n in ("lr", "beta1", "beta2",
                             "decay", "one_m_b1", "one_m_b2", "eps")}),
@@ -176,8 +176,8 @@ def test_missing_extension_falls_back_to_reference():
         state = [p.clone(), g, torch.zeros(2, 5), torch.zeros(2, 5)]
         ref = [p.clone(), g, torch.zeros(2, 5), torch.zeros(2, 5)]
         clock = (torch.tensor([1, 1]), torch.tensor([True, False]))
-        ops.bounded_adamw_step(*([t] for t in state), *clock, 1e-3, 0.9, 0.999, 1e-8, 0.0)
-        reference.bounded_adamw_step(*([t] for t in ref), *clock, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+        ops.masked_adamw_step(*([t] for t in state), *clock, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+        reference.masked_adamw_step(*([t] for t in ref), *clock, 1e-3, 0.9, 0.999, 1e-8, 0.0)
         assert all(torch.equal(a, b) for a, b in zip(state, ref))
         assert "mucs_fast._C" in ops.extension_error(), ops.extension_error()
         assert all(b["cpu"] == "reference" for b in ops.backends().values()), ops.backends()

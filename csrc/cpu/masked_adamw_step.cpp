@@ -1,6 +1,6 @@
-// ATen CPU kernel of mucs_fast::bounded_adamw_step_ (schema: Python,
-// mucs_fast/ops/bounded_adamw_step.py). Math, source and precision:
-// csrc/core/bounded_adamw_step.h. The per-row bias corrections are computed with the very ATen
+// ATen CPU kernel of mucs_fast::masked_adamw_step_ (schema: Python,
+// mucs_fast/ops/masked_adamw_step.py). Math, source and precision:
+// csrc/core/masked_adamw_step.h. The per-row bias corrections are computed with the very ATen
 // operations of the reference (float64, then rounded to the tensors' dtype), so the result is the
 // reference's bit for bit; the K·P elements are then split across threads with at::parallel_for
 // (elementwise: the bits do not depend on the split).
@@ -10,7 +10,7 @@
 #include <algorithm>
 
 #include "../checks.h"
-#include "../core/bounded_adamw_step.h"
+#include "../core/masked_adamw_step.h"
 
 namespace mucs_fast {
 namespace {
@@ -23,11 +23,11 @@ MUCS_CPU_CLONES void adamw_range(T* p, const T* g, T* m, T* v, int64_t n, T ss, 
   core::adamw_row(p, g, m, v, n, ss, bc2, s);
 }
 
-void bounded_adamw_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+void masked_adamw_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
                             at::Tensor& exp_avg_sq, const at::Tensor& step,
                             const at::Tensor& active, double lr, double beta1, double beta2,
                             double eps, double weight_decay) {
-  const char* op = "bounded_adamw_step_";
+  const char* op = "masked_adamw_step_";
   const AdamwArgs a = adamw_args(op, param, grad, exp_avg, exp_avg_sq, step, active, at::kCPU);
   if (a.K == 0 || a.P == 0) return;
   // The reference: step_size = lr / (1 − β1^t) (Python: reciprocal, then × lr), √(1 − β2^t).
@@ -37,7 +37,7 @@ void bounded_adamw_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tenso
   const at::Tensor act = active.contiguous();
   const at::Tensor g = grad.contiguous();
   with_contiguous(param, exp_avg, exp_avg_sq, [&](at::Tensor& p, at::Tensor& m, at::Tensor& v) {
-    AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "bounded_adamw_step_", [&] {
+    AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "masked_adamw_step_", [&] {
       using T = scalar_t;
       const auto s = core::adamw_scalars<T>(lr, beta1, beta2, eps, weight_decay);
       const bool* on = act.const_data_ptr<bool>();
@@ -61,6 +61,6 @@ void bounded_adamw_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mucs_fast, CPU, m) { m.impl("bounded_adamw_step_", &bounded_adamw_step_cpu); }
+TORCH_LIBRARY_IMPL(mucs_fast, CPU, m) { m.impl("masked_adamw_step_", &masked_adamw_step_cpu); }
 
 }  // namespace mucs_fast

@@ -1,4 +1,4 @@
-"""mucs_fast::bounded_adamw_step_ and the list form vs the reference (bit for bit in float32), on
+"""mucs_fast::masked_adamw_step_ and the list form vs the reference (bit for bit in float32), on
 every device and kernel family; and against torch.optim.AdamW."""
 
 import contextlib
@@ -12,7 +12,7 @@ from mucs_fast import ops, reference
 
 from .conftest import ACCELERATOR, DEVICES, GPU_KERNELS, gpu_kernel, interpreted_triton
 
-adamw_module = importlib.import_module("mucs_fast.ops.bounded_adamw_step")
+adamw_module = importlib.import_module("mucs_fast.ops.masked_adamw_step")
 
 HP = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
 MUCS_HP = dict(lr=1e-5, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)  # CIFAR unlearning
@@ -53,7 +53,7 @@ def _run_op(fn, state, step, active, hp):
 
 def _run_reference(state, step, active, hp):
     p, g, m, v = _clone(state)
-    reference.bounded_adamw_step([p], [g], [m], [v], step, active, *hp.values())
+    reference.masked_adamw_step([p], [g], [m], [v], step, active, *hp.values())
     return p, m, v
 
 
@@ -67,7 +67,7 @@ def _assert_same(a, b):
 def test_matches_reference_bitwise(device, shape, hp):
     state = make_state(shape, device=device)
     step, active = make_clock(shape[0], device)
-    out = _run_op(torch.ops.mucs_fast.bounded_adamw_step_.default, state, step, active, hp)
+    out = _run_op(torch.ops.mucs_fast.masked_adamw_step_.default, state, step, active, hp)
     _assert_same(out, _run_reference(state, step, active, hp))
 
 
@@ -75,7 +75,7 @@ def test_float64(device):
     """float64: the C++ kernel's IEEE √ vs torch.sqrt (within 1 ulp) — equal to rounding."""
     state = make_state((3, 101), torch.float64, device)
     step, active = make_clock(3, device)
-    out = _run_op(torch.ops.mucs_fast.bounded_adamw_step_.default, state, step, active, HP)
+    out = _run_op(torch.ops.mucs_fast.masked_adamw_step_.default, state, step, active, HP)
     for x, y in zip(out, _run_reference(state, step, active, HP)):
         torch.testing.assert_close(x, y, rtol=1e-14, atol=1e-16)
 
@@ -84,7 +84,7 @@ def test_inactive_rows_untouched(device):
     state = make_state((4, 50), device=device)
     step = torch.tensor([0, 3, 0, 1], device=device)  # a stopped target may hold any step
     active = torch.tensor([False, True, False, True], device=device)
-    p, m, v = _run_op(torch.ops.mucs_fast.bounded_adamw_step_.default, state, step, active, HP)
+    p, m, v = _run_op(torch.ops.mucs_fast.masked_adamw_step_.default, state, step, active, HP)
     for new, old in zip((p, m, v), (state[0], state[2], state[3])):
         assert torch.equal(new[0::2], old[0::2]) and not torch.equal(new[1::2], old[1::2])
 
@@ -96,8 +96,8 @@ def test_list_form_matches_reference(device):
     step, active = make_clock(3)
     lists = [[s[i].clone() for s in states] for i in range(4)]
     ref = [[s[i].clone() for s in states] for i in range(4)]
-    ops.bounded_adamw_step(*lists, step, active, **HP)
-    reference.bounded_adamw_step(*ref, step, active, **HP)
+    ops.masked_adamw_step(*lists, step, active, **HP)
+    reference.masked_adamw_step(*ref, step, active, **HP)
     for a, b in zip(lists, ref):
         _assert_same(a, b)
 
@@ -106,7 +106,7 @@ def test_list_lengths_must_match(device):
     p, g, m, v = make_state((2, 3), device=device)
     step, active = make_clock(2)
     with pytest.raises(ValueError, match="one entry per tensor"):
-        ops.bounded_adamw_step([p], [g], [m, m], [v], step, active, **HP)
+        ops.masked_adamw_step([p], [g], [m, m], [v], step, active, **HP)
 
 
 def test_matches_torch_adamw(device):
@@ -119,7 +119,7 @@ def test_matches_torch_adamw(device):
     for t, g in enumerate(grads, 1):
         w.grad = g.clone()
         opt.step()
-        ops.bounded_adamw_step(
+        ops.masked_adamw_step(
             [p],
             [g],
             [m],
@@ -144,7 +144,7 @@ def test_non_contiguous_state(device):
     mv = torch.stack([m, m], -1)[..., 0]  # stride 2
     gs = torch.stack([g, g], 0)[1]
     assert not pt.is_contiguous() and not mv.is_contiguous()
-    torch.ops.mucs_fast.bounded_adamw_step_(pt, gs, mv, v.clone(), step, active, *HP.values())
+    torch.ops.mucs_fast.masked_adamw_step_(pt, gs, mv, v.clone(), step, active, *HP.values())
     ref = _run_reference((p, g, m, v), step, active, HP)
     assert torch.equal(pt, ref[0]) and torch.equal(mv, ref[1])
     assert pt.stride() == (1, 5)
@@ -154,7 +154,7 @@ def test_deterministic(device):
     """Two runs, and 1 vs 2 CPU threads, give the same bits."""
     state = make_state((4, 50_000), device=device)
     step, active = make_clock(4, device)
-    fn = torch.ops.mucs_fast.bounded_adamw_step_.default
+    fn = torch.ops.mucs_fast.masked_adamw_step_.default
     out = _run_op(fn, state, step, active, HP)
     _assert_same(out, _run_op(fn, state, step, active, HP))
     threads = torch.get_num_threads()
@@ -170,7 +170,7 @@ def test_opcheck(device):
     state = make_state((3, 4, 5), device=device)
     step, active = make_clock(3, device)
     torch.library.opcheck(
-        torch.ops.mucs_fast.bounded_adamw_step_.default,
+        torch.ops.mucs_fast.masked_adamw_step_.default,
         (*_clone(state), step, active, *HP.values()),
     )
 
@@ -180,7 +180,7 @@ def test_compile_fullgraph(device):
     step, active = make_clock(3, device)
 
     def f(p, g, m, v, step, active):
-        torch.ops.mucs_fast.bounded_adamw_step_(p, g, m, v, step, active, *HP.values())
+        torch.ops.mucs_fast.masked_adamw_step_(p, g, m, v, step, active, *HP.values())
         return p.sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -216,9 +216,9 @@ def _bad_cases(device):
 def test_bad_args_raise(device, backend, case):
     args, name = _bad_cases(device)[case]
     fn = (
-        adamw_module._bounded_adamw_step_default
+        adamw_module._masked_adamw_step_default
         if backend == "reference_kernel"
-        else torch.ops.mucs_fast.bounded_adamw_step_.default
+        else torch.ops.mucs_fast.masked_adamw_step_.default
     )
     mode = FakeTensorMode() if backend == "fake" else contextlib.nullcontext()
     if backend == "fake":
@@ -228,18 +228,18 @@ def test_bad_args_raise(device, backend, case):
 
 
 # Triton under the interpreter (CI) and both accelerator kernels (GPU). Their bias corrections
-# use β^t by binary exponentiation (csrc/core/bounded_adamw_step.h): it rounds to the float32 of
+# use β^t by binary exponentiation (csrc/core/masked_adamw_step.h): it rounds to the float32 of
 # the reference's pow for every step ≤ 200000, so float32 matches bit for bit.
 @pytest.mark.parametrize("shape", [(3, 5, 7), (2, 1)], ids=str)
 def test_triton_interpreted(shape):
-    fn = interpreted_triton("bounded_adamw_step_")
+    fn = interpreted_triton("masked_adamw_step_")
     state = make_state(shape)
     step, active = make_clock(shape[0])
     _assert_same(_run_op(fn, state, step, active, HP), _run_reference(state, step, active, HP))
 
 
 def test_triton_interpreted_float64():
-    fn = interpreted_triton("bounded_adamw_step_")
+    fn = interpreted_triton("masked_adamw_step_")
     state = make_state((2, 9), torch.float64)
     step, active = make_clock(2)
     for x, y in zip(_run_op(fn, state, step, active, HP), _run_reference(state, step, active, HP)):
@@ -250,7 +250,7 @@ def test_triton_interpreted_float64():
 @pytest.mark.parametrize("hp", [HP, MUCS_HP], ids=["lr1e-3", "lr1e-5"])
 @pytest.mark.parametrize("shape", [(16, 4097), (3, 33, 65), (5, 1)], ids=str)
 def test_gpu_kernels_match_cpu_bits(kernel, shape, hp):
-    fn = gpu_kernel("bounded_adamw_step_", kernel)
+    fn = gpu_kernel("masked_adamw_step_", kernel)
     state = make_state(shape)
     step, active = make_clock(shape[0])
     on_gpu = tuple(t.to(ACCELERATOR) for t in state)
@@ -260,7 +260,7 @@ def test_gpu_kernels_match_cpu_bits(kernel, shape, hp):
 
 @pytest.mark.parametrize("kernel", GPU_KERNELS)
 def test_gpu_kernels_float64_and_layouts(kernel):
-    fn = gpu_kernel("bounded_adamw_step_", kernel)
+    fn = gpu_kernel("masked_adamw_step_", kernel)
     state = make_state((4, 1001), torch.float64)
     step, active = make_clock(4)
     on_gpu = tuple(t.to(ACCELERATOR) for t in state)
@@ -279,7 +279,7 @@ def test_gpu_kernels_float64_and_layouts(kernel):
 
 @pytest.mark.parametrize("kernel", GPU_KERNELS)
 def test_gpu_kernels_bad_args_raise(kernel):
-    fn = gpu_kernel("bounded_adamw_step_", kernel)
+    fn = gpu_kernel("masked_adamw_step_", kernel)
     for args, name in _bad_cases(ACCELERATOR).values():
         with pytest.raises(RuntimeError, match=name):
             fn(*args, *HP.values())
@@ -291,7 +291,7 @@ def test_list_form_on_accelerator_with_cpu_clock():
     step, active = make_clock(4)
     lists = [[s[i].to(DEVICES[1]) for s in states] for i in range(4)]
     ref = [[s[i].clone() for s in states] for i in range(4)]
-    ops.bounded_adamw_step(*lists, step, active, **HP)
-    reference.bounded_adamw_step(*ref, step, active, **HP)
+    ops.masked_adamw_step(*lists, step, active, **HP)
+    reference.masked_adamw_step(*ref, step, active, **HP)
     for a, b in zip(lists, ref):
         _assert_same((t.cpu() for t in a), b)

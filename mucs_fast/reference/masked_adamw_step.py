@@ -1,4 +1,4 @@
-"""bounded_adamw_step — one AdamW step over K stacked weight sets, each target on its own clock.
+"""masked_adamw_step — one AdamW step over K stacked weight sets, each target on its own clock.
 
 For every tensor p [K, ...] with gradient g, moments m, v and every target k with active[k]
 (Loshchilov & Hutter 2019, Algorithm 2; the update of torch.optim.AdamW, decoupled weight decay):
@@ -10,7 +10,9 @@ For every tensor p [K, ...] with gradient g, moments m, v and every target k wit
 
 with t_k = step[k] (the step number after this update, ≥ 1). Targets with active[k] = False are
 left untouched (p, m, v): a target that met its stop rule, its cap or a NaN freezes while the
-others go on. This is the update of MUCS's bounded (clamped) mirrored ascent/descent.
+others go on: the mask and the per-target step clock are what this op adds to AdamW (named
+`bounded_adamw_step` before 2026-12-03; the bound of MUCS, the clamp at L_null, lives in the
+objective, `unlearn.mirrored_objective`, not in the step).
 
 Precision: the bias corrections are computed in float64 per target and rounded to the tensor
 dtype; the elementwise update runs in the tensors' dtype (float32), in the order written above,
@@ -43,7 +45,7 @@ def _sqrt_rn(v: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def bounded_adamw_step(
+def masked_adamw_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],

@@ -1,4 +1,4 @@
-// bounded_adamw_step — one AdamW step over K stacked weight sets, each target on its own clock.
+// masked_adamw_step — one AdamW step over K stacked weight sets, each target on its own clock.
 //
 // For every element of row k with active[k] (t = step[k], the step number after this update):
 //     p ← p · (1 − lr·wd)
@@ -9,7 +9,7 @@
 //
 // Source: Loshchilov & Hutter 2019 (decoupled weight decay), Algorithm 2; the update of
 // torch.optim.AdamW; spec/MUCS.md "Unlearning one target". The plain-PyTorch reference is
-// mucs_fast/reference/bounded_adamw_step.py (same operations, same order).
+// mucs_fast/reference/masked_adamw_step.py (same operations, same order).
 //
 // Reduction order: none (elementwise).
 //

@@ -1,4 +1,4 @@
-"""Triton kernel of bounded_adamw_step_ (launched by mucs_fast/ops/bounded_adamw_step.py).
+"""Triton kernel of masked_adamw_step_ (launched by mucs_fast/ops/masked_adamw_step.py).
 
 For every element of row k with active[k] (t = step[k], the step number after this update):
     p ← p · (1 − lr·wd);  m ← m + (1 − β1)·(g − m);  v ← β2·v + ((1 − β2)·g)·g
@@ -6,7 +6,7 @@ For every element of row k with active[k] (t = step[k], the step number after th
 Inactive rows are not touched.
 
 Source: Loshchilov & Hutter 2019, Algorithm 2 (torch.optim.AdamW); reference
-mucs_fast/reference/bounded_adamw_step.py, C++/CUDA csrc/core/bounded_adamw_step.h (same
+mucs_fast/reference/masked_adamw_step.py, C++/CUDA csrc/core/masked_adamw_step.h (same
 operations, same order).
 
 Reduction order: none (elementwise). One launch for all K rows: grid (blocks of a row, K); each
@@ -43,7 +43,7 @@ def _pow_int(base, t):
 
 
 @triton.jit
-def _bounded_adamw_step_kernel(
+def _masked_adamw_step_kernel(
     p_ptr,
     g_ptr,
     m_ptr,
@@ -84,7 +84,7 @@ def _bounded_adamw_step_kernel(
     tl.store(v_ptr + row + i, v1, mask=mask)
 
 
-def bounded_adamw_step_(
+def masked_adamw_step_(
     param: Tensor,
     grad: Tensor,
     exp_avg: Tensor,
@@ -106,7 +106,7 @@ def bounded_adamw_step_(
     g, st = grad.contiguous(), step.contiguous()
     act = active.contiguous().view(torch.uint8)  # bool storage, read as bytes
     with on_device(param):
-        _bounded_adamw_step_kernel[(triton.cdiv(P, BLOCK), K)](
+        _masked_adamw_step_kernel[(triton.cdiv(P, BLOCK), K)](
             p,
             g,
             m,

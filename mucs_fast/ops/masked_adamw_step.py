@@ -1,12 +1,12 @@
-"""mucs_fast::bounded_adamw_step_, an in-place torch.library op, and the list form the engine calls.
+"""mucs_fast::masked_adamw_step_, an in-place torch.library op, and the list form the engine calls.
 
 For every target k with active[k], on the [K, ...] tensors param p, grad g, moments m, v:
 
     p_k ← p_k · (1 − lr·wd);  m_k ← m_k + (1 − β1)(g_k − m_k);  v_k ← β2·v_k + (1 − β2)·g_k·g_k
     p_k ← p_k − (lr / (1 − β1^t_k)) · m_k / (√v_k / √(1 − β2^t_k) + eps)
 
-(equation, source, precision: mucs_fast/reference/bounded_adamw_step.py and
-csrc/core/bounded_adamw_step.h). One call updates one tensor set; the engine keeps all trainable
+(equation, source, precision: mucs_fast/reference/masked_adamw_step.py and
+csrc/core/masked_adamw_step.h). One call updates one tensor set; the engine keeps all trainable
 weights of its K targets in one flat [K, P] buffer, so one launch updates everything.
 Implementations: the plain-PyTorch reference on every device (CompositeExplicitAutograd); the C++
 kernel of mucs_fast._C on CPU (bit-identical to the reference); Triton or CUDA C++ on CUDA
@@ -24,7 +24,7 @@ from .. import reference
 from . import _backend
 
 _SCHEMA = (
-    "bounded_adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+    "masked_adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
     "Tensor step, Tensor active, float lr, float beta1, float beta2, float eps, "
     "float weight_decay) -> ()"
 )
@@ -33,12 +33,12 @@ _lib.define(_SCHEMA)
 _cuda_lib = torch.library.Library(_backend.CUDA_NAMESPACE, "FRAGMENT")
 _cuda_lib.define(_SCHEMA)
 
-_OP = "bounded_adamw_step_"
+_OP = "masked_adamw_step_"
 _FLOATS = (torch.float32, torch.float64)
 
 
 @torch.no_grad()
-def bounded_adamw_step(
+def masked_adamw_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
@@ -58,7 +58,7 @@ def bounded_adamw_step(
     n = len(params)
     if not len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n:
         raise ValueError(
-            f"bounded_adamw_step: params, grads, exp_avgs, exp_avg_sqs must have one entry per "
+            f"masked_adamw_step: params, grads, exp_avgs, exp_avg_sqs must have one entry per "
             f"tensor, got {n}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}"
         )
     _backend.load()
@@ -67,7 +67,7 @@ def bounded_adamw_step(
         if p.device not in on_device:
             on_device[p.device] = (step.to(p.device, torch.int64), active.to(p.device))
         step_d, active_d = on_device[p.device]
-        torch.ops.mucs_fast.bounded_adamw_step_.default(
+        torch.ops.mucs_fast.masked_adamw_step_.default(
             p, g, m, v, step_d, active_d, lr, beta1, beta2, eps, weight_decay
         )
 
@@ -108,30 +108,30 @@ def _check_args(
         )
 
 
-def _bounded_adamw_step_default(
+def _masked_adamw_step_default(
     param, grad, exp_avg, exp_avg_sq, step, active, lr, beta1, beta2, eps, weight_decay
 ):
     _check_args(param, grad, exp_avg, exp_avg_sq, step, active)
-    reference.bounded_adamw_step(
+    reference.masked_adamw_step(
         [param], [grad], [exp_avg], [exp_avg_sq], step, active, lr, beta1, beta2, eps, weight_decay
     )
 
 
-def _bounded_adamw_step_triton(
+def _masked_adamw_step_triton(
     param, grad, exp_avg, exp_avg_sq, step, active, lr, beta1, beta2, eps, weight_decay
 ):
     _check_args(param, grad, exp_avg, exp_avg_sq, step, active)
-    _backend.triton_module("bounded_adamw_step").bounded_adamw_step_(
+    _backend.triton_module("masked_adamw_step").masked_adamw_step_(
         param, grad, exp_avg, exp_avg_sq, step, active, lr, beta1, beta2, eps, weight_decay
     )
 
 
-_lib.impl(_OP, _bounded_adamw_step_default, "CompositeExplicitAutograd")
-_backend.add_triton_kernel(_OP, _bounded_adamw_step_triton, _lib)
+_lib.impl(_OP, _masked_adamw_step_default, "CompositeExplicitAutograd")
+_backend.add_triton_kernel(_OP, _masked_adamw_step_triton, _lib)
 
 
 @torch.library.register_fake(f"mucs_fast::{_OP}", lib=_lib)
-def _bounded_adamw_step_fake(
+def _masked_adamw_step_fake(
     param, grad, exp_avg, exp_avg_sq, step, active, lr, beta1, beta2, eps, weight_decay
 ):
     _check_args(param, grad, exp_avg, exp_avg_sq, step, active)

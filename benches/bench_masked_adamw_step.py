@@ -1,13 +1,13 @@
-"""bounded_adamw_step over one flat [K, P] buffer: reference vs torch.compile(reference) vs the op,
+"""masked_adamw_step over one flat [K, P] buffer: reference vs torch.compile(reference) vs the op,
 and on a GPU its Triton and CUDA C++ kernels (memory-bound: read p, g, m, v; write p, m, v).
 
-pytest benches/bench_bounded_adamw_step.py [--benchmark-enable | --benchmark-disable]
+pytest benches/bench_masked_adamw_step.py [--benchmark-enable | --benchmark-disable]
 """
 
 import pytest
 import torch
 from conftest import ACCELERATOR_PROVIDERS, accelerator_kernel
-from shapes import BOUNDED_ADAMW_STEP_CPU, BOUNDED_ADAMW_STEP_GPU
+from shapes import MASKED_ADAMW_STEP_CPU, MASKED_ADAMW_STEP_GPU
 
 from mucs_fast import ops, reference
 
@@ -18,12 +18,12 @@ HP = dict(lr=1e-5, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)  # CIFAR
 def _fn(provider, device):
     """fn(p, g, m, v, step, active) in place on the [K, P] tensors."""
     if provider in ACCELERATOR_PROVIDERS:
-        kernel = accelerator_kernel("bounded_adamw_step_", provider, device)
+        kernel = accelerator_kernel("masked_adamw_step_", provider, device)
         return lambda p, g, m, v, step, active: kernel(p, g, m, v, step, active, *HP.values())
     lists = {
-        "reference": reference.bounded_adamw_step,
-        "compiled": torch.compile(reference.bounded_adamw_step),
-        "op": ops.bounded_adamw_step,
+        "reference": reference.masked_adamw_step,
+        "compiled": torch.compile(reference.masked_adamw_step),
+        "op": ops.masked_adamw_step,
     }[provider]
     return lambda p, g, m, v, step, active: lists([p], [g], [m], [v], step, active, **HP)
 
@@ -39,22 +39,22 @@ def _state(K, P, device):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape_name", list(BOUNDED_ADAMW_STEP_GPU))
-def test_bounded_adamw_step(benchmark, measure, device, shape_name, provider):
-    if device == "cpu" and shape_name not in BOUNDED_ADAMW_STEP_CPU:
+@pytest.mark.parametrize("shape_name", list(MASKED_ADAMW_STEP_GPU))
+def test_masked_adamw_step(benchmark, measure, device, shape_name, provider):
+    if device == "cpu" and shape_name not in MASKED_ADAMW_STEP_CPU:
         pytest.skip("accelerator shape")
-    K, P = BOUNDED_ADAMW_STEP_GPU[shape_name]
+    K, P = MASKED_ADAMW_STEP_GPU[shape_name]
     p, g, m, v, step, active = _state(K, P, device)
     fn = _fn(provider, device)
     ours = [p.clone(), g, m.clone(), v.clone(), step, active]
     ref = [p, g, m.clone(), v.clone(), step, active]
     fn(*ours)
-    reference.bounded_adamw_step(*([t] for t in ref[:4]), step, active, **HP)
+    reference.masked_adamw_step(*([t] for t in ref[:4]), step, active, **HP)
     for a, b in zip(ours[:4], ref[:4]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     del ref
 
     bytes_moved = 7 * K * P * p.element_size()
-    benchmark.group = f"bounded_adamw_step {shape_name}"
+    benchmark.group = f"masked_adamw_step {shape_name}"
     big = K * P > 10**8
     measure(lambda: fn(*ours), bytes_moved, rounds=5 if big else 20, iterations=2 if big else 5)
