@@ -45,8 +45,8 @@ __all__ = ["build_parser", "load_model", "main"]
 
 # The embedded demo (sklearn digits, 16×16, class-conditional EDM DiT). --quick trades fidelity for
 # time (fewer training steps, targets and noises) and says so in attribution.json.
-# Model: the class-conditional DiT whose samples a digit classifier recognizes at 0.92 (3000 steps;
-# 0.82 at 1500) — see BENCHMARKS.md for the measured alternatives.
+# Model: the class-conditional DiT whose samples a digit classifier recognizes best among the
+# measured alternatives at these step counts (BENCHMARKS.md).
 DEMO = {
     "default": {
         "train_steps": 3000,

@@ -30,10 +30,9 @@ from .noise import NoiseBank
 from .ops import skew_accumulate
 
 DEFAULT_SCORE_BATCH = {"cpu": 1600, "cuda": 8192}
-# compile="auto" compiles scoring passes of at least this many image·noise pairs: on 2 CPU cores the
-# one-off compile of the demo DiT (~15-20 s) is repaid by the ≈ 1.5× faster forward within one
-# demo-scale pass (1797 × 100 pairs); below it (e.g. 300 × 100 for a tiny model) it is not; see
-# BENCHMARKS.md.
+# compile="auto" compiles scoring passes of at least this many image·noise pairs: the one-off
+# compile is repaid within a demo-scale pass (1797 × 100 pairs) and not within a tiny one
+# (300 × 100); the measurements are in BENCHMARKS.md.
 COMPILE_MIN_PAIRS = 100_000
 
 
@@ -96,13 +95,15 @@ class LossPass:
     of n training images under the bank — for the original model (K = 1) and the unlearned copies.
 
     mode: "loop" evaluates the K copies one after another on the same chunk (each one functional
-    call, optionally compiled): on CPU the vmapped K-batched DiT ran 2-3× slower per model than K
-    single calls (BENCHMARKS.md); "vmap" evaluates them as one batched call (fewest launches: the
-    GPU path; K = 1 runs unbatched, see StackedNet.vmap). "auto": "vmap" on CUDA, "loop" elsewhere.
+    call, optionally compiled): on CPU the vmapped K-batched DiT ran slower per model than K
+    single calls (measured in BENCHMARKS.md); "vmap" evaluates them as one batched call (fewest
+    launches: the GPU path; K = 1 runs unbatched, see StackedNet.vmap). "auto": "vmap" on CUDA,
+    "loop" elsewhere.
     compile: torch.compile the per-chunk function once; weights are its inputs, so every block of
     targets (and in "loop" mode every copy and the original) reuses the graph, and the last chunk
-    is padded to the full size so it is traced once. N: the size of the whole training set when the
-    pass is called on parts of it (shards), so that padding is decided for the whole set.
+    is padded to the full size so it is traced once.
+    N: the size of the whole training set when the pass is called on parts of it (shards), so that
+    padding is decided for the whole set.
     """
 
     def __init__(
@@ -137,7 +138,7 @@ class LossPass:
 
         def one(w, xc, yc, e, level, terms):  # losses [M, n] of the model with trainable weights w
             # only w is an input of the compiled graph: the frozen weights are the same for every
-            # copy and chunk (as graph inputs they made the compile ~3× longer, for nothing)
+            # copy and chunk (as graph inputs they made the compile longer, for nothing)
             return den.grid_loss(
                 xc, e, level, yc, net=self.stack.module(w) if self.stack else net, terms=terms
             )

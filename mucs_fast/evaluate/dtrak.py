@@ -59,9 +59,9 @@ def _projection_block(
 
 
 class _Projection:
-    """Pᵀ g in blocks of rows of P. Rademacher blocks are kept as int8 signs (|θ|·d bytes: 171 MB
-    for the digits DiT at d = 512) after their first use, Gaussian blocks are regenerated from their
-    seeds each time (4× the memory otherwise)."""
+    """Pᵀ g in blocks of rows of P. Rademacher blocks are kept as int8 signs (|θ|·d bytes) after
+    their first use; Gaussian blocks are regenerated from their seeds each time (float32 would take
+    4× the memory)."""
 
     def __init__(self, seed: int, P: int, d: int, block: int, kind: str):
         if kind not in ("rademacher", "gaussian"):

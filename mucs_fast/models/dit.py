@@ -243,8 +243,8 @@ class DiT(nn.Module):
     sigma_data, P_mean, P_std: EDM σ_d and the log-normal training σ distribution.
 
     The defaults are the demo model for 16×16 digits (patch 4 → 16 tokens, 334 k parameters with
-    10 classes): on 2 CPU cores it trains to recognizable class-conditional samples in ~3000 steps
-    and scores ~4 k (image, noise) pairs per second. The reference CIFAR-10 DiT is patch 2, width
+    10 classes): small enough to train to recognizable class-conditional samples on 2 CPU cores
+    (times: BENCHMARKS.md). The reference CIFAR-10 DiT is patch 2, width
     768, depth 12, heads 12, cond_width 256, extra_tokens 32 (behind a conv frontend not built
     here).
 

@@ -28,10 +28,9 @@ _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 CUDA_NAMESPACE = "mucs_fast_cuda"  # the CUDA C++ kernels, whichever kernel serves mucs_fast::<op>
 
 # The kernel registered for each op's CUDA dispatch key: "triton" or "cuda" (C++). A static table,
-# set from side-by-side H200 measurements (benches/bench_<op>.py, providers triton and cuda; H200,
-# torch 2.11 + triton 3.6, medians): CUDA C++ at 20-65 µs where Triton spends 100-160 µs (launch
-# overhead: the ops' tensors are small) and on par at the bandwidth-bound sizes (AdamW over
-# 16 × 56.6 M weights: 6.3 ms, 84 % of 4.8 TB/s, both).
+# set from side-by-side H200 measurements (benches/bench_<op>.py, providers triton and cuda; the
+# numbers are in BENCHMARKS.md): the C++ kernels win where launch overhead dominates (the ops'
+# tensors are small) and the two are on par at the bandwidth-bound sizes.
 CUDA_KERNEL = {
     "edm_loss": "cuda",
     "edm_loss_backward": "cuda",
