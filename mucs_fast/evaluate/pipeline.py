@@ -545,97 +545,21 @@ def evaluate(
     lds = _lds_models(store, cfg, x, y, data_key, device, progress) if cfg.lds else None
     if stop_after == "lds-models":
         raise StopEvaluation("lds-models")
-    G, T = cfg.num_targets + cfg.num_controls, cfg.num_targets
-    classes = 0 if y is None else int(y.max()) + 1
-    per_seed = {}
-    for seed in cfg.seeds:
-        _log(f"seed {seed}: pre model ({cfg.train['steps']} steps)")
-        pre, pre_key, pre_info = _model_phase(
-            store, cfg, x, y, seed, torch.empty(0, dtype=torch.int64), data_key, device, progress
-        )
-        if stop_after == "pre":
-            raise StopEvaluation("pre")
-        gen_seeds = torch.tensor(
-            [derive_seed(seed, "generate", i) % (1 << 62) for i in range(G)], dtype=torch.int64
-        )
-        gen_labels = None
-        if y is not None:
-            tc = (
-                torch.tensor(cfg.target_classes)
-                if cfg.target_classes is not None
-                else torch.arange(classes)
-            )
-            if int(tc.min()) < 0 or int(tc.max()) >= classes:
-                raise ValueError(
-                    f"target_classes must lie in [0, {classes}), got {cfg.target_classes}"
-                )
-            gen_labels = torch.cat(
-                [tc[torch.arange(T) % tc.numel()], torch.arange(G - T) % classes]
-            )
-        _log(f"seed {seed}: generating {T} targets + {G - T} controls")
-        gen_pre, gen_key = _generate_phase(
-            store, cfg, pre, pre_key, gen_seeds, gen_labels, device, progress
-        )
-        if stop_after == "generate":
-            raise StopEvaluation("generate")
-        targets = gen_pre[:T]
-        t_labels = None if gen_labels is None else gen_labels[:T]
-        ctx_base = dict(
-            den=pre,
-            train=x,
-            train_labels=y,
-            seed=seed,
-            device=device,
-            progress=progress,
-            settings=cfg.settings(),
-            cache_dir=os.path.join(out, "cache"),
-        )
-        base_key = {"pre": pre_key, "gen": gen_key, "T": T, "seed": seed}
-        memo: dict = {}
-        scores, infos, topk = {}, {}, {}
-        for m in cfg.methods:
-            _log(f"seed {seed}: attribution with {m}")
-            scores[m], infos[m] = _scores_phase(
-                store, cfg, m, ctx_base, targets, t_labels, base_key, memo
-            )
-            topk[m] = topk_of(scores[m], k)
-        lds_seed = None
-        if lds is not None:
-            _log(f"seed {seed}: LDS of the targets under {len(lds['models'])} subset models")
-            lds_seed = _lds_phase(store, cfg, lds, targets, t_labels, gen_key, scores, device)
-        if stop_after == "attribute":
-            raise StopEvaluation("attribute")
-        posts = {}
-        for m in cfg.methods:
-            removed = stats.union(topk[m])
-            _log(f"seed {seed}: post model for {m} ({removed.numel()} of {N} images removed)")
-            posts[m] = _model_phase(store, cfg, x, y, seed, removed, data_key, device, progress)
-        if stop_after == "post":
-            raise StopEvaluation("post")
-        sims, gens = {}, {}
-        for m in cfg.methods:
-            den_post, post_key, _ = posts[m]
-            gens[m], _ = _generate_phase(
-                store, cfg, den_post, post_key, gen_seeds, gen_labels, device, progress
-            )
-            sims[m] = {
-                grp: compute_metrics(gen_pre[sl], gens[m][sl], cfg.metrics, classifier)
-                for grp, sl in (("targets", slice(0, T)), ("controls", slice(T, G)))
-            }
-        if stop_after == "regenerate":
-            raise StopEvaluation("regenerate")
-        per_seed[seed] = {
-            "pre": pre_info,
-            "post": {m: posts[m][2] for m in cfg.methods},
-            "sims": sims,
-            "topk": topk,
-            "union": {m: int(stats.union(topk[m]).numel()) for m in cfg.methods},
-            "method_info": infos,
-            "gen_pre": gen_pre,
-            "gen_post": gens,
-            "targets_labels": t_labels,
-            "lds": lds_seed,
-        }
+    run = _Run(
+        store,
+        cfg,
+        x,
+        y,
+        data_key,
+        k,
+        device,
+        progress,
+        stop_after,
+        classifier,
+        lds,
+        os.path.join(out, "cache"),
+    )
+    per_seed = {seed: _seed_phase(run, seed) for seed in cfg.seeds}
     results = summarize(
         cfg,
         per_seed,
@@ -657,6 +581,121 @@ def evaluate(
     }
     write_outputs(out, cfg, results, per_seed)
     return results
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every seed of an evaluation shares."""
+
+    store: "Store"
+    cfg: EvalConfig
+    x: torch.Tensor
+    y: Optional[torch.Tensor]
+    data_key: str
+    k: int
+    device: torch.device
+    progress: bool
+    stop_after: Optional[str]
+    classifier: object
+    lds: Optional[dict]
+    cache_dir: str
+
+
+def _generation_labels(cfg: EvalConfig, y, T: int, G: int) -> Optional[torch.Tensor]:
+    """Class ids of the T targets (cfg.target_classes in turn) and G − T controls (every class)."""
+    if y is None:
+        return None
+    classes = int(y.max()) + 1
+    tc = (
+        torch.tensor(cfg.target_classes)
+        if cfg.target_classes is not None
+        else torch.arange(classes)
+    )
+    if int(tc.min()) < 0 or int(tc.max()) >= classes:
+        raise ValueError(f"target_classes must lie in [0, {classes}), got {cfg.target_classes}")
+    return torch.cat([tc[torch.arange(T) % tc.numel()], torch.arange(G - T) % classes])
+
+
+def _seed_phase(run: _Run, seed: int) -> dict:
+    """One seed of the protocol: pre model → targets and controls → every method's attribution
+    (and LDS) → a post model per method without its top-k → regenerated images and their metrics."""
+    store, cfg, x, y, N, k = run.store, run.cfg, run.x, run.y, run.x.shape[0], run.k
+    device, progress, stop_after = run.device, run.progress, run.stop_after
+    G, T = cfg.num_targets + cfg.num_controls, cfg.num_targets
+    _log(f"seed {seed}: pre model ({cfg.train['steps']} steps)")
+    pre, pre_key, pre_info = _model_phase(
+        store, cfg, x, y, seed, torch.empty(0, dtype=torch.int64), run.data_key, device, progress
+    )
+    if stop_after == "pre":
+        raise StopEvaluation("pre")
+    gen_seeds = torch.tensor(
+        [derive_seed(seed, "generate", i) % (1 << 62) for i in range(G)], dtype=torch.int64
+    )
+    gen_labels = _generation_labels(cfg, y, T, G)
+    _log(f"seed {seed}: generating {T} targets + {G - T} controls")
+    gen_pre, gen_key = _generate_phase(
+        store, cfg, pre, pre_key, gen_seeds, gen_labels, device, progress
+    )
+    if stop_after == "generate":
+        raise StopEvaluation("generate")
+    targets = gen_pre[:T]
+    t_labels = None if gen_labels is None else gen_labels[:T]
+    ctx_base = dict(
+        den=pre,
+        train=x,
+        train_labels=y,
+        seed=seed,
+        device=device,
+        progress=progress,
+        settings=cfg.settings(),
+        cache_dir=run.cache_dir,
+    )
+    base_key = {"pre": pre_key, "gen": gen_key, "T": T, "seed": seed}
+    memo: dict = {}
+    scores, infos, topk = {}, {}, {}
+    for m in cfg.methods:
+        _log(f"seed {seed}: attribution with {m}")
+        scores[m], infos[m] = _scores_phase(
+            store, cfg, m, ctx_base, targets, t_labels, base_key, memo
+        )
+        topk[m] = topk_of(scores[m], k)
+    lds_seed = None
+    if run.lds is not None:
+        _log(f"seed {seed}: LDS of the targets under {len(run.lds['models'])} subset models")
+        lds_seed = _lds_phase(store, cfg, run.lds, targets, t_labels, gen_key, scores, device)
+    if stop_after == "attribute":
+        raise StopEvaluation("attribute")
+    posts = {}
+    for m in cfg.methods:
+        removed = stats.union(topk[m])
+        _log(f"seed {seed}: post model for {m} ({removed.numel()} of {N} images removed)")
+        posts[m] = _model_phase(store, cfg, x, y, seed, removed, run.data_key, device, progress)
+    if stop_after == "post":
+        raise StopEvaluation("post")
+    sims, gens = {}, {}
+    for m in cfg.methods:
+        den_post, post_key, _ = posts[m]
+        gens[m], _ = _generate_phase(
+            store, cfg, den_post, post_key, gen_seeds, gen_labels, device, progress
+        )
+        sims[m] = {
+            grp: compute_metrics(gen_pre[sl], gens[m][sl], cfg.metrics, run.classifier)
+            for grp, sl in (("targets", slice(0, T)), ("controls", slice(T, G)))
+        }
+    if stop_after == "regenerate":
+        raise StopEvaluation("regenerate")
+    return {
+        "pre": pre_info,
+        "post": {m: posts[m][2] for m in cfg.methods},
+        "sims": sims,
+        "topk": topk,
+        "union": {m: int(stats.union(topk[m]).numel()) for m in cfg.methods},
+        "method_info": infos,
+        "gen_pre": gen_pre,
+        "gen_post": gens,
+        "targets_labels": t_labels,
+        "lds": lds_seed,
+    }
 
 
 def summarize(
