@@ -199,65 +199,21 @@ def adaptive_scores(
         for fp in target_fps
     ]
     pairs = [0] * K
-    per = max(
-        1, lp.images_per_forward * M // m_s
-    )  # the same image·noise pairs per forward as the exact pass
-    dev = lp.device
-    with torch.inference_mode(), autocast_for(dev, lp.precision):
+    # the same image·noise pairs per forward as the exact pass
+    per = max(1, lp.images_per_forward * M // m_s)
+    with torch.inference_mode(), autocast_for(lp.device, lp.precision):
         for seg in range(n_seg):
             cols = order[seg * m_s : (seg + 1) * m_s]
-            cols_d, m = cols.to(dev), len(cols)
+            m = len(cols)
             idx = torch.cat([cols, cols[-1:].expand(m_s - m)])  # the last segment padded: one shape
             seg_lp = lp.segment(NoiseBank.select(bank, idx), per)
             need = torch.zeros(N, dtype=torch.bool)
             for sc in screens:
                 need |= sc.running
             loss_t.ensure(seg_lp, x, y, need, seg, cols, m, group)
-            work = [
-                (j, rc)
-                for j, sc in enumerate(screens)
-                for rc in torch.split(sc.running.nonzero().squeeze(1), per)
-            ]
-            csum = torch.zeros(
-                len(work), m + 1, dtype=torch.float64
-            )  # per chunk: Σ r over alive rows, count
-            # per image: Σ r, Σ (r − c), Σ (r − c)², and how often it was written (coverage.py)
-            inc = torch.zeros(K, 4, N, dtype=torch.float64)
-            done_here = []  # this rank's chunks: (copy, rows, r)
-            for w_i, (j, rc) in enumerate(work):
-                pairs[j] += len(rc) * m
-                if w_i % group.world != group.rank:
-                    continue
-                xc, yc = seg_lp.gather(x, y, rc)
-                L_u = seg_lp.losses([models[j]], xc, yc, seg_lp.bank.eps)[
-                    0, :m, : len(rc)
-                ].t()  # [n, m]
-                r = (
-                    per_noise_skew(
-                        L_u.float(),
-                        loss_t.values[rc.to(dev)][:, cols_d],
-                        cfg.eps,
-                        cfg.use_loss_ratio,
-                    )
-                    .double()
-                    .cpu()
-                )  # the statistics live on the CPU
-                a = screens[j].alive[rc]
-                csum[w_i, :m], csum[w_i, m] = r[a].sum(0), a.sum()
-                done_here.append((j, rc, r))
-                if progress is not None:
-                    progress(len(rc) * m)
-            group.sum_(csum)
-            c = torch.zeros(K, m + 1, dtype=torch.float64)
-            for w_i, (j, _) in enumerate(work):  # chunk order: the same sum on every rank
-                c[j] += csum[w_i]
-            for j, rc, r in done_here:
-                dr = r - c[j, :m] / c[j, m].clamp_min(1)
-                inc[j, 0, rc] = r.sum(1)
-                inc[j, 1, rc] = dr.sum(1)
-                inc[j, 2, rc] = (dr * dr).sum(1)
-                inc[j, 3, rc] += 1
-            group.sum_(inc)
+            inc = _segment_sums(
+                seg_lp, loss_t, models, screens, x, y, cols, per, cfg, group, pairs, progress
+            )
             for j, sc in enumerate(screens):
                 running = sc.running
                 if not torch.equal(inc[j, 3], running.double()):
@@ -274,23 +230,71 @@ def adaptive_scores(
                     sc.set_aside(k_top, cfg.adaptive_margin, M, cfg.adaptive_audit)
     scores = torch.stack([(sc.sum_r / sc.depth.clamp_min(1)).float() for sc in screens])
     exact = torch.stack([sc.running for sc in screens])
-    infos = []
-    for j, sc in enumerate(screens):
-        kth = torch.topk(scores[j][exact[j]], min(k_top, int(exact[j].sum()))).values[-1]
-        audited = int(sc.audit.sum())
-        misses = int((scores[j][sc.audit] >= kth).sum())
-        lo, hi = wilson(misses, audited)
-        unaudited = int((~exact[j]).sum())
-        infos.append(
-            {
-                "pairs_evaluated": pairs[j],
-                "exact": int(exact[j].sum()),
-                "set_aside": unaudited + audited,
-                "set_aside_at": {str(d): c for d, c in sorted(sc.set_aside_at.items())},
-                "audited": audited,
-                "audit_misses": misses,
-                "miss_rate_95": [lo, hi],
-                "expected_missed_95": [lo * unaudited, hi * unaudited],
-            }
-        )
+    infos = [_audit(scores[j], exact[j], sc, pairs[j], k_top) for j, sc in enumerate(screens)]
     return scores, exact, infos
+
+
+def _segment_sums(seg_lp, loss_t, models, screens, x, y, cols, per, cfg, group, pairs, progress):
+    """One segment's per-image sums [K, 4, N] float64 — Σ r, Σ (r − c), Σ (r − c)² and how often
+    the image was written (coverage.py) — over ranks. Each copy's running images are cut into
+    chunks of `per` in position order and the chunks dealt to the ranks in turn; c, the per-noise
+    mean skew of the alive images, is summed chunk by chunk in chunk order: the same on every
+    rank."""
+    K, N, m, dev = len(models), screens[0].running.numel(), len(cols), seg_lp.device
+    cols_d = cols.to(dev)
+    work = [
+        (j, rc)
+        for j, sc in enumerate(screens)
+        for rc in torch.split(sc.running.nonzero().squeeze(1), per)
+    ]
+    csum = torch.zeros(
+        len(work), m + 1, dtype=torch.float64
+    )  # per chunk: Σ r over alive rows, count
+    done_here = []  # this rank's chunks: (copy, rows, r)
+    for w_i, (j, rc) in enumerate(work):
+        pairs[j] += len(rc) * m
+        if w_i % group.world != group.rank:
+            continue
+        xc, yc = seg_lp.gather(x, y, rc)
+        L_u = seg_lp.losses([models[j]], xc, yc, seg_lp.bank.eps)[0, :m, : len(rc)].t()  # [n, m]
+        L_t = loss_t.values[rc.to(dev)][:, cols_d]
+        r = (
+            per_noise_skew(L_u.float(), L_t, cfg.eps, cfg.use_loss_ratio).double().cpu()
+        )  # stats: CPU
+        a = screens[j].alive[rc]
+        csum[w_i, :m], csum[w_i, m] = r[a].sum(0), a.sum()
+        done_here.append((j, rc, r))
+        if progress is not None:
+            progress(len(rc) * m)
+    group.sum_(csum)
+    c = torch.zeros(K, m + 1, dtype=torch.float64)
+    for w_i, (j, _) in enumerate(work):  # chunk order: the same sum on every rank
+        c[j] += csum[w_i]
+    inc = torch.zeros(K, 4, N, dtype=torch.float64)
+    for j, rc, r in done_here:
+        dr = r - c[j, :m] / c[j, m].clamp_min(1)
+        inc[j, 0, rc] = r.sum(1)
+        inc[j, 1, rc] = dr.sum(1)
+        inc[j, 2, rc] = (dr * dr).sum(1)
+        inc[j, 3, rc] += 1
+    return group.sum_(inc)
+
+
+def _audit(scores, exact, sc, pairs: int, k_top: int) -> dict:
+    """One target's report: the work done, what was set aside, and the audit's misses with their
+    Wilson 95 % interval (audited images that reach the final k-th best score)."""
+    kth = torch.topk(scores[exact], min(k_top, int(exact.sum()))).values[-1]
+    audited = int(sc.audit.sum())
+    misses = int((scores[sc.audit] >= kth).sum())
+    lo, hi = wilson(misses, audited)
+    unaudited = int((~exact).sum())
+    return {
+        "pairs_evaluated": pairs,
+        "exact": int(exact.sum()),
+        "set_aside": unaudited + audited,
+        "set_aside_at": {str(d): c for d, c in sorted(sc.set_aside_at.items())},
+        "audited": audited,
+        "audit_misses": misses,
+        "miss_rate_95": [lo, hi],
+        "expected_missed_95": [lo * unaudited, hi * unaudited],
+    }
