@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from ..config import REFERENCE_FROZEN, MUCSConfig
+from .pointwise import pointwise_view
 from .reference_conf import optimizer_spec, sampler_range
 from .reference_files import ReferenceData, dataset_tensors
 from .reference_models import build_null_model, null_model_error, raw_module
@@ -75,6 +76,9 @@ class Attributor(ReferenceReplay):
       precision="auto"      scoring precision ("auto": bf16 autocast on CUDA, fp32 elsewhere)
       compile="auto"        torch.compile the scoring passes (MUCSConfig.compile)
       load_threads=8        threads that read the training set once
+      pointwise="auto"      the engine runs 1×1 stride-1 convolutions as channel matmuls
+                            (`pointwise.pointwise_view`: same parameters, float rounding apart);
+                            "auto": on the CPU, where oneDNN runs few-channel 1×1 kernels slowly
       progress=None         progress bars (None: on global rank zero)
     """
 
@@ -113,6 +117,7 @@ class Attributor(ReferenceReplay):
         precision="auto",
         compile="auto",
         load_threads=8,
+        pointwise="auto",
         progress=None,
     ):
         self.conf = conf
@@ -149,6 +154,9 @@ class Attributor(ReferenceReplay):
         self.precision = precision
         self.compile = compile
         self.load_threads = int(load_threads)
+        if pointwise not in ("auto", True, False):
+            raise ValueError(f"pointwise must be 'auto', True or False, got {pointwise!r}")
+        self.pointwise = pointwise
         self.progress = (
             bool(getattr(fabric, "is_global_zero", True)) if progress is None else bool(progress)
         )
@@ -188,13 +196,20 @@ class Attributor(ReferenceReplay):
         return build_null_model(self.module, self.method_path, dataset)
 
     # -- engine pieces ---------------------------------------------------------------------------
-    def denoiser(self, dataset=None):
-        """The engine's view of the model: an EDMDenoiser with the sampler's σ range."""
+    def engine_module(self) -> torch.nn.Module:
+        """The raw module the engine runs: `pointwise_view` of it when `pointwise` says so (it
+        shares the caller's parameters; the caller's module is unchanged)."""
+        use = self._dev.type == "cpu" if self.pointwise == "auto" else self.pointwise
+        return pointwise_view(self.module)[0] if use else self.module
+
+    def denoiser(self, dataset=None, net=None):
+        """The engine's view of the model (`net`, default the raw module): an EDMDenoiser with the
+        sampler's σ range."""
         from ..denoisers import EDMDenoiser
 
         sigma_min, sigma_max, rho = sampler_range(self.conf)
         return EDMDenoiser(
-            self.module,
+            self.module if net is None else net,
             sigma_min=sigma_min,
             sigma_max=sigma_max,
             rho=rho,
@@ -269,7 +284,7 @@ class Attributor(ReferenceReplay):
         from ..params import trainable_names
         from ..result import Attribution
 
-        den = self.denoiser(dataset)
+        den = self.denoiser(dataset, self.engine_module())
         ids, x, y = data
         xgen = xgen.detach().float().cpu()
         if not den.conditional:  # the reference's datasets carry y for every model
