@@ -10,9 +10,12 @@ training loader through `fabric.setup_dataloaders`. Then, on a tiny model, per r
   over the dataset, passed through this Fabric's `setup_dataloaders` as the reference passes its
   own (the oracle of the loader mirroring: what the reference's loop would read, batch by batch);
 - sampler: the class of the sampler Lightning gave the unlearning loader.
+- with --reference PATH (a working copy of github sony/mucs outside this repository, imported
+  by benches/dropin/refshim.py): the reference's own Attributor and the replay at a numeric
+  L_null (the reference's "auto" reads its '--pre' run's files).
 Each rank saves `rank<r>.pt` in --out.
 
-python tests/compat/lightning_flow.py --devices 1 --out DIR
+python tests/compat/lightning_flow.py --devices 1 --out DIR [--reference /tmp/mucs-ref]
 """
 
 from __future__ import annotations
@@ -79,6 +82,24 @@ def loader_flow(att, dataset, xgen, ygen):
     return all_idx, scores, type(dl_unlearn.sampler).__name__
 
 
+def reference_runs(path, fabric, model, method_path, dl_train, xgen, ygen):
+    """{"ref": (all ids, scores) of the reference's Attributor, "slow": the replay's}, both at
+    loss_null=1.2 (the reference's loaders with 2 workers instead of its 8: 2 CPU cores)."""
+    from refkit import make_conf
+
+    sys.path.insert(0, os.path.join(HERE, "..", "..", "benches", "dropin"))
+    import refshim
+
+    mucs, _, _ = refshim.import_reference(path)
+    kw = {"num_noises": M, "batch_size": B, "max_steps": STEPS, "loss_null": 1.2}
+    with refshim.loader_workers(2):
+        ref = mucs.Attributor(make_conf(), fabric, model, method_path, device=fabric.device, **kw)
+        _, ref_idx, ref_scores = ref.run(dl_train, xgen, ygen, {}, 5)
+    att = attributor(fabric, model, method_path, fast=False, **kw)
+    _, idx, scores = att.run(dl_train, xgen, ygen, {}, 5)
+    return {"ref": (ref_idx.cpu(), ref_scores.float().cpu()), "slow": (idx, scores)}
+
+
 def main(argv=None):
     from nets import TinyEDMNet
     from refkit import TensorDataset, toy_data
@@ -86,6 +107,7 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--out", required=True)
+    p.add_argument("--reference", default=None)
     args = p.parse_args(argv)
     fabric = build_fabric(args.devices)
     ids, x, y = toy_data(N=N, C=1, H=4, label_dim=3)
@@ -106,6 +128,9 @@ def main(argv=None):
     all_idx, scores, sampler = loader_flow(att, dl_train.dataset, xgen, ygen)
     out["loaders"] = {"all_idx": all_idx, "scores": scores, "loss_null": att.loss_null}
     out["sampler"] = sampler
+    if args.reference:
+        out["reference"] = reference_runs(args.reference, fabric, model, method_path, dl_train,
+                                          xgen, ygen)
     torch.save(out, os.path.join(args.out, f"rank{fabric.global_rank}.pt"))
     fabric.barrier()
 

@@ -22,12 +22,12 @@ from mucs_fast.compat.reference import Attributor
 FLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lightning_flow.py")
 
 
-def _flow(tmp_path, devices: int) -> list:
+def _flow(tmp_path, devices: int, *extra) -> list:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
         env.pop(k, None)  # Lightning picks a free port and sets the ranks itself
     proc = subprocess.run(
-        [sys.executable, FLOW, "--devices", str(devices), "--out", str(tmp_path)],
+        [sys.executable, FLOW, "--devices", str(devices), "--out", str(tmp_path), *extra],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -140,3 +140,37 @@ def test_replay_loader_follows_a_fabric_that_shards(shuffle):
         assert torch.equal(after, torch.rand(2))
         assert len(got) == len(dl) == len(want) == -(-(N // 3) // 4)
         assert all(torch.equal(u, v) for u, v in zip(got, want))
+
+
+# -- against the reference's own code (a working copy beside the project; skipped without it) ----
+def _reference_checkout():
+    """A working copy of github sony/mucs outside this repository (extracted from the local
+    mirror by benches/dropin/refshim.py), or None; the reference also needs omegaconf, einops."""
+    import importlib.util
+
+    sys.path.insert(0, os.path.join(os.path.dirname(FLOW), "..", "..", "benches", "dropin"))
+    import refshim
+
+    if not all(importlib.util.find_spec(m) for m in ("omegaconf", "einops")):
+        return None
+    if os.path.exists(os.path.join(refshim.DEFAULT_REF, "attribution", "mucs.py")):
+        return refshim.DEFAULT_REF
+    if os.path.isdir(refshim.MIRROR):
+        return refshim.ensure_checkout()
+    return None
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_replay_is_the_reference_in_lightning(tmp_path, devices):
+    """The reference's Attributor and fast=False in the same real Fabric: the same scores (each
+    rank: the reference's shard), to 1e-6 of the score scale."""
+    path = _reference_checkout()
+    if path is None:
+        pytest.skip("the reference's code (github sony/mucs) is not checked out beside the project")
+    for r in _flow(tmp_path, devices, "--reference", path):
+        (ref_idx, ref_scores), (idx, scores) = r["reference"]["ref"], r["reference"]["slow"]
+        assert len(ref_idx) == -(-N // devices)
+        scale = float(ref_scores.abs().max())
+        assert scale > 0
+        got = _on(idx, scores, ref_idx)
+        assert float((got - ref_scores).abs().max()) <= 1e-6 * scale
