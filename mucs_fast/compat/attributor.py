@@ -6,6 +6,7 @@ stream (`fast=False`, and the options only that path runs). Both paths return th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import warnings
@@ -57,6 +58,19 @@ def _probe_batched(den, names, x, y) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _matmul_precision(precision):
+    """torch's float32 matmul precision set to `precision` (None: unchanged) for the block, the
+    previous setting restored after (it is process-global)."""
+    before = torch.get_float32_matmul_precision()
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 class Attributor(ReferenceReplay):
     """The reference's MUCS Attributor, run by mucs_fast.
 
@@ -79,6 +93,11 @@ class Attributor(ReferenceReplay):
       pointwise="auto"      the engine runs 1×1 stride-1 convolutions as channel matmuls
                             (`pointwise.pointwise_view`: same parameters, float rounding apart);
                             "auto": on the CPU, where oneDNN runs few-channel 1×1 kernels slowly
+      cpu_highest_precision=True   on the CPU, the engine runs under
+                            torch.set_float32_matmul_precision("highest") (the caller's setting
+                            restored after): CPU runs fp32 (spec), and attrib.py's "medium", meant
+                            for GPUs, selects CPU attention and batched-matmul kernels up to 10×
+                            slower without changing their fp32 results here (BENCHMARKS.md)
       progress=None         progress bars (None: on global rank zero)
     """
 
@@ -118,6 +137,7 @@ class Attributor(ReferenceReplay):
         compile="auto",
         load_threads=8,
         pointwise="auto",
+        cpu_highest_precision=True,
         progress=None,
     ):
         self.conf = conf
@@ -157,6 +177,7 @@ class Attributor(ReferenceReplay):
         if pointwise not in ("auto", True, False):
             raise ValueError(f"pointwise must be 'auto', True or False, got {pointwise!r}")
         self.pointwise = pointwise
+        self.cpu_highest_precision = bool(cpu_highest_precision)
         self.progress = (
             bool(getattr(fabric, "is_global_zero", True)) if progress is None else bool(progress)
         )
@@ -303,20 +324,23 @@ class Attributor(ReferenceReplay):
                 cfg.targets_per_batch = 1
         # several processes (an initialized group, e.g. Lightning Fabric's): the engine splits the
         # work over the ranks and every rank gets the full result
-        res = attribute(
-            den,
-            x,
-            xgen,
-            cfg,
-            train_labels=y,
-            target_labels=ygen,
-            train_ids=ids,
-            device=self._dev,
-            progress=self.progress,
-            run_dir=self.run_dir,
-            resume=self.resume,
-            cache_dir=self.cache_dir,
-        )
+        with _matmul_precision(
+            "highest" if self.cpu_highest_precision and self._dev.type == "cpu" else None
+        ):
+            res = attribute(
+                den,
+                x,
+                xgen,
+                cfg,
+                train_labels=y,
+                target_labels=ygen,
+                train_ids=ids,
+                device=self._dev,
+                progress=self.progress,
+                run_dir=self.run_dir,
+                resume=self.resume,
+                cache_dir=self.cache_dir,
+            )
         scores, meta = res.scores, res.meta
         self.last_result = Attribution(scores, ids, meta)
         resolved = meta["resolved"]

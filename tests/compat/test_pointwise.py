@@ -107,3 +107,28 @@ def test_dropin_engine_runs_the_view_on_cpu():
     # scores lie in (-1, 1) and are differences of nearly equal losses: rounding-level losses
     # give scores within ~1e-7 absolute
     torch.testing.assert_close(sa, sb, rtol=0, atol=1e-6)
+
+
+def test_engine_runs_at_highest_precision_on_cpu_and_restores_it(monkeypatch):
+    """attrib.py sets torch.set_float32_matmul_precision("medium"); the CPU engine runs under
+    "highest" and gives the caller's setting back."""
+    import mucs_fast.engine as E
+
+    seen, inner = [], E.attribute
+
+    def spy(*a, **k):
+        seen.append(torch.get_float32_matmul_precision())
+        return inner(*a, **k)
+
+    monkeypatch.setattr(E, "attribute", spy)
+    ids, x, y = toy_data(N=24, C=2, H=4, label_dim=3)
+    dl = torch.utils.data.DataLoader(TensorDataset(ids, x, y))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        for flag in (True, False):
+            _attributor(ConvEDMNet(), cpu_highest_precision=flag).run(dl, x[:1], y[:1], {}, 3)
+            assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen == ["highest", "medium"]
