@@ -19,7 +19,8 @@ its own shard (the reference's ranks score only theirs).
 
 Example (2-core CPU, one torch thread; fast-nopw / fast-medium: the engine without the pointwise
 view / at attrib.py's matmul precision "medium"):
-  .venv/bin/python benches/dropin/lightning_study.py --threads 1 --impls ref,slow,fast,fast-nopw,fast-medium
+  .venv/bin/python benches/dropin/lightning_study.py --threads 1 \
+      --impls ref,slow,fast,fast-nopw,fast-medium
   .venv/bin/python benches/dropin/lightning_study.py --threads 1 --impls ref,fast --num-noises 100 \
       --max-steps 60
 """
@@ -199,7 +200,8 @@ def model_flops(S, args):
         key = (a.numel() // a.shape[-1], mod.in_features, mod.out_features)
         shapes[key] = shapes.get(key, 0) + 1
 
-    hs = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    hs = [mod.register_forward_hook(hook) for mod in m.modules()
+          if isinstance(mod, torch.nn.Linear)]
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         m(x, sigma, y=y)
     for h in hs:
@@ -225,6 +227,33 @@ def phase_flops(args, N, K, fwd, fwdbwd, steps):
             "fixed": 0}
 
 
+def profile_forward(S, pairs=1600, rows=12):
+    """torch.profiler's top ops (self CPU) of the model's forward as the drop-in's engine runs it
+    on the CPU (`pointwise_view`, precision "highest"), `pairs` image·noise pairs (its CPU score
+    batch): where the non-GEMM time goes."""
+    from torch.profiler import profile
+
+    from mucs_fast.compat.pointwise import pointwise_view
+
+    _, model, ds, _, _, _ = S
+    view, _ = pointwise_view(copy.deepcopy(model).eval())
+    g = torch.Generator().manual_seed(0)
+    n = pairs // 16
+    x = ds.x[:n].repeat(16, 1, 1, 1) + torch.randn(pairs, *ds.x.shape[1:], generator=g)
+    y, sigma = ds.y[:n].repeat(16, 1), torch.rand(pairs, generator=g) * 5 + 0.3
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.inference_mode():
+            view(x, sigma, y=y)
+            with profile() as prof:
+                for _ in range(3):
+                    view(x, sigma, y=y)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def import_seconds(args) -> dict:
     """Fresh-interpreter seconds: bare start, + torch and lightning (attrib.py imports both),
     + the reference's Attributor module, + the drop-in (its module and the engine it runs)."""
@@ -239,7 +268,8 @@ def import_seconds(args) -> dict:
     out = {}
     for k, c in code.items():
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", c], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run([sys.executable, "-c", c], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
         out[k] = time.perf_counter() - t0
     return out
 
@@ -249,7 +279,8 @@ def compare(res, rank):
     """Replay and engine vs the reference, on the reference's ids (its rank's shard); the
     engine with the pointwise view vs without it."""
     out = {}
-    pairs = [(i, "ref") for i in ("slow", "fast")] + [("fast", "fast-nopw"), ("fast", "fast-medium")]
+    pairs = [(i, "ref") for i in ("slow", "fast")]
+    pairs += [("fast", "fast-nopw"), ("fast", "fast-medium")]
     for a, b in pairs:
         if a not in res or b not in res:
             continue
@@ -285,12 +316,17 @@ def main(argv=None):
     p.add_argument("--ref-workers", type=int, default=None,
                    help="the reference's DataLoader workers (default: its own 8)")
     p.add_argument("--no-imports", action="store_true", help="skip the import timings")
+    p.add_argument("--profile", action="store_true",
+                   help="only print the profile of one forward as the engine runs it")
     args = p.parse_args(argv)
     args.conditional = True
     fabric = build_fabric(args.devices)
     torch.set_num_threads(args.threads)  # after launch: Lightning's DDP sets its own count
     rank = fabric.global_rank
     S = seed_study.setup(args)
+    if args.profile:
+        print(profile_forward(S))
+        return
     N, K = len(S[2]), S[3].shape[0]
     res = {}
     for impl in args.impls.split(","):

@@ -17,7 +17,7 @@ class Sub(torch.nn.Conv2d):  # a subclass may override forward: never swapped
 
 class ConvEDMNet(TinyEDMNet):
     """TinyEDMNet behind a 1×1 conv encoder and a 1×1 ConvTranspose2d decoder (like the
-    reference DiT's frontend blocks), with a 3×3 conv and a subclassed 1×1 conv left as they are."""
+    reference DiT's frontend blocks), with a 3×3 conv and a subclassed 1×1 conv left alone."""
 
     def __init__(self, C=2, label_dim=3, width=8):
         super().__init__(C=C, label_dim=label_dim, width=width)
