@@ -2,7 +2,8 @@
 repository, and the stand-ins it needs on a CPU dev machine. No reference code lives here.
 
 Stubs (imported by the reference but unused in this study):
-- `lightning` (large): `utils/pytorch_utils.py` imports `lightning.fabric.utilities.AttributeDict`
+- `lightning`, only when it is not installed (`pip install lightning`, the test extra, gives the
+  real one): `utils/pytorch_utils.py` imports `lightning.fabric.utilities.AttributeDict`
   and `lightning.fabric.loggers.TensorBoardLogger`; only its training/logging helpers use them.
 - `lib.image_metrics` (needs torchmetrics, open_clip, lpips, DINOv2 weights): only
   `use_instance_weights=True` uses it.
@@ -32,6 +33,12 @@ def ensure_checkout(path: str = DEFAULT_REF) -> str:
     return path
 
 
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def _stub(name: str, **attrs):
     mod = types.ModuleType(name)
     mod.__dict__.update(attrs)
@@ -42,7 +49,7 @@ def _stub(name: str, **attrs):
 def import_reference(path: str = DEFAULT_REF):
     """(attribution.mucs module, models.dit_edm module, utils.pytorch_utils module)."""
     path = ensure_checkout(path)
-    if "lightning" not in sys.modules:
+    if "lightning" not in sys.modules and not _importable("lightning"):
         class _Unused:  # noqa: D401
             def __init__(self, *a, **k):
                 raise RuntimeError("lightning is stubbed in this harness")

@@ -6,6 +6,7 @@ stream (`fast=False`, and the options only that path runs). Both paths return th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import warnings
@@ -13,6 +14,7 @@ import warnings
 import torch
 
 from ..config import REFERENCE_FROZEN, MUCSConfig
+from .pointwise import pointwise_view
 from .reference_conf import optimizer_spec, sampler_range
 from .reference_files import ReferenceData, dataset_tensors
 from .reference_models import build_null_model, null_model_error, raw_module
@@ -56,6 +58,19 @@ def _probe_batched(den, names, x, y) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _matmul_precision(precision):
+    """torch's float32 matmul precision set to `precision` (None: unchanged) for the block, the
+    previous setting restored after (it is process-global)."""
+    before = torch.get_float32_matmul_precision()
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 class Attributor(ReferenceReplay):
     """The reference's MUCS Attributor, run by mucs_fast.
 
@@ -75,6 +90,14 @@ class Attributor(ReferenceReplay):
       precision="auto"      scoring precision ("auto": bf16 autocast on CUDA, fp32 elsewhere)
       compile="auto"        torch.compile the scoring passes (MUCSConfig.compile)
       load_threads=8        threads that read the training set once
+      pointwise="auto"      the engine runs 1×1 stride-1 convolutions as channel matmuls
+                            (`pointwise.pointwise_view`: same parameters, float rounding apart);
+                            "auto": on the CPU, where oneDNN runs few-channel 1×1 kernels slowly
+      cpu_highest_precision=True   on the CPU, the engine runs under
+                            torch.set_float32_matmul_precision("highest") (the caller's setting
+                            restored after): CPU runs fp32 (spec), and attrib.py's "medium", meant
+                            for GPUs, selects CPU attention and batched-matmul kernels up to 10×
+                            slower without changing their fp32 results here (BENCHMARKS.md)
       progress=None         progress bars (None: on global rank zero)
     """
 
@@ -113,6 +136,8 @@ class Attributor(ReferenceReplay):
         precision="auto",
         compile="auto",
         load_threads=8,
+        pointwise="auto",
+        cpu_highest_precision=True,
         progress=None,
     ):
         self.conf = conf
@@ -149,6 +174,10 @@ class Attributor(ReferenceReplay):
         self.precision = precision
         self.compile = compile
         self.load_threads = int(load_threads)
+        if pointwise not in ("auto", True, False):
+            raise ValueError(f"pointwise must be 'auto', True or False, got {pointwise!r}")
+        self.pointwise = pointwise
+        self.cpu_highest_precision = bool(cpu_highest_precision)
         self.progress = (
             bool(getattr(fabric, "is_global_zero", True)) if progress is None else bool(progress)
         )
@@ -188,13 +217,20 @@ class Attributor(ReferenceReplay):
         return build_null_model(self.module, self.method_path, dataset)
 
     # -- engine pieces ---------------------------------------------------------------------------
-    def denoiser(self, dataset=None):
-        """The engine's view of the model: an EDMDenoiser with the sampler's σ range."""
+    def engine_module(self) -> torch.nn.Module:
+        """The raw module the engine runs: `pointwise_view` of it when `pointwise` says so (it
+        shares the caller's parameters; the caller's module is unchanged)."""
+        use = self._dev.type == "cpu" if self.pointwise == "auto" else self.pointwise
+        return pointwise_view(self.module)[0] if use else self.module
+
+    def denoiser(self, dataset=None, net=None):
+        """The engine's view of the model (`net`, default the raw module): an EDMDenoiser with the
+        sampler's σ range."""
         from ..denoisers import EDMDenoiser
 
         sigma_min, sigma_max, rho = sampler_range(self.conf)
         return EDMDenoiser(
-            self.module,
+            self.module if net is None else net,
             sigma_min=sigma_min,
             sigma_max=sigma_max,
             rho=rho,
@@ -269,7 +305,7 @@ class Attributor(ReferenceReplay):
         from ..params import trainable_names
         from ..result import Attribution
 
-        den = self.denoiser(dataset)
+        den = self.denoiser(dataset, self.engine_module())
         ids, x, y = data
         xgen = xgen.detach().float().cpu()
         if not den.conditional:  # the reference's datasets carry y for every model
@@ -288,20 +324,23 @@ class Attributor(ReferenceReplay):
                 cfg.targets_per_batch = 1
         # several processes (an initialized group, e.g. Lightning Fabric's): the engine splits the
         # work over the ranks and every rank gets the full result
-        res = attribute(
-            den,
-            x,
-            xgen,
-            cfg,
-            train_labels=y,
-            target_labels=ygen,
-            train_ids=ids,
-            device=self._dev,
-            progress=self.progress,
-            run_dir=self.run_dir,
-            resume=self.resume,
-            cache_dir=self.cache_dir,
-        )
+        with _matmul_precision(
+            "highest" if self.cpu_highest_precision and self._dev.type == "cpu" else None
+        ):
+            res = attribute(
+                den,
+                x,
+                xgen,
+                cfg,
+                train_labels=y,
+                target_labels=ygen,
+                train_ids=ids,
+                device=self._dev,
+                progress=self.progress,
+                run_dir=self.run_dir,
+                resume=self.resume,
+                cache_dir=self.cache_dir,
+            )
         scores, meta = res.scores, res.meta
         self.last_result = Attribution(scores, ids, meta)
         resolved = meta["resolved"]

@@ -25,8 +25,10 @@ program order. The engine (default, `fast=True`) gives each its own generator, d
 So end-to-end scores differ from the reference's as a run with another seed does; the inference
 losses for a given noise bank are the same numbers. `fast=False` runs the reference's own
 algorithm on the resident data, drawing from the global stream in the reference's order (each
-DataLoader iterator's seed draws included) and batching inference as it does (16·B // M images,
-on every device), for bit-for-bit comparisons with it.
+DataLoader iterator's seed draws included), with its loaders set up by the caller's Fabric as the
+reference's are (Lightning's DistributedSampler under DDPStrategy: its seed, epochs and shards),
+and batching inference as it does (16·B // M images, on every device), for bit-for-bit
+comparisons with it; with several processes every rank returns every rank's shard.
 
 Fixed reference defects (defaults otherwise unchanged): t_sched_*="auto" works; max_steps=None
 stops at `safety_steps` (warned, reported) instead of possibly looping forever; with several

@@ -1,7 +1,13 @@
 """The reference's algorithm replayed on resident data (`fast=False`): its DataLoaders (stand-in
 `ResidentLoader`), its noise draws, its unlearning loop, its L_null and t_sched estimates, all
 drawing from the one global RNG stream in the reference's program order, so that for a given
-seed a run reproduces the reference's stream bit for bit. The math is the engine's:
+seed a run reproduces the reference's stream bit for bit. The loaders are real DataLoaders over
+dataset positions passed through the caller's `fabric.setup_dataloaders`, as the reference passes
+its own: under Lightning's distributed strategies (attrib.py's DDPStrategy, even with one process)
+that swaps in a DistributedSampler (seed PL_GLOBAL_SEED, epoch = iteration count, each rank's
+padded shard) and removes the sampler's global-RNG draw; the replay follows whatever it does.
+With several processes each rank scores its shard as the reference's ranks do, and every rank
+returns all shards (`gather_shards`). The math is the engine's:
 the objective is `unlearn.mirrored_objective`, the stop rule `unlearn.stop_reason`, the score
 `score.skew_scores`; what is the reference's own here is where every random number comes from.
 
@@ -29,42 +35,111 @@ def inference_images(batch_size: int, num_noises: int) -> int:
     return max(1, 16 * int(batch_size) // int(num_noises))
 
 
-class ResidentLoader:
-    """Batches (idx, x, y) of in-memory tensors, standing in for the reference's DataLoaders.
+class _Positions(torch.utils.data.Dataset):
+    """Dataset positions 0..N-1: what the replay's DataLoaders yield, so that a real DataLoader,
+    and whatever `fabric.setup_dataloaders` makes of it, decides the order, the sharding and the
+    global-RNG draws, while the images stay resident."""
 
-    It consumes the global RNG exactly as `torch.utils.data.DataLoader(shuffle=..., generator=None)`
-    does: one int64 draw per iterator (the workers' base seed) and, when shuffling, one more that
-    seeds the sampler's private generator for the permutation. Only `.dataset` of the original
-    loader is kept (the reference's null model reads `dl.dataset.meta`)."""
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class ResidentLoader:
+    """Batches (idx, x, y) of in-memory tensors in the order of a real DataLoader over dataset
+    positions, standing in for the reference's DataLoaders.
+
+    `positions`: the DataLoader (possibly returned by `fabric.setup_dataloaders`) whose batches
+    are position tensors; None builds `DataLoader(shuffle=..., drop_last=...)` without a
+    generator, which draws from the global RNG as the reference's loaders do (one int64 per
+    iterator, the workers' base seed, and one more seeding a RandomSampler). Lightning's
+    distributed strategies swap in a DistributedSampler (seed = PL_GLOBAL_SEED, epoch = the
+    number of earlier iterations, this rank's shard, padded): using the loader it returns
+    replays exactly that. Worker processes draw nothing from the main process's stream, so the
+    replay reads in-process. Only `.dataset` of the original loader is kept (the reference's null
+    model reads `dl.dataset.meta`)."""
 
     def __init__(
-        self, dataset, ids, x, y, batch_size: int, shuffle: bool, drop_last: bool, device=None
+        self,
+        dataset,
+        ids,
+        x,
+        y,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        device=None,
+        positions=None,
     ):
         self.dataset = dataset
         self.ids, self.x, self.y = ids, x, y
         self.batch_size, self.shuffle, self.drop_last = int(batch_size), shuffle, drop_last
         self.device = device
+        if positions is None:
+            positions = torch.utils.data.DataLoader(
+                _Positions(x.shape[0]), batch_size=self.batch_size, shuffle=shuffle,
+                drop_last=drop_last,
+            )
+        self.positions = positions
 
     def __len__(self) -> int:
-        N = self.x.shape[0]
-        return N // self.batch_size if self.drop_last else -(-N // self.batch_size)
+        return len(self.positions)
 
     def __iter__(self):
-        torch.empty((), dtype=torch.int64).random_()  # DataLoader iterator: workers' base seed
-        return self._batches()
-
-    def _batches(self):
-        N = self.x.shape[0]
-        if self.shuffle:  # RandomSampler without a generator: seeded from the global RNG
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
-            order = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
-        else:
-            order = None
-        for b in range(len(self)):
-            sl = slice(b * self.batch_size, min(N, (b + 1) * self.batch_size))
-            p = order[sl] if order is not None else sl
+        for p in self.positions:
+            p = torch.as_tensor(p).to(self.x.device)
             batch = (self.ids[p], self.x[p], self.y[p])
             yield tuple(t.to(self.device) for t in batch) if self.device is not None else batch
+
+
+def reference_loaders(fabric, dataset, data, n_infer: int, batch_size: int, device):
+    """(inference loader, unlearning loader) as the reference's run() makes them: DataLoaders
+    over the training set (inference: n_infer images, in order; unlearning: batch_size,
+    shuffled, drop_last) passed together through `fabric.setup_dataloaders`, on resident data."""
+    ids, x, y = data
+    pos = _Positions(x.shape[0])
+    dl_inference = torch.utils.data.DataLoader(pos, batch_size=n_infer, shuffle=False)
+    dl_unlearn = torch.utils.data.DataLoader(
+        pos, batch_size=batch_size, shuffle=True, drop_last=True
+    )
+    setup = getattr(fabric, "setup_dataloaders", None)
+    if setup is not None:
+        dl_inference, dl_unlearn = setup(dl_inference, dl_unlearn)
+    return (
+        ResidentLoader(dataset, ids, x, y, n_infer, False, False, device, dl_inference),
+        ResidentLoader(dataset, ids, x, y, batch_size, True, True, device, dl_unlearn),
+    )
+
+
+def gather_shards(all_idx: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor):
+    """(all ids [N] in dataset order, scores [Ng, N]) from every rank's (ids [n], scores [Ng, n])
+    of its inference shard (a DistributedSampler's: equal sizes, strided, padded with repeats).
+    Each image keeps the score of its first occurrence in sampler order, the one the reference's
+    rank that owns it computed; without a process group (or one rank) the input is returned."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return all_idx, scores
+    world = dist.get_world_size()
+    idx_parts = [torch.empty_like(all_idx) for _ in range(world)]
+    score_parts = [torch.empty_like(scores) for _ in range(world)]
+    dist.all_gather(idx_parts, all_idx.contiguous())
+    dist.all_gather(score_parts, scores.contiguous())
+    # sampler order: the k-th item of rank r is item k·world + r of the padded list
+    idx = torch.stack(idx_parts, 1).reshape(-1).cpu()
+    sc = torch.stack(score_parts, 2).reshape(scores.shape[0], -1)
+    first = {}
+    for j, i in enumerate(idx.tolist()):
+        first.setdefault(i, j)
+    missing = set(ids.tolist()) - first.keys()
+    if missing:
+        raise RuntimeError(f"fast=False: {len(missing)} training images scored on no rank")
+    cols = torch.tensor([first[i] for i in ids.tolist()], dtype=torch.int64)
+    return ids.clone(), sc[:, cols.to(sc.device)]
 
 
 class ReferenceReplay:
@@ -73,10 +148,10 @@ class ReferenceReplay:
     def _run_reference(self, dataset, data, xgen, ygen):
         """The reference's run() on resident data, same global RNG draws in the same order:
         (all ids [Nt], scores [Ng, Nt], stop reason per target)."""
-        ids, x, y = data
         n_infer = inference_images(self.batch_size, self.num_noises)
-        dl_inference = ResidentLoader(dataset, ids, x, y, n_infer, False, False, self._dev)
-        dl_unlearn = ResidentLoader(dataset, ids, x, y, self.batch_size, True, True, self._dev)
+        dl_inference, dl_unlearn = reference_loaders(
+            self.fabric, dataset, data, n_infer, self.batch_size, self._dev
+        )
         if self.t_sched_train == "auto" or self.t_sched_infer == "auto":
             tmp = self.estimate_t_sched(dl_unlearn)
             if self.t_sched_train == "auto":
@@ -98,7 +173,10 @@ class ReferenceReplay:
             _, losses, _ = self.compute_inference_losses(model, dl_inference, noiseinfo=noiseinfo)
             loss_u.append(losses)
         loss_u = torch.stack(loss_u, dim=0)
-        return all_idx, self.compute_scores(loss_t, loss_u), list(self._stops)
+        # several processes: each rank scored its shard, as the reference's ranks do; every rank
+        # returns all of them (the reference returns only its own)
+        all_idx, scores = gather_shards(all_idx, self.compute_scores(loss_t, loss_u), data[0])
+        return all_idx, scores, list(self._stops)
 
     ###########################################################################
 
