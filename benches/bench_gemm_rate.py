@@ -85,8 +85,10 @@ def main(argv=None):
     shapes = [SQUARE] + [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     rows = [{"m": m, "k": k, "n": n, "gflops": gemm_gflops(m, k, n)} for m, k, n in shapes]
     for r in rows:
-        print(f"{r['m']:>6} x {r['k']:>5} x {r['n']:>5}: {r['gflops']:8.1f} GFLOP/s "
-              f"({args.threads} thread{'s' if args.threads > 1 else ''})")
+        print(
+            f"{r['m']:>6} x {r['k']:>5} x {r['n']:>5}: {r['gflops']:8.1f} GFLOP/s "
+            f"({args.threads} thread{'s' if args.threads > 1 else ''})"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": machine(), "rows": rows}, fh, indent=1)

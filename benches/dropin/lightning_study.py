@@ -122,14 +122,19 @@ def engine_timed(clock: Clock):
     scoring."""
     import mucs_fast.engine as E
 
-    names = {"resolve": "L_null", "compute_loss_t": "L_t", "unlearn_block": "unlearning",
-             "score_block": "scoring"}
+    names = {
+        "resolve": "L_null",
+        "compute_loss_t": "L_t",
+        "unlearn_block": "unlearning",
+        "score_block": "scoring",
+    }
     orig = {n: getattr(E, n) for n in names}
 
     def wrap(fn, phase):
         def f(*a, **k):
             with clock(phase):
                 return fn(*a, **k)
+
         return f
 
     for n, phase in names.items():
@@ -147,9 +152,13 @@ def run_impl(args, S, fabric, impl):
     conf = copy.deepcopy(conf0)
     wrapped = fabric.setup(copy.deepcopy(model).eval())
     dl_train = fabric.setup_dataloaders(torch.utils.data.DataLoader(ds, batch_size=128))
-    kw = dict(device=fabric.device, seed=args.seed, num_noises=args.num_noises,
-              max_steps=args.max_steps,
-              loss_null=args.loss_null if args.loss_null == "auto" else float(args.loss_null))
+    kw = dict(
+        device=fabric.device,
+        seed=args.seed,
+        num_noises=args.num_noises,
+        max_steps=args.max_steps,
+        loss_null=args.loss_null if args.loss_null == "auto" else float(args.loss_null),
+    )
     clock = Clock()
     extra = {}
     if impl == "ref":
@@ -162,8 +171,13 @@ def run_impl(args, S, fabric, impl):
         cls = timed(Attributor, clock)
         # fast-nopw / fast-medium: the engine without the pointwise view / at the caller's
         # matmul precision (attrib.py's "medium"), to show what each contributes
-        opts = dict(fast=impl != "slow", targets_per_batch=args.targets_per_batch, progress=False,
-                    pointwise=impl != "fast-nopw", cpu_highest_precision=impl != "fast-medium")
+        opts = dict(
+            fast=impl != "slow",
+            targets_per_batch=args.targets_per_batch,
+            progress=False,
+            pointwise=impl != "fast-nopw",
+            cpu_highest_precision=impl != "fast-medium",
+        )
     t0, c0 = time.perf_counter(), cpu_seconds()
     with refshim.loader_workers(args.ref_workers if impl == "ref" else None), engine_timed(clock):
         att = cls(conf, fabric, wrapped, method_path, **kw, **opts)
@@ -200,8 +214,9 @@ def model_flops(S, args):
         key = (a.numel() // a.shape[-1], mod.in_features, mod.out_features)
         shapes[key] = shapes.get(key, 0) + 1
 
-    hs = [mod.register_forward_hook(hook) for mod in m.modules()
-          if isinstance(mod, torch.nn.Linear)]
+    hs = [
+        mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, torch.nn.Linear)
+    ]
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         m(x, sigma, y=y)
     for h in hs:
@@ -223,8 +238,13 @@ def phase_flops(args, N, K, fwd, fwdbwd, steps):
     B, M = args.num_noises, args.num_noises
     null = 0 if args.loss_null != "auto" else min(200, N // B) * B * fwd
     unlearn = sum((s + 1) * 2 * B * fwd + s * 2 * B * (fwdbwd - fwd) for s in steps)
-    return {"L_null": null, "L_t": N * M * fwd, "unlearning": unlearn, "scoring": K * N * M * fwd,
-            "fixed": 0}
+    return {
+        "L_null": null,
+        "L_t": N * M * fwd,
+        "unlearning": unlearn,
+        "scoring": K * N * M * fwd,
+        "fixed": 0,
+    }
 
 
 def profile_forward(S, pairs=1600, rows=12):
@@ -260,16 +280,21 @@ def import_seconds(args) -> dict:
     code = {
         "start": "pass",
         "torch+lightning": "import torch, lightning",
-        "reference": (f"import sys; sys.path[:0] = [{HERE!r}]; import torch, lightning, refshim; "
-                      f"refshim.import_reference({args.ref!r})"),
-        "drop-in": ("import torch, lightning, mucs_fast.compat.reference, mucs_fast.engine, "
-                    "mucs_fast.compat.replay"),
+        "reference": (
+            f"import sys; sys.path[:0] = [{HERE!r}]; import torch, lightning, refshim; "
+            f"refshim.import_reference({args.ref!r})"
+        ),
+        "drop-in": (
+            "import torch, lightning, mucs_fast.compat.reference, mucs_fast.engine, "
+            "mucs_fast.compat.replay"
+        ),
     }
     out = {}
     for k, c in code.items():
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", c], check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run(
+            [sys.executable, "-c", c], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         out[k] = time.perf_counter() - t0
     return out
 
@@ -290,8 +315,12 @@ def compare(res, rank):
         pos = {int(i): j for j, i in enumerate(idx.tolist())}
         mine = sc[:, [pos[int(i)] for i in bidx.tolist()]]
         d = float((mine - bsc).abs().max())
-        out[f"{a} vs {b}"] = {"max_abs_diff": d, "rel_to_scale": d / scale,
-                              "agreement": seed_study.agreement(mine, bsc), "score_scale": scale}
+        out[f"{a} vs {b}"] = {
+            "max_abs_diff": d,
+            "rel_to_scale": d / scale,
+            "agreement": seed_study.agreement(mine, bsc),
+            "score_scale": scale,
+        }
     return out
 
 
@@ -313,11 +342,18 @@ def main(argv=None):
     p.add_argument("--train-steps", type=int, default=2000)
     p.add_argument("--train-lr", type=float, default=1e-3)
     p.add_argument("--targets-per-batch", type=int, default=8)
-    p.add_argument("--ref-workers", type=int, default=None,
-                   help="the reference's DataLoader workers (default: its own 8)")
+    p.add_argument(
+        "--ref-workers",
+        type=int,
+        default=None,
+        help="the reference's DataLoader workers (default: its own 8)",
+    )
     p.add_argument("--no-imports", action="store_true", help="skip the import timings")
-    p.add_argument("--profile", action="store_true",
-                   help="only print the profile of one forward as the engine runs it")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="only print the profile of one forward as the engine runs it",
+    )
     args = p.parse_args(argv)
     args.conditional = True
     fabric = build_fabric(args.devices)
@@ -332,19 +368,32 @@ def main(argv=None):
     for impl in args.impls.split(","):
         res[impl] = run_impl(args, S, fabric, impl)
         t = res[impl][2]
-        print(f"[rank {rank}] {impl}: wall {t['wall_total']:.1f} s, CPU {t['cpu_total']:.1f} s  "
-              + " ".join(f"{k}={v:.2f}" for k, v in t["cpu"].items()), flush=True)
+        print(
+            f"[rank {rank}] {impl}: wall {t['wall_total']:.1f} s, CPU {t['cpu_total']:.1f} s  "
+            + " ".join(f"{k}={v:.2f}" for k, v in t["cpu"].items()),
+            flush=True,
+        )
     cmp = compare(res, rank)
     fwd, fwdbwd, shapes = model_flops(S, args)
     rates = {"square": gemm_gflops(*SQUARE), "model_shapes": rate_over(shapes)}
     steps = [args.max_steps] * K
     flops = phase_flops(args, N, K, fwd, fwdbwd, steps)
     report = {
-        "date": DATE, "machine": {"threads": args.threads, "devices": args.devices, "rank": rank,
-                                  "torch": torch.__version__, "nproc": os.cpu_count()},
+        "date": DATE,
+        "machine": {
+            "threads": args.threads,
+            "devices": args.devices,
+            "rank": rank,
+            "torch": torch.__version__,
+            "nproc": os.cpu_count(),
+        },
         "settings": {k: v for k, v in vars(args).items()},
-        "N": N, "K": K, "fwd_flops_per_pair": fwd, "fwdbwd_flops_per_image": fwdbwd,
-        "gemm_gflops": rates, "phase_flops": flops,
+        "N": N,
+        "K": K,
+        "fwd_flops_per_pair": fwd,
+        "fwdbwd_flops_per_image": fwdbwd,
+        "gemm_gflops": rates,
+        "phase_flops": flops,
         "runs": {impl: {**r[2], "extra": r[3]} for impl, r in res.items()},
         "load_average": os.getloadavg(),
         "compare": cmp,
@@ -355,18 +404,22 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{tag}-rank{rank}.json"), "w") as fh:
         json.dump(report, fh, indent=1)
-    torch.save({impl: (r[0], r[1]) for impl, r in res.items()},
-               os.path.join(args.out, f"{tag}-rank{rank}.pt"))
+    torch.save(
+        {impl: (r[0], r[1]) for impl, r in res.items()},
+        os.path.join(args.out, f"{tag}-rank{rank}.pt"),
+    )
     print_table(report)
 
 
 def print_table(rep):
     fl, rates = rep["phase_flops"], rep["gemm_gflops"]
-    print(f"\n[rank {rep['machine']['rank']}] N={rep['N']} K={rep['K']} "
-          f"M={rep['settings']['num_noises']} steps={rep['settings']['max_steps']} "
-          f"threads={rep['machine']['threads']}; fp32 GEMM: {rates['square']:.1f} GFLOP/s "
-          f"(1024³), {rates['model_shapes']:.1f} GFLOP/s (the model's shapes); "
-          f"load average {rep['load_average'][0]:.1f}")
+    print(
+        f"\n[rank {rep['machine']['rank']}] N={rep['N']} K={rep['K']} "
+        f"M={rep['settings']['num_noises']} steps={rep['settings']['max_steps']} "
+        f"threads={rep['machine']['threads']}; fp32 GEMM: {rates['square']:.1f} GFLOP/s "
+        f"(1024³), {rates['model_shapes']:.1f} GFLOP/s (the model's shapes); "
+        f"load average {rep['load_average'][0]:.1f}"
+    )
     impls = list(rep["runs"])
     print("CPU seconds (achieved GFLOP/s)")
     print("| phase | GFLOP | floor s (model shapes) | " + " | ".join(impls) + " |")
@@ -381,11 +434,15 @@ def print_table(rep):
     for key in ("cpu_total", "wall_total"):
         print(f"| {key} | | | " + " | ".join(f"{rep['runs'][i][key]:.2f}" for i in impls) + " |")
     for k, v in rep.get("compare", {}).items():
-        print(f"{k}: max|Δ| {v['max_abs_diff']:.3g} = {v['rel_to_scale']:.3g} of the score "
-              f"scale ({v['score_scale']:.3g}); agreement {v['agreement']:.3f}")
+        print(
+            f"{k}: max|Δ| {v['max_abs_diff']:.3g} = {v['rel_to_scale']:.3g} of the score "
+            f"scale ({v['score_scale']:.3g}); agreement {v['agreement']:.3f}"
+        )
     if "imports" in rep:
-        print("imports (fresh interpreter, wall s): "
-              + ", ".join(f"{k} {v:.2f}" for k, v in rep["imports"].items()))
+        print(
+            "imports (fresh interpreter, wall s): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in rep["imports"].items())
+        )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def ensure_checkout(path: str = DEFAULT_REF) -> str:
     """A working copy of the reference (extracted from the bare mirror when missing)."""
     if not os.path.exists(os.path.join(path, "attribution", "mucs.py")):
         os.makedirs(path, exist_ok=True)
-        arch = subprocess.run(["git", "-C", MIRROR, "archive", "HEAD"], check=True, capture_output=True).stdout
+        arch = subprocess.run(
+            ["git", "-C", MIRROR, "archive", "HEAD"], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", path], input=arch, check=True)
     return path
 
@@ -50,9 +52,11 @@ def import_reference(path: str = DEFAULT_REF):
     """(attribution.mucs module, models.dit_edm module, utils.pytorch_utils module)."""
     path = ensure_checkout(path)
     if "lightning" not in sys.modules and not _importable("lightning"):
+
         class _Unused:  # noqa: D401
             def __init__(self, *a, **k):
                 raise RuntimeError("lightning is stubbed in this harness")
+
         _stub("lightning")
         _stub("lightning.fabric")
         _stub("lightning.fabric.utilities", AttributeDict=dict)
@@ -60,21 +64,28 @@ def import_reference(path: str = DEFAULT_REF):
     if path not in sys.path:
         sys.path.insert(0, path)
     import lib  # noqa: F401  (the reference's package)
+
     if "lib.image_metrics" not in sys.modules:
+
         class ImageMetrics:  # only use_instance_weights=True constructs it
             def __init__(self, *a, **k):
                 raise RuntimeError("lib.image_metrics is stubbed in this harness")
+
         m = _stub("lib.image_metrics", ImageMetrics=ImageMetrics)
         lib.image_metrics = m
     import importlib
+
     mucs = importlib.import_module("attribution.mucs")
     dit = importlib.import_module("models.dit_edm")
     pu = importlib.import_module("utils.pytorch_utils")
     return mucs, dit, pu
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "compat"))
-from refkit import FakeFabric, Wrapped  # noqa: E402,F401  (the tests' Fabric stand-ins; Wrapped re-exported)
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "compat")
+)
+# the tests' Fabric stand-ins; Wrapped re-exported
+from refkit import FakeFabric, Wrapped  # noqa: E402,F401
 
 
 class CPUFabric(FakeFabric):
@@ -93,7 +104,11 @@ class RefDataset(torch.utils.data.Dataset):
 
     def __init__(self, ids, x, y):
         self.ids, self.x, self.y = ids, x, y
-        self.meta = {"image_size": list(x.shape[1:]), "label_dim": y.shape[1], "num_samples": len(ids)}
+        self.meta = {
+            "image_size": list(x.shape[1:]),
+            "label_dim": y.shape[1],
+            "num_samples": len(ids),
+        }
 
     def __len__(self):
         return len(self.ids)

@@ -53,20 +53,45 @@ def tiny_conf(conditional: bool, lr: float):
     conditional, 52,386 unconditional on 1×16×16)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.create({
-        "seed": 44,
-        "model": {
-            "name": "dit_edm",
-            "arch": {"unconditional": not conditional,
-                     "frontend": {"channels": [2], "resample": [1], "kern": 5, "last_factor": 4},
-                     "dit": {"patch_size": [4, 4], "extra_tokens": 4, "num_blocks": 2, "num_channels": 32,
-                             "num_heads": 2, "mlp_ratio": 4, "p_drop": 0.1, "num_channels_cond": 32}},
-            "loss": {"p_drop_cond": 0.1, "sigma_P": [-1.2, 1.2], "sigma_data": 0.5},
-            "sampler": {"num_steps": 16, "sigma_min": 0.002, "sigma_max": 80, "cfg": 1.0, "rho": 7,
-                        "S_churn": 0, "S_min": 0, "S_max": 1e12, "S_noise": 1.003},
-        },
-        "training": {"ema": None, "batch_size": 64, "optim": {"name": "adamw", "lr": lr, "wd": 0.01}},
-    })
+    return OmegaConf.create(
+        {
+            "seed": 44,
+            "model": {
+                "name": "dit_edm",
+                "arch": {
+                    "unconditional": not conditional,
+                    "frontend": {"channels": [2], "resample": [1], "kern": 5, "last_factor": 4},
+                    "dit": {
+                        "patch_size": [4, 4],
+                        "extra_tokens": 4,
+                        "num_blocks": 2,
+                        "num_channels": 32,
+                        "num_heads": 2,
+                        "mlp_ratio": 4,
+                        "p_drop": 0.1,
+                        "num_channels_cond": 32,
+                    },
+                },
+                "loss": {"p_drop_cond": 0.1, "sigma_P": [-1.2, 1.2], "sigma_data": 0.5},
+                "sampler": {
+                    "num_steps": 16,
+                    "sigma_min": 0.002,
+                    "sigma_max": 80,
+                    "cfg": 1.0,
+                    "rho": 7,
+                    "S_churn": 0,
+                    "S_min": 0,
+                    "S_max": 1e12,
+                    "S_noise": 1.003,
+                },
+            },
+            "training": {
+                "ema": None,
+                "batch_size": 64,
+                "optim": {"name": "adamw", "lr": lr, "wd": 0.01},
+            },
+        }
+    )
 
 
 def digits(n: int):
@@ -131,8 +156,10 @@ def setup(args):
         with torch.no_grad():
             xgen = model.generate(y=ygen, rng=rng).clamp(-1, 1)
         torch.save([xgen, ygen], tfile)
-    print(f"  model {tag}: {sum(p.numel() for p in model.parameters())} parameters, "
-          f"conditional={not model.unconditional}; targets {tuple(xgen.shape)}")
+    print(
+        f"  model {tag}: {sum(p.numel() for p in model.parameters())} parameters, "
+        f"conditional={not model.unconditional}; targets {tuple(xgen.shape)}"
+    )
     return conf, model, ds, xgen, ygen, method_path
 
 
@@ -184,8 +211,13 @@ def run_one(args, S, impl, seed, bank_seed=None, lr_twice=False, inject_ref_bank
     fabric = refshim.CPUFabric("cpu")
     wrapped = refshim.Wrapped(copy.deepcopy(model).eval())
     dl = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=False)
-    kw = dict(device="cpu", seed=seed, num_noises=args.num_noises, max_steps=args.max_steps,
-              loss_null=args.loss_null if args.loss_null == "auto" else float(args.loss_null))
+    kw = dict(
+        device="cpu",
+        seed=seed,
+        num_noises=args.num_noises,
+        max_steps=args.max_steps,
+        loss_null=args.loss_null if args.loss_null == "auto" else float(args.loss_null),
+    )
     extra = {}
     t0 = time.time()
     if impl == "ref":
@@ -199,8 +231,12 @@ def run_one(args, S, impl, seed, bank_seed=None, lr_twice=False, inject_ref_bank
 
             def get_noise_info(self, size, training=False):
                 noise, sigma = super().get_noise_info(size, training)  # same draws as always
-                if not training and self._bank_eps is not None and list(size[1:]) == list(self._bank_eps.shape[1:]) \
-                        and size[0] == self.num_noises:
+                if (
+                    not training
+                    and self._bank_eps is not None
+                    and list(size[1:]) == list(self._bank_eps.shape[1:])
+                    and size[0] == self.num_noises
+                ):
                     noise = sigma.view(-1, 1, 1, 1) * self._bank_eps.to(noise.device)
                     self._bank_eps = None  # only the bank draw (the first inference draw)
                 return noise, sigma
@@ -213,10 +249,22 @@ def run_one(args, S, impl, seed, bank_seed=None, lr_twice=False, inject_ref_bank
 
         if impl == "slow" and bank_seed is not None and bank_seed != seed:
             raise ValueError("bank_seed is for ref and fast")
-        bank_eps = reference_bank_eps(seed, args.num_noises, list(ds.x.shape[1:])) if inject_ref_bank else None
+        bank_eps = (
+            reference_bank_eps(seed, args.num_noises, list(ds.x.shape[1:]))
+            if inject_ref_bank
+            else None
+        )
         with engine_bank(bank_seed=None if bank_seed == seed else bank_seed, bank_eps=bank_eps):
-            att = Attributor(conf, fabric, wrapped, method_path, fast=(impl == "fast"),
-                             targets_per_batch=args.targets_per_batch, progress=False, **kw)
+            att = Attributor(
+                conf,
+                fabric,
+                wrapped,
+                method_path,
+                fast=(impl == "fast"),
+                targets_per_batch=args.targets_per_batch,
+                progress=False,
+                **kw,
+            )
             _, _, scores = att.run(dl, xgen, ygen, {}, 10)
         if impl == "fast" and att.last_result is not None:
             meta = att.last_result.meta
@@ -265,15 +313,23 @@ def record_reference(args, S, seed):
             if training and Rec._cur is not None:
                 cur = Rec._cur
                 if len(cur["states"]) % 2 == 0:  # the retain draw: its batch was just read
-                    cur["ids"].append(list(lds.log[-size[0]:]))
+                    cur["ids"].append(list(lds.log[-size[0] :]))
                 cur["states"].append(torch.get_rng_state())
             return super().get_noise_info(size, training)
 
     dl = torch.utils.data.DataLoader(lds, batch_size=64, shuffle=False)
     with refshim.loader_workers(0):
-        att = Rec(copy.deepcopy(conf0), refshim.CPUFabric("cpu"), refshim.Wrapped(copy.deepcopy(model).eval()),
-                  method_path, device="cpu", seed=seed, num_noises=args.num_noises, max_steps=args.max_steps,
-                  loss_null=float(args.loss_null))
+        att = Rec(
+            copy.deepcopy(conf0),
+            refshim.CPUFabric("cpu"),
+            refshim.Wrapped(copy.deepcopy(model).eval()),
+            method_path,
+            device="cpu",
+            seed=seed,
+            num_noises=args.num_noises,
+            max_steps=args.max_steps,
+            loss_null=float(args.loss_null),
+        )
         _, _, scores = att.run(dl, xgen, ygen, {}, 10)
     return scores.detach().float().cpu(), rec
 
@@ -333,29 +389,51 @@ def bisect(args, S, st, seed):
     conf0, model, ds, xgen, ygen, method_path = S
     from mucs_fast.compat.reference import Attributor
 
-    variants = {"refbank": (False, False), "refbank+retain": (True, False), "refbank+noise": (False, True),
-                "refbank+retain+noise": (True, True)}
+    variants = {
+        "refbank": (False, False),
+        "refbank+retain": (True, False),
+        "refbank+noise": (False, True),
+        "refbank+retain+noise": (True, True),
+    }
     todo = [v for v in variants if st.get(st.key("fast", seed, None, v)) is None]
     if not todo:
         return
     t0 = time.time()
     ref_scores, rec = record_reference(args, S, seed)
-    print(f"  recorded the reference at seed {seed} ({time.time() - t0:.1f} s); "
-          f"max |Δ| vs ref-s{seed}: {float((ref_scores - st.get(st.key('ref', seed))).abs().max()) if st.get(st.key('ref', seed)) is not None else 'n/a'}")
+    print(
+        f"  recorded the reference at seed {seed} ({time.time() - t0:.1f} s); "
+        f"max |Δ| vs ref-s{seed}: "
+        f"{_max_diff(ref_scores, st.get(st.key('ref', seed)))}"
+    )
     bank_eps = reference_bank_eps(seed, args.num_noises, list(ds.x.shape[1:]))
     for v in todo:
         retain, noise = variants[v]
         t0 = time.time()
         with engine_bank(bank_eps=bank_eps), engine_replay(rec, retain, noise):
-            att = Attributor(copy.deepcopy(conf0), refshim.CPUFabric("cpu"), refshim.Wrapped(copy.deepcopy(model).eval()),
-                             method_path, device="cpu", seed=seed, num_noises=args.num_noises, max_steps=args.max_steps,
-                             loss_null=float(args.loss_null), fast=True, targets_per_batch=args.targets_per_batch,
-                             progress=False)
-            _, _, scores = att.run(torch.utils.data.DataLoader(ds, batch_size=64), xgen, ygen, {}, 10)
+            att = Attributor(
+                copy.deepcopy(conf0),
+                refshim.CPUFabric("cpu"),
+                refshim.Wrapped(copy.deepcopy(model).eval()),
+                method_path,
+                device="cpu",
+                seed=seed,
+                num_noises=args.num_noises,
+                max_steps=args.max_steps,
+                loss_null=float(args.loss_null),
+                fast=True,
+                targets_per_batch=args.targets_per_batch,
+                progress=False,
+            )
+            _, _, scores = att.run(
+                torch.utils.data.DataLoader(ds, batch_size=64), xgen, ygen, {}, 10
+            )
         scores = scores.detach().float().cpu()
         st.put(st.key("fast", seed, None, v), scores, time.time() - t0, {})
-        print(f"  fast-s{seed}-{v}: vs ref {agreement(scores, ref_scores):.4f} centered, "
-              f"max |Δ| {float((scores - ref_scores).abs().max()):.2e}", flush=True)
+        print(
+            f"  fast-s{seed}-{v}: vs ref {agreement(scores, ref_scores):.4f} centered, "
+            f"max |Δ| {float((scores - ref_scores).abs().max()):.2e}",
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,12 +456,21 @@ def msd(v):
     v = [x for x in v if x is not None and math.isfinite(x)]
     if not v:
         return None
-    return {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-            "min": float(np.min(v)), "max": float(np.max(v)), "n": len(v)}
+    return {
+        "mean": float(np.mean(v)),
+        "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+        "min": float(np.min(v)),
+        "max": float(np.max(v)),
+        "n": len(v),
+    }
 
 
 def fmt(d):
-    return "—" if d is None else f"{d['mean']:.3f} ± {d['sd']:.3f} [{d['min']:.3f}, {d['max']:.3f}] (n={d['n']})"
+    return (
+        "—"
+        if d is None
+        else f"{d['mean']:.3f} ± {d['sd']:.3f} [{d['min']:.3f}, {d['max']:.3f}] (n={d['n']})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,7 +484,11 @@ class Store:
         self.runs = json.load(open(self.jf)) if os.path.exists(self.jf) else {}
 
     def key(self, impl, seed, bank=None, variant=""):
-        return f"{impl}-s{seed}" + (f"-b{bank}" if bank is not None and bank != seed else "") + (f"-{variant}" if variant else "")
+        return (
+            f"{impl}-s{seed}"
+            + (f"-b{bank}" if bank is not None and bank != seed else "")
+            + (f"-{variant}" if variant else "")
+        )
 
     def get(self, key):
         p = os.path.join(self.out, key + ".pt")
@@ -415,8 +506,15 @@ def ensure(args, S, st, impl, seed, bank=None, variant=""):
     if s is None:
         if S is None:
             return None
-        s, secs, extra = run_one(args, S, impl, seed, bank_seed=bank, lr_twice=(variant == "lr2"),
-                                 inject_ref_bank=(variant == "refbank"))
+        s, secs, extra = run_one(
+            args,
+            S,
+            impl,
+            seed,
+            bank_seed=bank,
+            lr_twice=(variant == "lr2"),
+            inject_ref_bank=(variant == "refbank"),
+        )
         st.put(key, s, secs, extra)
         print(f"  {key}: {secs:.1f} s", flush=True)
     return s
@@ -431,6 +529,7 @@ def bootstrap_gap(R: dict, F: dict, B: int = 2000) -> dict:
     """The drop-in's self-agreement across seeds minus the reference's, with a 95 % percentile
     interval from resampling seeds (each implementation's runs resampled independently: they share
     no random numbers; pairs of a resampled seed with itself are left out)."""
+
     def matrix(runs):
         keys = sorted(runs)
         A = np.full((len(keys), len(keys)), np.nan)
@@ -445,8 +544,11 @@ def bootstrap_gap(R: dict, F: dict, B: int = 2000) -> dict:
 
     Ar, Af = matrix(R), matrix(F)
     rng = np.random.default_rng(0)
-    gaps = [mean_pairs(Af, rng.integers(0, len(F), len(F))) - mean_pairs(Ar, rng.integers(0, len(R), len(R)))
-            for _ in range(B)]
+    gaps = [
+        mean_pairs(Af, rng.integers(0, len(F), len(F)))
+        - mean_pairs(Ar, rng.integers(0, len(R), len(R)))
+        for _ in range(B)
+    ]
     point = mean_pairs(Af, np.arange(len(F))) - mean_pairs(Ar, np.arange(len(R)))
     lo, hi = np.percentile(gaps, [2.5, 97.5])
     return {"gap": point, "ci95": [float(lo), float(hi)], "seeds": [len(R), len(F)]}
@@ -454,13 +556,29 @@ def bootstrap_gap(R: dict, F: dict, B: int = 2000) -> dict:
 
 def table(args, st, S=None):
     seeds = args.seeds
-    get = lambda impl, s, b=None, v="": ensure(args, S, st, impl, s, b, v) if S is not None else st.get(st.key(impl, s, b, v))  # noqa: E731
+    get = lambda impl, s, b=None, v="": (  # noqa: E731
+        ensure(args, S, st, impl, s, b, v) if S is not None else st.get(st.key(impl, s, b, v))
+    )  # noqa: E731
     R = {s: get("ref", s) for s in seeds}
     F = {s: get("fast", s) for s in seeds}
     L = {s: get("slow", s) for s in seeds}
     R, F, L = ({s: v for s, v in d.items() if v is not None} for d in (R, F, L))
-    out = {"settings": {k: getattr(args, k) for k in ("seeds", "targets", "num_noises", "max_steps", "loss_null",
-                                                       "n_train", "conditional", "train_steps", "targets_per_batch")}}
+    out = {
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "seeds",
+                "targets",
+                "num_noises",
+                "max_steps",
+                "loss_null",
+                "n_train",
+                "conditional",
+                "train_steps",
+                "targets_per_batch",
+            )
+        }
+    }
     rows = []
 
     def row(name, d):
@@ -470,37 +588,83 @@ def table(args, st, S=None):
     row("ref vs ref, across seeds", pairs_stats(R))
     row("fast vs fast, across seeds", pairs_stats(F))
     row("fast vs ref, same seed", msd([agreement(F[s], R[s]) for s in seeds if s in F and s in R]))
-    row("fast vs ref, different seeds", msd([agreement(F[a], R[b]) for a in F for b in R if a != b]))
+    row(
+        "fast vs ref, different seeds", msd([agreement(F[a], R[b]) for a in F for b in R if a != b])
+    )
     if len(R) > 2 and len(F) > 2:
         out["fast self − ref self, seed bootstrap"] = bootstrap_gap(R, F)
-    row("slow vs ref, same seed (agreement)", msd([agreement(L[s], R[s]) for s in seeds if s in L and s in R]))
+    row(
+        "slow vs ref, same seed (agreement)",
+        msd([agreement(L[s], R[s]) for s in seeds if s in L and s in R]),
+    )
     diffs = [float((L[s] - R[s]).abs().max()) for s in seeds if s in L and s in R]
     out["slow vs ref, same seed: max |Δ score|"] = max(diffs) if diffs else None
-    row("ref vs ref, across seeds, UNcentered", msd([agreement(R[a], R[b], center=False) for a, b in itertools.combinations(sorted(R), 2)]))
-    row("fast vs fast, across seeds, UNcentered", msd([agreement(F[a], F[b], center=False) for a, b in itertools.combinations(sorted(F), 2)]))
+    row(
+        "ref vs ref, across seeds, UNcentered",
+        msd([agreement(R[a], R[b], center=False) for a, b in itertools.combinations(sorted(R), 2)]),
+    )
+    row(
+        "fast vs fast, across seeds, UNcentered",
+        msd([agreement(F[a], F[b], center=False) for a, b in itertools.combinations(sorted(F), 2)]),
+    )
     # the issue's setting: 4 targets, centered over those 4 (the first 4 targets of a run are what a
     # 4-target run computes, in both implementations); every consecutive group of 4 as a replicate
     G = args.targets // 4
-    g4 = lambda t, g: t[4 * g:4 * g + 4]  # noqa: E731
+    g4 = lambda t, g: t[4 * g : 4 * g + 4]  # noqa: E731
     if R and F:
-        row("4-target groups: ref vs ref, across seeds", msd([agreement(g4(R[a], g), g4(R[b], g))
-            for a, b in itertools.combinations(sorted(R), 2) for g in range(G)]))
-        row("4-target groups: fast vs fast, across seeds", msd([agreement(g4(F[a], g), g4(F[b], g))
-            for a, b in itertools.combinations(sorted(F), 2) for g in range(G)]))
-        row("4-target groups: fast vs ref, same seed", msd([agreement(g4(F[s], g), g4(R[s], g))
-            for s in seeds if s in F and s in R for g in range(G)]))
+        row(
+            "4-target groups: ref vs ref, across seeds",
+            msd(
+                [
+                    agreement(g4(R[a], g), g4(R[b], g))
+                    for a, b in itertools.combinations(sorted(R), 2)
+                    for g in range(G)
+                ]
+            ),
+        )
+        row(
+            "4-target groups: fast vs fast, across seeds",
+            msd(
+                [
+                    agreement(g4(F[a], g), g4(F[b], g))
+                    for a, b in itertools.combinations(sorted(F), 2)
+                    for g in range(G)
+                ]
+            ),
+        )
+        row(
+            "4-target groups: fast vs ref, same seed",
+            msd(
+                [
+                    agreement(g4(F[s], g), g4(R[s], g))
+                    for s in seeds
+                    if s in F and s in R
+                    for g in range(G)
+                ]
+            ),
+        )
         if len(seeds) > 1 and seeds[0] in R and seeds[1] in R and seeds[0] in F and seeds[1] in F:
             a, b = seeds[:2]
-            first4 = {"ref a/b": agreement(g4(R[a], 0), g4(R[b], 0)), "fast a/b": agreement(g4(F[a], 0), g4(F[b], 0)),
-                      "fast a vs ref a": agreement(g4(F[a], 0), g4(R[a], 0)),
-                      "fast b vs ref b": agreement(g4(F[b], 0), g4(R[b], 0)),
-                      "fast a vs ref b": agreement(g4(F[a], 0), g4(R[b], 0)),
-                      "fast b vs ref a": agreement(g4(F[b], 0), g4(R[a], 0))}
+            first4 = {
+                "ref a/b": agreement(g4(R[a], 0), g4(R[b], 0)),
+                "fast a/b": agreement(g4(F[a], 0), g4(F[b], 0)),
+                "fast a vs ref a": agreement(g4(F[a], 0), g4(R[a], 0)),
+                "fast b vs ref b": agreement(g4(F[b], 0), g4(R[b], 0)),
+                "fast a vs ref b": agreement(g4(F[a], 0), g4(R[b], 0)),
+                "fast b vs ref a": agreement(g4(F[b], 0), g4(R[a], 0)),
+            }
             out[f"first 4 targets, seeds a={a} b={b}"] = first4
-    per_seed = {s: {"fast vs ref": agreement(F[s], R[s]),
-                    "fast vs other fast (mean)": float(np.mean([agreement(F[s], F[t]) for t in F if t != s])),
-                    "ref vs other ref (mean)": float(np.mean([agreement(R[s], R[t]) for t in R if t != s]))}
-                for s in seeds if s in F and s in R}
+    per_seed = {
+        s: {
+            "fast vs ref": agreement(F[s], R[s]),
+            "fast vs other fast (mean)": float(
+                np.mean([agreement(F[s], F[t]) for t in F if t != s])
+            ),
+            "ref vs other ref (mean)": float(np.mean([agreement(R[s], R[t]) for t in R if t != s])),
+        }
+        for s in seeds
+        if s in F and s in R
+    }
     out["per seed"] = per_seed
     # bank-only / unlearning-only variation
     u0, b0 = seeds[0], seeds[0]
@@ -518,32 +682,48 @@ def table(args, st, S=None):
     FB = {k: v for k, v in FB.items() if v is not None}
     if FB:
         row("fast+ref bank vs ref, same seed", msd([agreement(FB[s], R[s]) for s in FB if s in R]))
-        row("fast+ref bank vs fast+ref bank, across seeds", pairs_stats(FB) if len(FB) > 1 else None)
+        row(
+            "fast+ref bank vs fast+ref bank, across seeds", pairs_stats(FB) if len(FB) > 1 else None
+        )
     for v in ("refbank+retain", "refbank+noise", "refbank+retain+noise"):
         FV = {s: st.get(st.key("fast", s, None, v)) for s in seeds}
         FV = {k: x for k, x in FV.items() if x is not None}
         if FV:
             row(f"fast+{v} vs ref, same seed", msd([agreement(FV[s], R[s]) for s in FV if s in R]))
-            out[f"fast+{v} vs ref, same seed: max |Δ score|"] = max(float((FV[s] - R[s]).abs().max()) for s in FV if s in R)
+            out[f"fast+{v} vs ref, same seed: max |Δ score|"] = max(
+                float((FV[s] - R[s]).abs().max()) for s in FV if s in R
+            )
     F2 = {s: get("fast", s, None, "lr2") for s in seeds}
     F2 = {k: v for k, v in F2.items() if v is not None}
     if F2:
-        row("fast, lr divided twice, vs ref, same seed", msd([agreement(F2[s], R[s]) for s in F2 if s in R]))
+        row(
+            "fast, lr divided twice, vs ref, same seed",
+            msd([agreement(F2[s], R[s]) for s in F2 if s in R]),
+        )
         row("fast, lr divided twice, across seeds", pairs_stats(F2) if len(F2) > 1 else None)
     # score scale (how much the unlearning moved anything)
     if R and F:
-        out["mean |score| ref / fast"] = [float(np.mean([R[s].abs().mean() for s in R])),
-                                          float(np.mean([F[s].abs().mean() for s in F]))]
+        out["mean |score| ref / fast"] = [
+            float(np.mean([R[s].abs().mean() for s in R])),
+            float(np.mean([F[s].abs().mean() for s in F])),
+        ]
         out["sd over targets of centered score ref / fast"] = [
-            float(np.mean([centered(R[s]).std() for s in R])), float(np.mean([centered(F[s]).std() for s in F]))]
-    print(f"\nAgreement (Spearman of target-centered scores, mean over {args.targets} targets), "
-          f"mean ± sd [min, max] over pairs:")
+            float(np.mean([centered(R[s]).std() for s in R])),
+            float(np.mean([centered(F[s]).std() for s in F])),
+        ]
+    print(
+        f"\nAgreement (Spearman of target-centered scores, mean over {args.targets} targets), "
+        f"mean ± sd [min, max] over pairs:"
+    )
     for name, d in rows:
         print(f"  {name:52s} {fmt(d)}")
     for k in [k for k in out if k.startswith("first 4 targets")] + ["per seed"]:
-        print(f"  {k}: " + json.dumps(out[k], default=lambda v: round(v, 3)).replace('"', ''))
-    for k in [k for k in out if "max |Δ" in k and k.startswith("fast+")] + ["slow vs ref, same seed: max |Δ score|", "mean |score| ref / fast",
-              "sd over targets of centered score ref / fast"]:
+        print(f"  {k}: " + json.dumps(out[k], default=lambda v: round(v, 3)).replace('"', ""))
+    for k in [k for k in out if "max |Δ" in k and k.startswith("fast+")] + [
+        "slow vs ref, same seed: max |Δ score|",
+        "mean |score| ref / fast",
+        "sd over targets of centered score ref / fast",
+    ]:
         if k in out:
             print(f"  {k:52s} {out[k]}")
     json.dump(out, open(os.path.join(st.out, "table.json"), "w"), indent=1)
@@ -551,16 +731,36 @@ def table(args, st, S=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", default="setup,main,table",
-                   help="comma list of: setup, main, decomp, inject, bisect, lr, table (default setup,main,table)")
-    p.add_argument("--ref", default=refshim.DEFAULT_REF, help="reference working copy (extracted from the mirror if missing)")
-    p.add_argument("--work", default="/tmp/dropin-work", help="model/targets cache (outside the repo)")
-    p.add_argument("--out", default=os.path.join(HERE, "..", "results", f"dropin-{DATE}"),
-                   help="scores (.pt per run), runs.json, table.json")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--steps",
+        default="setup,main,table",
+        help="comma list of: setup, main, decomp, inject, bisect, lr, table (default "
+        "setup,main,table)",
+    )
+    p.add_argument(
+        "--ref",
+        default=refshim.DEFAULT_REF,
+        help="reference working copy (extracted from the mirror if missing)",
+    )
+    p.add_argument(
+        "--work", default="/tmp/dropin-work", help="model/targets cache (outside the repo)"
+    )
+    p.add_argument(
+        "--out",
+        default=os.path.join(HERE, "..", "results", f"dropin-{DATE}"),
+        help="scores (.pt per run), runs.json, table.json",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[45, 46, 47, 48, 49])
-    p.add_argument("--slow-seeds", type=int, nargs="*", default=None,
-                   help="seeds of the fast=False replay runs (default: the first seed only)")
+    p.add_argument(
+        "--slow-seeds",
+        type=int,
+        nargs="*",
+        default=None,
+        help="seeds of the fast=False replay runs (default: the first seed only)",
+    )
     p.add_argument("--bisect-seeds", type=int, nargs="*", default=[45, 46])
     p.add_argument("--targets", type=int, default=16)
     p.add_argument("--num-noises", type=int, default=16)
@@ -568,12 +768,22 @@ def main(argv=None):
     p.add_argument("--loss-null", default="1.0", help='a number or "auto"')
     p.add_argument("--n-train", type=int, default=300)
     p.add_argument("--train-steps", type=int, default=2000)
-    p.add_argument("--train-lr", type=float, default=1e-3, help="training lr (unlearning: / lr_factor 10)")
-    p.add_argument("--unconditional", dest="conditional", action="store_false",
-                   help="an unconditional tiny model (default: class-conditional, label_dim 10)")
+    p.add_argument(
+        "--train-lr", type=float, default=1e-3, help="training lr (unlearning: / lr_factor 10)"
+    )
+    p.add_argument(
+        "--unconditional",
+        dest="conditional",
+        action="store_false",
+        help="an unconditional tiny model (default: class-conditional, label_dim 10)",
+    )
     p.add_argument("--targets-per-batch", type=int, default=8)
-    p.add_argument("--ref-workers", type=int, default=0,
-                   help="DataLoader workers of the reference (its own: 8; -1: leave them)")
+    p.add_argument(
+        "--ref-workers",
+        type=int,
+        default=0,
+        help="DataLoader workers of the reference (its own: 8; -1: leave them)",
+    )
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     args.ref_workers = None if args.ref_workers < 0 else args.ref_workers
@@ -608,3 +818,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def _max_diff(a, b):
+    return "n/a" if b is None else float((a - b).abs().max())

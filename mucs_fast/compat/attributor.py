@@ -13,7 +13,12 @@ import warnings
 
 import torch
 
+from .. import engine  # a module: tests spy on engine.attribute
 from ..config import REFERENCE_FROZEN, MUCSConfig
+from ..denoisers import EDMDenoiser
+from ..functional import StackedNet
+from ..params import trainable_names
+from ..result import Attribution
 from .pointwise import pointwise_view
 from .reference_conf import optimizer_spec, sampler_range
 from .reference_files import ReferenceData, dataset_tensors
@@ -37,7 +42,6 @@ def _probe_batched(den, names, x, y) -> str | None:
     with respect to every trainable weight (some may be unused, e.g. an unconditional model's label
     embedder). Models whose forward calls a random function (e.g. the reference's conditional
     embedders draw a dropout mask even when its probability is 0) cannot be vmapped."""
-    from ..functional import StackedNet
 
     params = dict(den.net.named_parameters())
     w = {
@@ -212,8 +216,9 @@ class Attributor(ReferenceReplay):
         return self._data[2]
 
     def build_null_model(self, dataset=None) -> torch.nn.Module:
-        """A freshly initialized model of the same architecture (`reference_models.build_null_model`:
-        the '...--pre' run's configuration.yaml, else the module's `args`)."""
+        """A freshly initialized model of the same architecture
+        (`reference_models.build_null_model`: the '...--pre' run's configuration.yaml, else the
+        module's `args`)."""
         return build_null_model(self.module, self.method_path, dataset)
 
     # -- engine pieces ---------------------------------------------------------------------------
@@ -226,7 +231,6 @@ class Attributor(ReferenceReplay):
     def denoiser(self, dataset=None, net=None):
         """The engine's view of the model (`net`, default the raw module): an EDMDenoiser with the
         sampler's σ range."""
-        from ..denoisers import EDMDenoiser
 
         sigma_min, sigma_max, rho = sampler_range(self.conf)
         return EDMDenoiser(
@@ -300,10 +304,8 @@ class Attributor(ReferenceReplay):
 
     def _run_engine(self, dataset, data, cfg, xgen, ygen):
         """run() on the engine: (all ids [Nt], scores [Ng, Nt], stop reason per target); with
-        several processes the engine splits the work over the ranks; every rank gets the full result."""
-        from ..engine import attribute
-        from ..params import trainable_names
-        from ..result import Attribution
+        several processes the engine splits the work over the ranks; every rank gets the full
+        result."""
 
         den = self.denoiser(dataset, self.engine_module())
         ids, x, y = data
@@ -327,7 +329,7 @@ class Attributor(ReferenceReplay):
         with _matmul_precision(
             "highest" if self.cpu_highest_precision and self._dev.type == "cpu" else None
         ):
-            res = attribute(
+            res = engine.attribute(
                 den,
                 x,
                 xgen,
@@ -357,7 +359,8 @@ class Attributor(ReferenceReplay):
         nan = [k for k, s in enumerate(stops) if s == "nan"]
         if cap:
             warnings.warn(
-                f"mucs_fast: targets {cap} reached the safety cap of {self.safety_steps} unlearning "
+                f"mucs_fast: targets {cap} reached the safety cap of {self.safety_steps} "
+                "unlearning "
                 "steps before the stop rule (max_steps=None; the reference would keep going); "
                 "raise safety_steps= or pass max_steps=",
                 stacklevel=3,

@@ -18,13 +18,14 @@ drop-in's Attributor, whose reference arguments (`self.num_noises`, `self.loss_n
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
 from ..config import MUCSConfig
+from ..denoisers import edm_weight
+from ..noise import karras_sigma, t_sched_from_distances
 from ..score import autocast_for, skew_scores
-from ..unlearn import mirrored_objective, stop_reason
+from ..unlearn import check_loss_null, mirrored_objective, stop_reason
 from .reference_conf import reference_optimizer, sampler_range
 from .reference_models import build_null_model
 
@@ -82,7 +83,9 @@ class ResidentLoader:
         self.device = device
         if positions is None:
             positions = torch.utils.data.DataLoader(
-                _Positions(x.shape[0]), batch_size=self.batch_size, shuffle=shuffle,
+                _Positions(x.shape[0]),
+                batch_size=self.batch_size,
+                shuffle=shuffle,
                 drop_last=drop_last,
             )
         self.positions = positions
@@ -315,10 +318,7 @@ class ReferenceReplay:
             else:
                 s = torch.linspace(0, 1, num, device=dev)
             sigma_min, sigma_max, rho = sampler_range(self.conf)
-            sigma = (
-                sigma_max ** (1 / rho) + s * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
-            ) ** rho
-            sigma = sigma[: size[0]]
+            sigma = karras_sigma(s, sigma_min, sigma_max, rho)[: size[0]]
         noise = sigma.view(-1, 1, 1, 1) * torch.randn(list(size), device=dev)
         return noise, sigma
 
@@ -329,7 +329,7 @@ class ReferenceReplay:
         """λ(σ)·(xhat − x)², λ(σ) = (σ² + σ_d²)/(σ·σ_d)²; reduction "pixels" (per sample), "mean"
         or None/"none"."""
         sd = self.module.sigma_data
-        w = ((s**2 + sd**2) / (s * sd) ** 2).view(-1, 1, 1, 1)
+        w = edm_weight(s, sd).view(-1, 1, 1, 1)
         loss = w * (xhat - x).pow(2)
         if reduction is None or reduction == "none":
             return loss
@@ -370,8 +370,7 @@ class ReferenceReplay:
             _, sigma = self.get_noise_info([self.num_noises] + list(x.size()[1:]))
         finally:
             self.t_sched_train, self.t_sched_infer = tmp
-        threshold = distances[int(qtl * len(distances))] / 2
-        return max((sigma.cpu() > threshold).float().mean().item(), 1.0 / self.num_noises)
+        return t_sched_from_distances(distances, sigma, qtl)
 
     @torch.inference_mode()
     def estimate_null_loss(self, dl, num_estimates=200):
@@ -392,6 +391,4 @@ class ReferenceReplay:
             if i + 1 >= num_estimates:
                 break
         loss_null = torch.stack(losses, dim=-1).mean().item()
-        if not (math.isfinite(loss_null) and loss_null > 0):
-            raise ValueError(f"loss_null='auto' gave {loss_null}; pass loss_null=<number>")
-        return loss_null
+        return check_loss_null(loss_null)

@@ -54,8 +54,15 @@ def attributor(fabric, model, method_path, **kw):
 
     from mucs_fast.compat.reference import Attributor
 
-    kw = {"num_noises": M, "batch_size": B, "max_steps": STEPS, "loss_null": "auto",
-          "progress": False, "targets_per_batch": 2, **kw}
+    kw = {
+        "num_noises": M,
+        "batch_size": B,
+        "max_steps": STEPS,
+        "loss_null": "auto",
+        "progress": False,
+        "targets_per_batch": 2,
+        **kw,
+    }
     return Attributor(make_conf(), fabric, model, method_path, device=fabric.device, **kw)
 
 
@@ -129,8 +136,9 @@ def main(argv=None):
     out["loaders"] = {"all_idx": all_idx, "scores": scores, "loss_null": att.loss_null}
     out["sampler"] = sampler
     if args.reference:
-        out["reference"] = reference_runs(args.reference, fabric, model, method_path, dl_train,
-                                          xgen, ygen)
+        out["reference"] = reference_runs(
+            args.reference, fabric, model, method_path, dl_train, xgen, ygen
+        )
     torch.save(out, os.path.join(args.out, f"rank{fabric.global_rank}.pt"))
     fabric.barrier()
 

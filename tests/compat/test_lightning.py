@@ -13,7 +13,7 @@ import sys
 import lightning  # noqa: F401  (the test extra; these tests must not be skipped in CI)
 import pytest
 import torch
-from lightning_flow import B, K, M, N, STEPS
+from lightning_flow import STEPS, B, K, M, N
 from nets import TinyEDMNet
 from refkit import FakeFabric, TensorDataset, Wrapped, make_conf, toy_data
 
@@ -28,7 +28,10 @@ def _flow(tmp_path, devices: int, *extra) -> list:
         env.pop(k, None)  # Lightning picks a free port and sets the ranks itself
     proc = subprocess.run(
         [sys.executable, FLOW, "--devices", str(devices), "--out", str(tmp_path), *extra],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(devices)]
@@ -39,9 +42,18 @@ def _fast_without_lightning():
     ids, x, y = toy_data(N=N, C=1, H=4, label_dim=3)
     torch.manual_seed(2)
     net = TinyEDMNet(C=1, label_dim=3, width=8)
-    att = Attributor(make_conf(), FakeFabric(), Wrapped(net), "/nonexistent/job--post",
-                     num_noises=M, batch_size=B, max_steps=STEPS, loss_null="auto",
-                     progress=False, targets_per_batch=2)
+    att = Attributor(
+        make_conf(),
+        FakeFabric(),
+        Wrapped(net),
+        "/nonexistent/job--post",
+        num_noises=M,
+        batch_size=B,
+        max_steps=STEPS,
+        loss_null="auto",
+        progress=False,
+        targets_per_batch=2,
+    )
     dl = torch.utils.data.DataLoader(TensorDataset(ids, x, y), batch_size=8)
     return att.run(dl, x[:K] * 0.7, y[:K], {}, 5), ids
 

@@ -87,8 +87,18 @@ def test_nothing_to_swap_returns_the_module():
 
 
 def _attributor(net, **kw):
-    return Attributor(make_conf(), FakeFabric(), Wrapped(net), "/nonexistent/a--b", num_noises=4,
-                      batch_size=4, max_steps=2, loss_null=1.2, progress=False, **kw)
+    return Attributor(
+        make_conf(),
+        FakeFabric(),
+        Wrapped(net),
+        "/nonexistent/a--b",
+        num_noises=4,
+        batch_size=4,
+        max_steps=2,
+        loss_null=1.2,
+        progress=False,
+        **kw,
+    )
 
 
 def test_dropin_engine_runs_the_view_on_cpu():
@@ -100,8 +110,10 @@ def test_dropin_engine_runs_the_view_on_cpu():
         _attributor(net, pointwise="yes")
     ids, x, y = toy_data(N=24, C=2, H=4, label_dim=3)
     dl = torch.utils.data.DataLoader(TensorDataset(ids, x, y))
-    runs = [_attributor(net, pointwise=p, targets_per_batch=2).run(dl, x[:2] * 0.8, y[:2], {}, 3)
-            for p in ("auto", False)]
+    runs = [
+        _attributor(net, pointwise=p, targets_per_batch=2).run(dl, x[:2] * 0.8, y[:2], {}, 3)
+        for p in ("auto", False)
+    ]
     (_, ia, sa), (_, ib, sb) = runs
     assert torch.equal(ia, ib)
     # scores lie in (-1, 1) and are differences of nearly equal losses: rounding-level losses

@@ -156,7 +156,7 @@ def test_unlearning_equals_plain_loop(data):
     for n, p in ref_net.named_parameters():
         p.requires_grad_(not any(f in n for f in mf.REFERENCE_FROZEN))
     sd = 0.5
-    w = lambda s: ((s**2 + sd**2) / (s * sd) ** 2).view(-1, 1, 1, 1)
+    w = lambda s: ((s**2 + sd**2) / (s * sd) ** 2).view(-1, 1, 1, 1)  # noqa: E731
     step = 0
     while step < 5:
         for _, xr, yr in batches:
@@ -244,7 +244,7 @@ def test_compute_scores_switches():
     loss_t = torch.tensor([[[1.0, 2.0], [4.0, 1.0]]])  # [1, Nt=2, M=2]
     loss_u = torch.tensor([[[2.0, 2.0], [2.0, 3.0]], [[1.0, 4.0], [4.0, 1.0]]])  # [Ng=2, 2, 2]
     e = 1e-3
-    ratio = lambda u, t: (u - t) / (u + t + e)
+    ratio = lambda u, t: (u - t) / (u + t + e)  # noqa: E731
     att = make(eps=e)
     expect = torch.stack(
         [
@@ -391,7 +391,8 @@ def test_unconditional_model_gets_no_labels(data, monkeypatch):
 
 
 class RandCondNet(TinyEDMNet):
-    """Draws a (probability-0) dropout mask in forward, like the reference's conditional embedders."""
+    """Draws a (probability-0) dropout mask in forward, like the reference's conditional
+    embedders."""
 
     def forward(self, x, sigma, y=None, a=None):
         keep = torch.rand(len(x), 1, device=x.device) >= 0.0
@@ -493,8 +494,8 @@ def test_two_processes_return_the_full_result_everywhere(tmp_path):
 
 # -- the attrib.py call sequence -----------------------------------------------------------------
 def test_attrib_py_flow_end_to_end(tmp_path):
-    """samples.pt → dataset folder → Attributor(conf, fabric, model, method_path, device=fabric.device)
-    → run → the checks and files of the reference's attrib.py."""
+    """samples.pt → dataset folder → Attributor(conf, fabric, model, method_path,
+    device=fabric.device) → run → the checks and files of the reference's attrib.py."""
     ids, x, y = toy_data(N=32, C=1, H=4, label_dim=3)
     ref.save_dataset(tmp_path / "data", x, y, ids=ids)
     data = ref.load_dataset(tmp_path / "data")
@@ -594,8 +595,8 @@ def test_omegaconf_checkpoint_loads(tmp_path):
 
 
 def test_loss_null_auto_from_pre_run_configuration(tmp_path, monkeypatch, data):
-    """The reference's route: '<...--pre>/configuration.yaml' + models.<name>.Model(conf.model, meta)
-    imported from the user's checkout."""
+    """The reference's route: '<...--pre>/configuration.yaml' + models.<name>.Model(conf.model,
+    meta) imported from the user's checkout."""
     omegaconf = pytest.importorskip("omegaconf")
     ids, x, y, ds = data
     (tmp_path / "code" / "models").mkdir(parents=True)
@@ -694,7 +695,8 @@ def test_cli_attribute_on_reference_files(tmp_path):
 
 
 def test_acceleration_keywords_reach_the_engine_config():
-    """Extra keywords only accelerate: they land in MUCSConfig, reference fields keep their defaults."""
+    """Extra keywords only accelerate: they land in MUCSConfig, reference fields keep their
+    defaults."""
     att = make(targets_per_batch=3, score_batch=64, compile=False, precision="fp32")
     cfg = att.config()
     assert (cfg.targets_per_batch, cfg.score_batch, cfg.compile, cfg.precision) == (
