@@ -816,9 +816,9 @@ def main(argv=None):
         table(args, st)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _max_diff(a, b):
     return "n/a" if b is None else float((a - b).abs().max())
+
+
+if __name__ == "__main__":
+    main()
