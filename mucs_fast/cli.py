@@ -1,7 +1,8 @@
 """The `mucs-fast` command line (also `python -m mucs_fast`).
 
-mucs-fast demo [--quick] [--out DIR]          the embedded end-to-end run on sklearn digits
+mucs-fast demo [--quick] [--text] [--out DIR]  the embedded end-to-end run on sklearn digits
 mucs-fast attribute --model M --train T --targets G --out DIR [...]
+mucs-fast attribute --pipeline P [--lora F] --train-folder D --targets G --out DIR [...]
 mucs-fast evaluate [--quick] --data digits|mnist|PATH --methods mucs,random,... --out DIR
 mucs-fast pack SRC OUT [--labels L] [--split S] [--shard-images N]   a streamable shard folder
 """
@@ -39,6 +40,7 @@ from .models import DiT
 from .parallel import rank_world
 from .report import write_report
 from .sample import sample_edm
+from .text_cli import add_text_arguments, cmd_attribute_text, cmd_demo_text
 from .train import load_checkpoint, save_checkpoint, train
 
 __all__ = ["build_parser", "load_model", "main"]
@@ -128,6 +130,10 @@ def demo_model(args, images, labels, device):
 
 
 def cmd_demo(args) -> int:
+    if args.text:  # the text-to-image demo (mucs_fast/text_cli.py)
+        return cmd_demo_text(args)
+    if args.vae_steps is not None or args.unet_steps is not None:
+        raise ValueError("--vae-steps and --unet-steps go with --text")
 
     preset = DEMO["quick" if args.quick else "default"]
     for k, v in preset.items():
@@ -212,6 +218,12 @@ def cmd_demo(args) -> int:
 # attribute
 # ------------------------------------------------------------------------------------------------
 def cmd_attribute(args) -> int:
+    if args.pipeline:  # a diffusers text-to-image pipeline (mucs_fast/text_cli.py)
+        if args.model:
+            raise ValueError("give --model or --pipeline, not both")
+        return cmd_attribute_text(args)
+    if args.train_folder or args.lora:
+        raise ValueError("--train-folder and --lora go with --pipeline")
 
     if uses_reference_files(args):  # the reference implementation's samples.pt / dataset folder
         if args.adaptive:
@@ -327,12 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--no-cache", action="store_true", help="retrain the demo model even if cached")
     d.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    d.add_argument(
+        "--text",
+        action="store_true",
+        help="the text-to-image demo: a tiny latent pipeline (VAE, CLIP text model, "
+        "UNet2DConditionModel) on captioned digits, saved as a diffusers pipeline folder",
+    )
+    d.add_argument("--vae-steps", type=int, default=None, help="--text: VAE training steps")
+    d.add_argument("--unet-steps", type=int, default=None, help="--text: UNet training steps")
     d.set_defaults(func=cmd_demo)
 
     a = sub.add_parser("attribute", help="attribute generated images to training images")
     a.add_argument(
         "--model",
-        required=True,
+        default=None,
         help="diffusers model directory, mucs_fast checkpoint, or (with --trust-pickle) a saved "
         "nn.Module",
     )
@@ -368,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         "weights): "
         "unpickling runs the code the file holds, so only for files you trust",
     )
+    add_text_arguments(a)  # --pipeline, --lora, --train-folder, ... (mucs_fast/text_cli.py)
     add_reference_arguments(a)  # --reference-samples / --reference-data (mucs_fast/compat/cli.py)
     a.set_defaults(func=cmd_attribute)
 

@@ -109,8 +109,15 @@ def attribute_config(args):
     --loss-null and --top-k first (all before any model or data is read). MUCSConfig's own checks
     name fields; main() rewords them as flags (cli_message)."""
 
-    if not os.path.exists(args.model):
-        raise FileNotFoundError(f"--model {args.model}: no such file or directory")
+    flag, path = (
+        ("--pipeline", args.pipeline)
+        if getattr(args, "pipeline", None)
+        else ("--model", args.model)
+    )
+    if path is None:
+        raise ValueError("--model (or --pipeline for a text-to-image pipeline) is required")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path}: no such file or directory")
     check_out(args.out)
     check_device(args.device)
     loss_null = parse_loss_null(args.loss_null)

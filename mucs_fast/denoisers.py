@@ -19,7 +19,7 @@ import torch
 from . import noise as _noise
 from ._io import tensor_digest
 from .config import REFERENCE_FROZEN, FrozenSpec
-from .data import check_labels
+from .data import ConcatSource, Source, TensorSource, check_labels
 from .ops import edm_loss, noisy_inputs
 
 
@@ -125,6 +125,17 @@ class Denoiser:
 
     def _convert_labels(self, y: torch.Tensor, what: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_labels(self, y: Optional[torch.Tensor], device=None) -> Optional[torch.Tensor]:
+        """Labels as the forward takes them, made outside any vmap or compiled region (the engine
+        calls this on each batch's labels before the batched forward): the labels themselves
+        here; a text model reads its condition rows, which may live in files."""
+        return y
+
+    def label_values(self, y: torch.Tensor) -> torch.Tensor:
+        """What converted labels y mean, as the run key digests them: the labels themselves here;
+        a text model's condition ids select rows of its condition table, which it returns."""
+        return y
 
     def fingerprint(self) -> str:
         """Digest of the architecture and weights (the cache key of the original model)."""
@@ -505,3 +516,181 @@ def diffusers_unet_frozen(name: str, p: torch.nn.Parameter) -> bool:
         return True
     parts = name.split(".")
     return len(parts) >= 2 and "norm" in parts[-2]
+
+
+class LatentTextDenoiser(DiffusersDenoiser):
+    """Latent text-to-image models as diffusers' text-to-image scripts train them (Stable
+    Diffusion 1.x/2.x: a UNet2DConditionModel over VAE latents, conditioned on the text encoder's
+    hidden states). Images x are latents; levels are DDPM timesteps (as DiffusersDenoiser).
+
+    Loss, per sample, the scripts' training loss:
+        L = w(t)·mean_{C,H,W}(ε_θ(√ᾱ_t·x + √(1−ᾱ_t)·ε, t, c) − target)²,
+    target = ε (prediction_type "epsilon") or v = √ᾱ_t·ε − √(1−ᾱ_t)·x ("v_prediction");
+    w(t) = 1, or with snr_gamma γ (the scripts' --snr_gamma, Min-SNR weighting)
+    min(SNR_t, γ)/SNR_t for ε and min(SNR_t, γ)/(SNR_t + 1) for v, SNR_t = ᾱ_t/(1 − ᾱ_t).
+
+    Labels are condition ids: rows of `conditions`, a Source of hidden states [U, 1, L, D], each
+    distinct caption once (a packed folder streams it; per-image conditions are larger than the
+    latents). `with_prompts` appends the targets' prompts. A transformer denoiser (PixArt, SD3)
+    plugs in by overriding `predict`.
+
+    Trainable set (default_frozen): with a LoRA attached, the LoRA weights only; without, every
+    non-bias weight of the UNet except normalization layers' (as DiffusersDenoiser's UNets).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        scheduler,
+        conditions: Source,
+        snr_gamma: Optional[float] = None,
+        train_lr: Optional[float] = None,
+    ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"LatentTextDenoiser: model must be a torch.nn.Module, got {type(model).__name__}"
+            )
+        if not isinstance(conditions, Source) or conditions.chw[0] != 1:
+            raise ValueError(
+                "LatentTextDenoiser: conditions must be a Source of hidden states [U, 1, L, D]"
+            )
+        self.prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                "LatentTextDenoiser: the scheduler's prediction_type must be 'epsilon' or "
+                f"'v_prediction', got {self.prediction_type!r}"
+            )
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise ValueError(f"LatentTextDenoiser: snr_gamma must be > 0, got {snr_gamma}")
+        self.net, self.scheduler, self.train_lr = model, scheduler, train_lr
+        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32).cpu()
+        self.T = int(self.alphas_cumprod.numel())
+        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
+        self.train_conditions = conditions  # the training captions' rows (the model's key)
+        self.conditions = conditions  # and the targets' prompts after them (`with_prompts`)
+        self.label_dim = conditions.N
+        self.conditional = True
+        self._acp = {}
+
+    def with_prompts(self, rows: torch.Tensor) -> tuple["LatentTextDenoiser", torch.Tensor]:
+        """(a denoiser whose condition table also holds `rows` [K, L, D], their ids [K])."""
+        rows = torch.as_tensor(rows).detach().float().cpu()
+        if rows.ndim != 3 or rows.shape[1:] != self.train_conditions.chw[1:]:
+            raise ValueError(
+                f"with_prompts: expected hidden states [K, {self.train_conditions.chw[1]}, "
+                f"{self.train_conditions.chw[2]}], got {tuple(rows.shape)}"
+            )
+        new = copy.copy(self)
+        U = self.train_conditions.N
+        new.conditions = ConcatSource(self.train_conditions, TensorSource(rows.unsqueeze(1)))
+        new.label_dim = new.conditions.N
+        new._acp = {}
+        return new, torch.arange(U, U + rows.shape[0])
+
+    # -- the scripts' loss ------------------------------------------------------------------------
+    def predict(self, net, x_t, t, cond):
+        """The model's output at (x_t, t) under hidden states cond [B, L, D]."""
+        return _sample(net(x_t, t, encoder_hidden_states=cond))
+
+    def condition_rows(self, y: torch.Tensor, device) -> torch.Tensor:
+        """Hidden states [*y.shape, L, D] of condition ids y, on device; rows already read
+        (float [..., L, D], `forward_labels`) are returned as they are."""
+        if y.is_floating_point():
+            return y.to(device)
+        rows = self.conditions.take(y.reshape(-1).cpu(), device)[:, 0]
+        return rows.view(*y.shape, *rows.shape[1:])
+
+    def forward_labels(self, y, device=None):
+        if y is None or y.is_floating_point():
+            return y
+        return self.condition_rows(y, y.device if device is None else device)
+
+    def label_values(self, y):
+        return self.condition_rows(y, "cpu")
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """w(t) [B] (class docstring)."""
+        if self.snr_gamma is None:
+            return torch.ones(t.shape[0], device=t.device)
+        acp = self._alphas(t.device)[t]
+        snr = acp / (1 - acp)
+        w = torch.clamp(snr, max=self.snr_gamma)
+        return w / (snr if self.prediction_type == "epsilon" else snr + 1)
+
+    def target(self, x, eps, t):
+        if self.prediction_type == "epsilon":
+            return eps
+        acp = self._alphas(x.device)[t].view(-1, *([1] * (x.ndim - 1)))
+        return acp.sqrt() * eps - (1 - acp).sqrt() * x
+
+    def loss(self, x, eps, level, y=None, net=None):
+        net = self.net if net is None else net
+        x_t = self.noisy(x, eps, level)
+        pred = self.predict(net, x_t, level, self.condition_rows(y, x.device))
+        return edm_loss(pred, None, self.target(x, eps, level), None, None, self.weight(level))
+
+    def grid_terms(self, eps, level, n):
+        terms = super().grid_terms(eps, level, n)
+        terms["weight"] = self.weight(level).repeat_interleave(n)
+        if self.prediction_type != "epsilon":
+            terms.pop("target", None)  # v depends on the image
+        return terms
+
+    def grid_loss(self, x, eps, level, y=None, net=None, terms=None):
+        net = self.net if net is None else net
+        M, n = level.shape[0], x.shape[0]
+        t = self.grid_terms(eps, level, n) if terms is None else terms
+        x_t = noisy_inputs(x, eps, t["a"], t["b"], None)
+        cond = self.condition_rows(y, x.device)  # the n images' rows, read once for M noises
+        pred = self.predict(net, x_t, t["level"], _label_rows(cond, M))
+        if "target" in t:
+            target = t["target"]
+        else:
+            ee = _rows(eps, n, per_sample=True) if eps.dim() == x.dim() else eps.flatten(0, 1)
+            target = self.target(_rows(x, M), ee, t["level"])
+        return edm_loss(pred, None, target, None, None, t["weight"]).view(M, n)
+
+    def _convert_labels(self, y, what):
+        if not _is_class_ids(y):  # rows come only from forward_labels, after this check
+            raise ValueError(
+                f"{what}: a text-to-image model takes condition ids [N] (rows of its caption "
+                f"table), got shape {tuple(y.shape)} ({y.dtype})"
+            )
+        _check_class_range(y, self.label_dim, what)
+        return y
+
+    def fresh_net(self):
+        return type(self.net).from_config(self.net.config)
+
+    def default_frozen(self):
+        if any(is_lora(n) for n, _ in self.net.named_parameters()):
+            return lora_frozen
+        # not Attribute-by-Unlearning's cross-attention k/v alone: on the demo pipeline that set
+        # does not find planted copies of a target, the UNet's weights do (BENCHMARKS.md)
+        return diffusers_unet_frozen
+
+    def _fingerprint_extra(self):
+        # the training captions' table, not the targets' rows: L_t reads only training rows, so
+        # new targets reuse its cache (the run key digests target rows: `label_values`)
+        return (
+            self.T,
+            float(self.alphas_cumprod.sum()),
+            self.prediction_type,
+            self.snr_gamma,
+            self.train_conditions.fingerprint(),
+        )
+
+
+def is_lora(name: str) -> bool:
+    """A LoRA weight as peft names it (`….lora_A.<adapter>.weight`, `lora_B`, `lora_embedding`)."""
+    return ".lora_" in name
+
+
+def lora_frozen(name: str, p: torch.nn.Parameter) -> bool:
+    """With a LoRA: unlearning trains the LoRA weights only; every base weight stays frozen."""
+    return not is_lora(name)
+
+
+# Attribute-by-Unlearning's trainable set for Stable Diffusion (`--trainable` patterns): the
+# cross-attention key and value projections; far fewer weights per copy than the default
+CROSS_ATTENTION_KV = ("*attn2.to_k.weight", "*attn2.to_v.weight")

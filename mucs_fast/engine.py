@@ -353,7 +353,11 @@ def prepare(
             tensor_digest(
                 {
                     "x": targets[k],
-                    "y": y_targets[k].cpu() if y_targets is not None else torch.tensor([]),
+                    "y": (
+                        den.label_values(y_targets[k]).cpu()
+                        if y_targets is not None
+                        else torch.tensor([])
+                    ),
                 }
             )
             for k in range(K)

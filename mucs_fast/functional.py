@@ -137,6 +137,7 @@ class StackedNet:
             return den.loss(x, eps, level, y, net=net)
 
         dims = (*in_dims[:3], in_dims[3] if y is not None else None)
+        y = den.forward_labels(y)  # outside vmap: a text model reads its condition rows here
         return self.vmap(fn, x, eps, level, y, in_dims=dims, weights=weights)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import textwrap
+from collections.abc import Sequence
 
 import torch
 
@@ -16,6 +18,11 @@ def _to_display(img: torch.Tensor):
     if img.shape[0] == 1:
         return img[0].numpy()
     return img[:3].permute(1, 2, 0).numpy()
+
+
+def _wrap(text: str, width: int = 22, lines: int = 3) -> str:
+    out = textwrap.wrap(text, width) or [""]
+    return "\n".join(out[:lines]) + ("…" if len(out) > lines else "")
 
 
 def format_score(s: float) -> str:
@@ -42,11 +49,14 @@ def write_report(
     target_labels: torch.Tensor | None = None,
     train_labels: torch.Tensor | None = None,
     title: str | None = None,
+    target_titles: Sequence[str] | None = None,
+    train_captions: Sequence[str] | None = None,
 ) -> None:
     """One row per target: the target, then its `top` highest-scoring training images.
 
-    targets [K, C, H, W], train [N, C, H, W] in [-1, 1], res: an Attribution whose train_ids index
-    rows of `train` by position (ids are shown under each image).
+    targets [K, C, H, W], train [N, C, H, W] in [-1, 1] (or a Source), res: an Attribution whose
+    train_ids index rows of `train` by position (ids are shown under each image). Text models:
+    target_titles (each target's prompt) above the target, train_captions [N] under each image.
     """
     import matplotlib
 
@@ -57,7 +67,9 @@ def write_report(
     top = min(top, res.N)
     train = open_source(train)
     order = torch.argsort(res.scores, dim=1, descending=True, stable=True)[:, :top]
-    fig, axes = plt.subplots(K, top + 1, figsize=(1.3 * (top + 1), 1.45 * K + 0.4), squeeze=False)
+    text = target_titles is not None or train_captions is not None
+    row_h = 1.9 if text else 1.45
+    fig, axes = plt.subplots(K, top + 1, figsize=(1.3 * (top + 1), row_h * K + 0.4), squeeze=False)
     cmap = "gray" if targets.shape[1] == 1 else None
     for k in range(K):
         ax = axes[k, 0]
@@ -65,7 +77,8 @@ def write_report(
         lab = "" if target_labels is None else f" (y={int(target_labels[k])})"
         flagged = res.meta.get("targets", [None] * K)[k] if res.meta.get("targets") else None
         stop = f"\n{flagged['stop']}, {flagged['steps']} st" if flagged else ""
-        ax.set_title(f"target {k}{lab}{stop}", fontsize=7, color="tab:red")
+        prompt = "" if target_titles is None else "\n" + _wrap(target_titles[k])
+        ax.set_title(f"target {k}{lab}{stop}{prompt}", fontsize=6, color="tab:red")
         for j in range(top):
             pos = int(order[k, j])
             ax = axes[k, j + 1]
@@ -76,6 +89,8 @@ def write_report(
                 f"#{int(res.train_ids[pos])}{lab}\n{format_score(res.scores[k, pos].item())}",
                 fontsize=6,
             )
+            if train_captions is not None:
+                ax.set_xlabel(_wrap(train_captions[pos]), fontsize=5)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

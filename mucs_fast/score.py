@@ -198,7 +198,7 @@ class LossPass:
         pad = self.compile and (N if self.N is None else self.N) > per
         ranges = [(n0, min(stop, n0 + per)) for n0 in range(start, stop, per)]
         for n0, n1, xc in x.chunks(ranges, self.device):
-            yc = None if y is None else y[n0:n1]
+            yc = None if y is None else self.den.forward_labels(y[n0:n1], self.device)
             e = self.bank.eps
             if seeds is not None:
                 e = torch.stack(
@@ -213,7 +213,7 @@ class LossPass:
         """(x, y) of the training images `rows` (≤ images_per_forward positions, CPU int64), padded
         when compiled: one chunk of a row subset."""
         xc = x.take(rows, self.device)
-        yc = None if y is None else y[rows.to(y.device)]
+        yc = None if y is None else self.den.forward_labels(y[rows.to(y.device)], self.device)
         if self.compile:
             xc, yc = _pad_rows(xc, self.images_per_forward), _pad_rows(yc, self.images_per_forward)
         return xc, yc

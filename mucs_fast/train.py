@@ -47,7 +47,7 @@ def _rewrap(den, net: torch.nn.Module, train_lr: float):
             train_lr=train_lr,
             **({"raw": den.raw} if hasattr(den, "raw") else {}),
         )
-    if isinstance(den, DiffusersDenoiser):
+    if type(den) is DiffusersDenoiser:  # subclasses (LatentTextDenoiser) are copied below
         return DiffusersDenoiser(net, den.scheduler, train_lr=train_lr, num_classes=den.label_dim)
     new = copy.copy(den)
     new.net, new.train_lr = net, train_lr

@@ -27,15 +27,15 @@ FLOORS = [
     },
     {"data"},
     {"noise", "denoisers"},
-    {"unlearn", "score", "adaptive", "sample", "train", "loading"},
+    {"unlearn", "score", "adaptive", "sample", "train", "loading", "pipeline"},
     {"parallel", "engine"},
-    {"report", "cli_common", "compat", "evaluate"},
-    {"cli", "__main__", "__init__"},
+    {"report", "cli_common", "compat", "evaluate", "text_demo"},
+    {"cli", "text_cli", "__main__", "__init__"},
 ]
 # inside mucs_fast/data/
 DATA_FLOORS = [
     {"checks"},
-    {"files", "digits", "reference_folder", "prefetch"},
+    {"files", "captions", "digits", "reference_folder", "prefetch"},
     {"source"},
     {"npy", "safetensors_source"},
     {"shards"},

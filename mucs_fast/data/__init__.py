@@ -6,11 +6,13 @@ Floors (imports only point down):
     stream                   open_source / streamable: which Source a tensor or a path is
     npy · safetensors_source · shards     file-backed Sources
     source · prefetch        the Source API (ranges, positions, digests), reading ahead
-    files · digits · reference_folder     formats read whole: tensor files, image folders,
-                             sklearn's digits, the reference's dataset folder
+    files · captions · digits · reference_folder     formats read whole: tensor files, image
+                             folders, captioned folders (metadata.jsonl), sklearn's digits,
+                             the reference's dataset folder
     checks                   one validation of images, labels and ids; uint8 → model range
 """
 
+from .captions import METADATA, CaptionedFolder, read_captioned_folder, read_prompts
 from .checks import check_chw, check_ids, check_labels, to_model_range
 from .digits import load_digits
 from .files import (
@@ -29,11 +31,14 @@ from .pack import pack
 from .prefetch import prefetch
 from .safetensors_source import SafetensorsSource
 from .shards import INDEX, ShardSource
-from .source import Source, TensorSource, source_digest
+from .source import ConcatSource, Source, TensorSource, source_digest
 from .stream import open_source, streamable
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "METADATA",
+    "CaptionedFolder",
+    "ConcatSource",
     "INDEX",
     "TENSOR_EXTENSIONS",
     "NpySource",
@@ -54,6 +59,8 @@ __all__ = [
     "open_source",
     "pack",
     "prefetch",
+    "read_captioned_folder",
+    "read_prompts",
     "source_digest",
     "split_key",
     "streamable",

@@ -254,3 +254,48 @@ class TensorSource(Source):
 
     def take(self, idx, device):
         return self._engine(self.x[idx.to(self.x.device)]).to(device)
+
+
+class ConcatSource(Source):
+    """Sources of one C×H×W shape read as one: rows of `parts[0]`, then of `parts[1]`, ... (a
+    text model's condition table: the cached training captions, then the targets' prompts)."""
+
+    _cache_fingerprint = False
+
+    def __init__(self, *parts: Source):
+        if not parts or not all(isinstance(p, Source) for p in parts):
+            raise TypeError("ConcatSource: expected one or more Sources")
+        if len({p.chw for p in parts}) != 1:
+            raise ValueError(
+                f"ConcatSource: parts differ in shape ({', '.join(repr(p) for p in parts)})"
+            )
+        self.parts = parts
+        self._starts = [0]
+        for p in parts:
+            self._starts.append(self._starts[-1] + p.N)
+        dtypes = {p.storage_dtype for p in parts}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        self._init_meta(self._starts[-1], parts[0].chw, dtype, where="ConcatSource")
+
+    def _describe(self):
+        return " + ".join(repr(p) for p in self.parts)
+
+    def _convert(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw if raw.dtype == self.storage_dtype else to_model_range(raw)
+
+    def read_raw(self, start, stop):
+        start, stop = self.check_range(start, stop)
+        out = []
+        for p, a in zip(self.parts, self._starts):
+            lo, hi = max(start, a), min(stop, a + p.N)
+            if lo < hi:
+                out.append(self._convert(p.read_raw(lo - a, hi - a)))
+        return torch.cat(out) if out else torch.empty((0, *self.chw), dtype=self.storage_dtype)
+
+    def _raw_gather(self, idx):
+        out = torch.empty((idx.numel(), *self.chw), dtype=self.storage_dtype)
+        for p, a in zip(self.parts, self._starts):
+            sel = ((idx >= a) & (idx < a + p.N)).nonzero().reshape(-1)
+            if sel.numel():
+                out[sel] = self._convert(p._raw_gather(idx[sel] - a))
+        return out
