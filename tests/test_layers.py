@@ -35,7 +35,8 @@ FLOORS = [
 # inside mucs_fast/data/
 DATA_FLOORS = [
     {"checks"},
-    {"files", "captions", "digits", "reference_folder", "prefetch"},
+    {"files", "digits", "reference_folder", "prefetch"},
+    {"captions"},
     {"source"},
     {"npy", "safetensors_source"},
     {"shards"},

@@ -6,9 +6,9 @@ Floors (imports only point down):
     stream                   open_source / streamable: which Source a tensor or a path is
     npy · safetensors_source · shards     file-backed Sources
     source · prefetch        the Source API (ranges, positions, digests), reading ahead
-    files · captions · digits · reference_folder     formats read whole: tensor files, image
-                             folders, captioned folders (metadata.jsonl), sklearn's digits,
-                             the reference's dataset folder
+    captions                 captioned image folders (metadata.jsonl), as diffusers' scripts
+    files · digits · reference_folder     formats read whole: tensor files, image folders,
+                             sklearn's digits, the reference's dataset folder
     checks                   one validation of images, labels and ids; uint8 → model range
 """
 
