@@ -19,7 +19,7 @@ $(STAMP): $(SRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q $(TORCH_SPEC) pybind11 ninja
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,text]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -186,16 +186,16 @@ def cmd_attribute_text(args) -> int:
 # -- the demo -----------------------------------------------------------------------------------
 TEXT_DEMO = {
     "default": {
-        "vae_steps": 600,
-        "unet_steps": 2000,
+        "vae_steps": 400,
+        "unet_steps": 1500,
         "targets": 4,
         "num_noises": 50,
         "safety_steps": 200,
         "targets_per_batch": 4,
     },
     "quick": {
-        "vae_steps": 300,
-        "unet_steps": 600,
+        "vae_steps": 200,
+        "unet_steps": 500,
         "targets": 2,
         "num_noises": 20,
         "safety_steps": 100,
