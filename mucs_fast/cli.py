@@ -132,8 +132,8 @@ def demo_model(args, images, labels, device):
 def cmd_demo(args) -> int:
     if args.text:  # the text-to-image demo (mucs_fast/text_cli.py)
         return cmd_demo_text(args)
-    if args.vae_steps is not None or args.unet_steps is not None:
-        raise ValueError("--vae-steps and --unet-steps go with --text")
+    if args.vae_steps is not None or args.unet_steps is not None or args.data != "digits":
+        raise ValueError("--vae-steps, --unet-steps and --data go with --text")
 
     preset = DEMO["quick" if args.quick else "default"]
     for k, v in preset.items():
@@ -344,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the text-to-image demo: a tiny latent pipeline (VAE, CLIP text model, "
         "UNet2DConditionModel) on captioned digits, saved as a diffusers pipeline folder",
+    )
+    d.add_argument(
+        "--data",
+        default="digits",
+        help="--text: digits (sklearn's, colored and captioned) or emoji (Noto emoji from the npm "
+        "package emoji-datasource-google, fetched once by you; $MUCS_FAST_EMOJI)",
     )
     d.add_argument("--vae-steps", type=int, default=None, help="--text: VAE training steps")
     d.add_argument("--unet-steps", type=int, default=None, help="--text: UNet training steps")

@@ -26,7 +26,9 @@ from .cli_common import (
     say,
 )
 from .config import MUCSConfig
-from .data import read_captioned_folder, read_prompts
+from .data import read_captioned_folder, read_prompts, to_model_range
+from .data.captions import stack_images
+from .data.emoji import emoji_folder
 from .engine import attribute
 from .parallel import rank_world
 from .report import write_report
@@ -202,6 +204,7 @@ TEXT_DEMO = {
         "targets_per_batch": 2,
     },
 }
+DEMO_TOKENS = {"digits": td.MAX_TOKENS, "emoji": 24}  # the text encoder's positions
 TARGET_PROMPTS = [
     f"a {c} handwritten {w}"
     for c, w in zip(
@@ -217,7 +220,11 @@ def demo_pipeline(args, cache: str, images, captions):
         Path(cache) / f"text-demo-data-{data_key}", images, captions
     )
     key = td.cache_key(
-        data=data_key, vae_steps=args.vae_steps, unet_steps=args.unet_steps, seed=args.seed
+        data=data_key,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        seed=args.seed,
+        tokens=DEMO_TOKENS[args.data],
     )
     pipe_dir = Path(cache) / f"text-demo-pipeline-{key}"
     seconds = 0.0
@@ -230,7 +237,13 @@ def demo_pipeline(args, cache: str, images, captions):
         )
         t0 = time.perf_counter()
         td.make_demo_pipeline(
-            pipe_dir, images, captions, args.vae_steps, args.unet_steps, args.seed
+            pipe_dir,
+            images,
+            captions,
+            args.vae_steps,
+            args.unet_steps,
+            args.seed,
+            max_tokens=DEMO_TOKENS[args.data],
         )
         seconds = time.perf_counter() - t0
     return data_dir, pipe_dir, seconds
@@ -243,18 +256,30 @@ def cmd_demo_text(args) -> int:
             setattr(args, k, v)
     check_out(args.out)
     check_device(args.device)
+    if args.data not in DEMO_TOKENS:
+        raise ValueError(f"--data {args.data}: with --text, expected digits or emoji")
     if not 1 <= args.targets <= len(TARGET_PROMPTS):
         raise ValueError(f"--targets must lie in [1, {len(TARGET_PROMPTS)}] with --text")
     t_all = time.perf_counter()
-    images, captions, _ = td.colored_digits()
-    say(
-        f"data: sklearn digits, {len(captions)} images 3×8×8, colored and captioned "
-        f"({len(set(captions))} distinct captions, e.g. {captions[0]!r})"
-    )
     cache = _cache_dir(args.cache_dir)
+    if args.data == "emoji":  # Noto emoji (npm emoji-datasource-google), 64×64 → 8×8
+        folder = read_captioned_folder(emoji_folder(Path(cache) / "emoji-folder"))
+        images = to_model_range(stack_images(folder.files, 8))
+        captions = list(folder.captions)
+        prompts = [captions[i * len(captions) // args.targets] for i in range(args.targets)]
+        what = (
+            "Noto emoji (emoji-datasource-google) 64×64 resized to 3×8×8, captions from emoji.json"
+        )
+    else:
+        images, captions, _ = td.colored_digits()
+        prompts = TARGET_PROMPTS[: args.targets]
+        what = "sklearn digits, 3×8×8, colored and captioned"
+    say(
+        f"data: {len(captions)} images, {what} ({len(set(captions))} distinct captions, "
+        f"e.g. {captions[0]!r})"
+    )
     data_dir, pipe_dir, train_s = demo_pipeline(args, cache, images, captions)
     pipe = pl.load_pipeline(pipe_dir)  # the user's path: a saved pipeline folder
-    prompts = TARGET_PROMPTS[: args.targets]
     seeds = list(range(1000, 1000 + args.targets))
     say(f"targets: {len(prompts)} latents generated (DDIM, 25 steps) for {prompts}")
     t0 = time.perf_counter()

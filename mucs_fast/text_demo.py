@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from .train import train
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 COLORS = {"red": (1.0, 0.25, 0.2), "green": (0.25, 0.9, 0.3), "blue": (0.3, 0.45, 1.0)}
-MAX_TOKENS = 8  # <start> a red handwritten seven <end>, padded
+MAX_TOKENS = 8  # <start> a red handwritten seven <end>, padded (the emoji's captions: 24)
 
 # the pipeline: 8×8 RGB images → 4×4×4 latents; every width the smallest that trains in minutes
 VAE = {
@@ -154,13 +155,18 @@ def write_tokenizer(folder, words) -> None:
 
 
 # -- the pipeline -----------------------------------------------------------------------------
-def build_pipeline(seed: int, tokenizer_dir) -> Pipeline:
-    """Freshly initialized components (seeded); the UNet takes 4×4 latents."""
+def caption_words(captions) -> list[str]:
+    """The distinct lowercase words of captions (what the demo tokenizer keeps whole)."""
+    return sorted({w for c in captions for w in re.findall(r"[a-z]+", c.lower())})
+
+
+def build_pipeline(seed: int, tokenizer_dir, words, max_tokens: int = MAX_TOKENS) -> Pipeline:
+    """Freshly initialized components (seeded); the UNet takes 4×4 latents of 8×8 images."""
     import diffusers
     import transformers
 
-    write_tokenizer(tokenizer_dir, ["a", "handwritten", *DIGIT_WORDS, *COLORS])
-    tok = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=MAX_TOKENS)
+    write_tokenizer(tokenizer_dir, words)
+    tok = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=max_tokens)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         vae = diffusers.AutoencoderKL(
@@ -174,7 +180,7 @@ def build_pipeline(seed: int, tokenizer_dir) -> Pipeline:
         text = transformers.CLIPTextModel(
             transformers.CLIPTextConfig(
                 vocab_size=len(tok.get_vocab()),
-                max_position_embeddings=MAX_TOKENS,
+                max_position_embeddings=max_tokens,
                 bos_token_id=tok.bos_token_id,
                 eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id,
@@ -298,13 +304,15 @@ def make_demo_pipeline(
     progress: bool = True,
     batch_size: int = 128,
     lr: float = 2e-3,
+    max_tokens: int = MAX_TOKENS,
 ) -> dict:
     """Build, train and save the demo pipeline into `folder`; returns what was done (seconds,
     losses' last values)."""
     import time
 
     t0 = time.perf_counter()
-    pipe = build_pipeline(seed, Path(folder).with_name(Path(folder).name + ".tokenizer"))
+    tok_dir = Path(folder).with_name(Path(folder).name + ".tokenizer")
+    pipe = build_pipeline(seed, tok_dir, caption_words(captions), max_tokens)
     train_vae(pipe.vae, images, vae_steps, seed)
     t_vae = time.perf_counter() - t0
     prompts = sorted(set(captions))

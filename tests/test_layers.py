@@ -36,7 +36,7 @@ FLOORS = [
 DATA_FLOORS = [
     {"checks"},
     {"files", "digits", "reference_folder", "prefetch"},
-    {"captions"},
+    {"captions", "emoji"},
     {"source"},
     {"npy", "safetensors_source"},
     {"shards"},

@@ -172,6 +172,17 @@ def test_planted_copies_of_the_target_rank_in_the_top_3(tiny, with_lora):
 
 
 @pytest.mark.slow
+def test_adaptive_scoring_keeps_the_planted_copies_exact_and_on_top(tiny):
+    pipe = pl.load_pipeline(tiny.pipe)
+    enc = pl.encode_training_set(pipe, tiny.planted, tiny.cache, progress=False)
+    prep = pl.prepare(pipe, enc, enc.latents.read(N_TRAIN, N_TRAIN + 1), [PROMPT], train_lr=2e-3)
+    res = _attribute(prep, adaptive_top_k=10, num_noises=16)
+    copies = torch.tensor([N_TRAIN, N_TRAIN + 1, N_TRAIN + 2])
+    assert set(res.topk(3)[0].tolist()) == set(copies.tolist())
+    assert res.exact[0, copies].all() and not res.exact.all()
+
+
+@pytest.mark.slow
 def test_lora_unlearning_trains_only_the_lora_weights(tiny, monkeypatch):
     from mucs_fast import engine
 
@@ -445,3 +456,57 @@ def test_the_tokenizer_keeps_the_demo_words_whole(tmp_path):
                 "<|endoftext|>",
             ]
     assert len(tok("an unknown word").input_ids) > 3  # other text falls back to byte symbols
+
+
+def test_the_emoji_dataset_from_the_npm_package(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from mucs_fast.data.emoji import emoji_folder
+
+    with pytest.raises(FileNotFoundError, match="npm pack emoji-datasource-google"):
+        emoji_folder(tmp_path / "out", root=tmp_path / "absent")
+    monkeypatch.setenv("MUCS_FAST_EMOJI", str(tmp_path / "absent"))
+    args = [
+        "demo",
+        "--text",
+        "--data",
+        "emoji",
+        "--out",
+        str(tmp_path / "d"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    assert main(args) == 2
+    assert "npm pack emoji-datasource-google" in capsys.readouterr().err
+    pkg = tmp_path / "pkg" / "package"
+    img = pkg / "img" / "google" / "64"
+    img.mkdir(parents=True)
+    for name in ("1f600.png", "1f44b.png", "1f44b-1f3fd.png"):
+        Image.new("RGBA", (64, 64), (255, 0, 0, 128)).save(img / name)
+    entries = [
+        {
+            "name": "GRINNING FACE",
+            "category": "Smileys & Emotion",
+            "image": "1f600.png",
+            "has_img_google": True,
+        },
+        {
+            "name": "WAVING HAND SIGN",
+            "category": "People & Body",
+            "image": "1f44b.png",
+            "has_img_google": True,
+            "skin_variations": {
+                "1F3FD": {"image": "1f44b-1f3fd.png", "has_img_google": True},
+                "1F3FF": {"image": "1f44b-1f3ff.png", "has_img_google": True},
+            },
+        },  # no file
+    ]
+    (pkg / "emoji.json").write_text(json.dumps(entries))
+    cf = read_captioned_folder(emoji_folder(tmp_path / "out", root=tmp_path / "pkg"))
+    assert cf.captions == (
+        "grinning face, a smileys & emotion emoji",
+        "waving hand sign, a people & body emoji",
+        "waving hand sign, medium skin tone, a people & body emoji",
+    )
+    with Image.open(cf.files[0]) as im:  # composited on white: half-transparent red → pink
+        assert im.mode == "RGB" and im.getpixel((0, 0)) == (255, 127, 127)

@@ -6,7 +6,8 @@ Floors (imports only point down):
     stream                   open_source / streamable: which Source a tensor or a path is
     npy · safetensors_source · shards     file-backed Sources
     source · prefetch        the Source API (ranges, positions, digests), reading ahead
-    captions                 captioned image folders (metadata.jsonl), as diffusers' scripts
+    captions · emoji         captioned image folders (metadata.jsonl), as diffusers' scripts
+                             read them; Noto emoji as one
     files · digits · reference_folder     formats read whole: tensor files, image folders,
                              sklearn's digits, the reference's dataset folder
     checks                   one validation of images, labels and ids; uint8 → model range
