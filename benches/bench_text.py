@@ -25,9 +25,9 @@ import mucs_fast as mf
 from mucs_fast import pipeline as pl
 from mucs_fast import text_demo as td
 from mucs_fast.denoisers import CROSS_ATTENTION_KV
-from mucs_fast.text_cli import _trainable
+from mucs_fast.text_cli import TARGET_PROMPTS, _trainable
 
-PROMPTS = td.TARGET_PROMPTS
+PROMPTS = TARGET_PROMPTS
 
 
 def _setup(args, n=None, copies=0, lora=None):

@@ -104,7 +104,7 @@ def main():
     out = {"N": N, "k": k, "targets": T, "mucs_seconds": mucs_s, "methods": {}}
     sims = {}
     for name, s in scores.items():
-        top = torch.argsort(s, 1, descending=True, stable=True)[:, :k]
+        top = torch.argsort(s, dim=1, descending=True, stable=True)[:, :k]
         removed = stats.union(top)
         keep = torch.ones(N, dtype=torch.bool)
         keep[removed] = False

@@ -3,11 +3,15 @@
 import mucs_fast as mf
 res = mf.attribute(mf.EDMDenoiser(net), train, targets, config=mf.MUCSConfig())
 res.scores, res.topk(8), res.save("out/")
+
+Text-to-image pipelines (diffusers, LoRA): mf.pipeline.load_pipeline / encode_training_set /
+prepare build what `attribute` takes (README "Text-to-image pipelines").
 """
 
 from ._version import __version__
 from .config import REFERENCE_FROZEN, MUCSConfig
-from .denoisers import DiffusersDenoiser, EDMDenoiser
+from . import pipeline
+from .denoisers import DiffusersDenoiser, EDMDenoiser, LatentTextDenoiser
 from .engine import attribute
 from .result import Attribution
 
@@ -16,6 +20,8 @@ __all__ = [
     "REFERENCE_FROZEN",
     "EDMDenoiser",
     "DiffusersDenoiser",
+    "LatentTextDenoiser",
+    "pipeline",
     "attribute",
     "Attribution",
     "__version__",
