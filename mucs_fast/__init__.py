@@ -8,9 +8,9 @@ Text-to-image pipelines (diffusers, LoRA): mf.pipeline.load_pipeline / encode_tr
 prepare build what `attribute` takes (README "Text-to-image pipelines").
 """
 
+from . import pipeline
 from ._version import __version__
 from .config import REFERENCE_FROZEN, MUCSConfig
-from . import pipeline
 from .denoisers import DiffusersDenoiser, EDMDenoiser, LatentTextDenoiser
 from .engine import attribute
 from .result import Attribution
