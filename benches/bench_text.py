@@ -16,6 +16,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -163,13 +164,30 @@ def part_rss(args):
     return out
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def part_rss_one(args):
     pipe, enc, _ = _setup(args, n=args.rss_n)  # encoding first: its own peak is not the run's
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     z = pl.generate(pipe, PROMPTS[:1], [1000], steps=10, progress=False)
     prep = pl.prepare(pipe, enc, z, PROMPTS[:1], train_lr=2e-3)
     cfg = mf.MUCSConfig(num_noises=8, safety_steps=10, seed=45)
+    samples, done = [], threading.Event()
+
+    def poll():  # the resident set during attribute, every 20 ms (ru_maxrss is the lifetime's)
+        while not done.is_set():
+            samples.append(_rss_mb())
+            time.sleep(0.02)
+
+    th = threading.Thread(target=poll, daemon=True)
     t0 = time.perf_counter()
+    th.start()
     mf.attribute(
         prep.den,
         prep.train,
@@ -179,10 +197,14 @@ def part_rss_one(args):
         progress=False,
         cache_dir=None,
     )
+    done.set()
+    th.join()
     res = {
         "N": args.rss_n,
+        "rss_MB_at_start_of_attribute": samples[0],
+        "peak_rss_MB_attribute": max(samples),
+        "peak_rss_MB_process_lifetime": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_MB_before_attribute": before,
-        "peak_rss_MB_attribute": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "seconds": time.perf_counter() - t0,
     }
     (Path(args.out) / f"rss_one-{args.rss_n}.json").write_text(json.dumps(res))
