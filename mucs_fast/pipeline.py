@@ -224,21 +224,25 @@ def decode_latents(pipe: Pipeline, z: torch.Tensor, device=None) -> torch.Tensor
 
 class _LatentsOf(Source):
     """The VAE latents of a captioned folder's images, encoded as they are read (what `pack`
-    writes to the cache); labels: each image's caption id."""
+    writes to the cache); labels: each image's caption id. flip: N more rows after the N images,
+    their horizontal mirror images (`encode_training_set(flips=True)`)."""
 
-    def __init__(self, pipe, folder: CaptionedFolder, resolution, caption_ids, chw, batch):
+    def __init__(self, pipe, folder: CaptionedFolder, resolution, caption_ids, chw, batch, flip):
         self.pipe, self.folder, self.resolution, self.batch = pipe, folder, resolution, batch
-        self._init_meta(len(folder), chw, torch.float32, caption_ids, None, "latents")
+        self.n, self.flip = len(folder), bool(flip)
+        labels = caption_ids.repeat(2) if flip else caption_ids
+        self._init_meta(self.n * (1 + self.flip), chw, torch.float32, labels, None, "latents")
+
+    def _encode(self, positions) -> torch.Tensor:
+        x = stack_images([self.folder.files[p % self.n] for p in positions], self.resolution)
+        mirrored = torch.tensor([p >= self.n for p in positions])
+        x[mirrored] = x[mirrored].flip(-1)
+        return encode_pixels(self.pipe, to_model_range(x))
 
     def read_raw(self, start, stop):
         start, stop = self.check_range(start, stop)
         out = [
-            encode_pixels(
-                self.pipe,
-                to_model_range(
-                    stack_images(self.folder.files[a : min(a + self.batch, stop)], self.resolution)
-                ),
-            )
+            self._encode(range(a, min(a + self.batch, stop)))
             for a in range(start, stop, self.batch)
         ]
         return torch.cat(out) if out else torch.empty((0, *self.chw))
@@ -325,11 +329,15 @@ def encode_training_set(
     caption_column: str = "text",
     batch: int = 16,
     progress: bool = True,
+    flips: bool = False,
 ) -> EncodedSet:
     """Encode (or find in the cache) a captioned training folder (data.captions): every file is
     checked first, then each image's latents and each distinct caption's hidden states are
     written once to packed folders under cache_dir/text, keyed by the files' bytes, the captions,
-    the preprocessing and the encoders' weights."""
+    the preprocessing and the encoders' weights.
+
+    flips: the latents hold 2N rows, the N images and then their horizontal mirror images (for
+    models trained with random flips; `fold_flips` keeps each image's larger score)."""
     cf = (
         folder
         if isinstance(folder, CaptionedFolder)
@@ -354,6 +362,7 @@ def encode_training_set(
         resolution,
         _module_digest(pipe.vae),
         float(pipe.vae.config.scaling_factor),
+        *(["flips"] if flips else []),
     )
     hidden = encode_prompts(pipe, prompts[:1]).shape[1:]
     cond_key = _io.key_digest(
@@ -368,7 +377,7 @@ def encode_training_set(
     latents = _cached_pack(
         cache,
         f"latents-{lat_key[:16]}",
-        _LatentsOf(pipe, cf, resolution, caption_ids, latent_chw, batch),
+        _LatentsOf(pipe, cf, resolution, caption_ids, latent_chw, batch, flips),
         progress,
     )
     conditions = _cached_pack(
@@ -485,6 +494,17 @@ def prepare(
     return Prepared(
         den, encoded.latents, target_latents.float(), ids, list(target_prompts), encoded
     )
+
+
+def fold_flips(res, N: int):
+    """The Attribution over the N images of a run over 2N rows (the images, then their mirror
+    images): each image's larger score of the two, exact where both were."""
+    if res.N != 2 * N or not torch.equal(res.train_ids[N:], res.train_ids[:N] + N):
+        raise ValueError("fold_flips: expected the 2N rows of encode_training_set(flips=True)")
+    scores = torch.maximum(res.scores[:, :N], res.scores[:, N:])
+    exact = res.exact[:, :N] & res.exact[:, N:]
+    meta = {**res.meta, "flips": "each image's score is the larger of it and its mirror image"}
+    return type(res)(scores, res.train_ids[:N], meta, exact=exact)
 
 
 def describe_top(res, encoded: EncodedSet, prompts, k: int) -> list:

@@ -62,6 +62,12 @@ def add_text_arguments(a) -> None:
         "--resolution", type=int, default=None, help="resize + center-crop images to R×R"
     )
     g.add_argument(
+        "--flips",
+        action="store_true",
+        help="for models trained with random flips: score each image and its mirror image, keep "
+        "the larger (the training set is encoded and scored twice)",
+    )
+    g.add_argument(
         "--snr-gamma", type=float, default=None, help="Min-SNR γ, if the model trained with it"
     )
     g.add_argument(
@@ -146,6 +152,8 @@ def cmd_attribute_text(args) -> int:
         args.train_folder, args.image_column, args.caption_column, args.resolution
     )
     check_top_k(args.top_k, len(folder))
+    if args.flips and args.adaptive:
+        raise ValueError("--flips and --adaptive: not together (adaptive keeps one row's top-k)")
     prompts = read_prompts(args.prompts) if args.prompts else None
     kind, tx, tprompts, _ = pl.read_targets(args.targets, prompts, args.resolution)
     if args.adaptive:
@@ -157,7 +165,12 @@ def cmd_attribute_text(args) -> int:
     pipe.to(device)
     t0 = time.perf_counter()
     enc = pl.encode_training_set(
-        pipe, folder, _cache_dir(args.cache_dir), args.resolution, progress=not args.quiet
+        pipe,
+        folder,
+        _cache_dir(args.cache_dir),
+        args.resolution,
+        progress=not args.quiet,
+        flips=args.flips,
     )
     z = _targets_latents(pipe, kind, tx, enc.latents.chw, args.targets)
     train_lr = args.train_lr or TRAIN_LR["lora" if args.lora else "full"]
@@ -179,6 +192,8 @@ def cmd_attribute_text(args) -> int:
         resume=args.resume,
         top_k=args.top_k or 100,
     )
+    if args.flips:  # the run directory keeps the 2N rows; the result folds them to N
+        res = pl.fold_flips(res, len(folder))
     if rank_world()[0] == 0:
         _finish(res, args, pipe, prep)
         print_summary(res, args.out, time.perf_counter() - t0)

@@ -333,6 +333,7 @@ def test_cli_attributes_a_pipeline_with_captions_in_the_outputs(tiny, tmp_path):
         "1e-3",
         "--cache-dir",
         str(tiny.cache),
+        "--flips",
         "--trainable",
         "*attn2.to_q.weight",
         "--quiet",
@@ -341,6 +342,7 @@ def test_cli_attributes_a_pipeline_with_captions_in_the_outputs(tiny, tmp_path):
     meta2 = json.loads((tmp_path / "out2" / "attribution.json").read_text())
     names = meta2["resolved"]["trainable"]
     assert names and all(n.endswith("attn2.to_q.weight") for n in names)
+    assert meta2["shape"] == {"K": 1, "N": N_TRAIN} and "flips" in meta2  # 2N rows folded
 
 
 def test_a_pickled_pipeline_needs_trust_pickle(tiny, tmp_path):
@@ -510,3 +512,29 @@ def test_the_emoji_dataset_from_the_npm_package(tmp_path, monkeypatch, capsys):
     )
     with Image.open(cf.files[0]) as im:  # composited on white: half-transparent red → pink
         assert im.mode == "RGB" and im.getpixel((0, 0)) == (255, 127, 127)
+
+
+@pytest.mark.slow
+def test_flips_encode_mirror_images_and_keep_the_larger_score(tiny, tmp_path):
+    from PIL import Image
+
+    pipe = pl.load_pipeline(tiny.pipe)
+    enc = pl.encode_training_set(pipe, tiny.train, tiny.cache, progress=False, flips=True)
+    assert enc.latents.N == 2 * N_TRAIN
+    assert torch.equal(enc.latents.labels[N_TRAIN:], enc.latents.labels[:N_TRAIN])
+    px = np.stack([np.asarray(Image.open(tiny.train / f"{i:05d}.png")) for i in range(4)])
+    mirrored = torch.from_numpy(px[:, :, ::-1].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        hand = pipe.vae.encode(mirrored).latent_dist.mode() * pipe.vae.config.scaling_factor
+    lat = enc.latents.read(N_TRAIN, N_TRAIN + 4)
+    torch.testing.assert_close(lat, hand, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(lat, enc.latents.read(0, 4))  # digits are not symmetric
+    prep = pl.prepare(pipe, enc, tiny.target, [PROMPT], train_lr=2e-3)
+    res = _attribute(prep, max_steps=3)
+    folded = pl.fold_flips(res, N_TRAIN)
+    assert folded.N == N_TRAIN and torch.equal(folded.train_ids, torch.arange(N_TRAIN))
+    assert torch.equal(
+        folded.scores, torch.maximum(res.scores[:, :N_TRAIN], res.scores[:, N_TRAIN:])
+    )
+    with pytest.raises(ValueError, match="2N rows"):
+        pl.fold_flips(folded, N_TRAIN)
