@@ -38,15 +38,14 @@ def regenerate(pipe, unet, prompts, seeds):
     return pl.decode_latents(view, pl.generate(view, prompts, seeds, steps=25, progress=False))
 
 
-def retrain(pipe, latents, ids, prompts, keep, args):
+def retrain(pipe, latents, captions, keep, args):
     """The UNet trained from scratch (same init seed, steps) on the kept images."""
-    fresh = td.build_pipeline(args.seed, Path(args.out) / "tok", td.caption_words(prompts))
+    fresh = td.build_pipeline(args.seed, Path(args.out) / "tok", td.caption_words(captions))
     fresh.vae, fresh.text_encoder, fresh.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
     td.train_unet(
         fresh,
         latents[keep],
-        ids[keep],
-        prompts,
+        [c for c, k in zip(captions, keep.tolist()) if k],
         args.unet_steps,
         args.seed,
         batch_size=128,
@@ -100,7 +99,7 @@ def main():
     d = torch.cdist(pre_t.flatten(1), x.flatten(1))
     g = torch.Generator().manual_seed(args.seed)
     scores = {"mucs": res.scores, "pixel": -d, "random": torch.rand(T, N, generator=g)}
-    latents, ids = enc.latents.read(0, N), enc.latents.labels
+    latents = enc.latents.read(0, N)
     out = {"N": N, "k": k, "targets": T, "mucs_seconds": mucs_s, "methods": {}}
     sims = {}
     for name, s in scores.items():
@@ -109,7 +108,7 @@ def main():
         keep = torch.ones(N, dtype=torch.bool)
         keep[removed] = False
         t0 = time.perf_counter()
-        unet = retrain(pipe, latents, ids, enc.prompts, keep, args)
+        unet = retrain(pipe, latents, caps, keep, args)
         post_t = regenerate(pipe, unet, prompts_t, seeds_t)
         post_c = regenerate(pipe, unet, prompts_c, seeds_c)
         sims[name] = {

@@ -19,13 +19,19 @@ from ._io import atomic_write
 DEFAULT = "auto"
 
 
+def default_dir() -> str:
+    """$MUCS_FAST_CACHE, else ~/.cache/mucs_fast: the one default of every cache (L_t, the demo
+    models, encoded latents and captions)."""
+    return os.environ.get("MUCS_FAST_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mucs_fast"
+    )
+
+
 def resolve_dir(cache_dir) -> Optional[str]:
     if cache_dir is None or cache_dir is False:
         return None
     if cache_dir == DEFAULT:
-        cache_dir = os.environ.get("MUCS_FAST_CACHE") or os.path.join(
-            os.path.expanduser("~"), ".cache", "mucs_fast"
-        )
+        cache_dir = default_dir()
     return os.fspath(cache_dir)
 
 

@@ -21,6 +21,7 @@ import torch
 from . import _io
 from .cli_common import (
     attribute_config,
+    cache_dir,
     check_device,
     check_out,
     check_top_k,
@@ -77,16 +78,6 @@ DEMO_MODEL = {
 DEMO_TRAIN = {"batch_size": 128, "lr": 2e-3, "ema_decay": 0.999}
 
 
-def _cache_dir(arg: str | None) -> str:
-    d = (
-        arg
-        or os.environ.get("MUCS_FAST_CACHE")
-        or os.path.join(os.path.expanduser("~"), ".cache", "mucs_fast")
-    )
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
 # ------------------------------------------------------------------------------------------------
 # demo
 # ------------------------------------------------------------------------------------------------
@@ -100,7 +91,7 @@ def demo_model(args, images, labels, device):
         "format": 1,
     }
     key = _io.key_digest(spec)[:16]
-    path = os.path.join(_cache_dir(args.cache_dir), f"demo-dit-{key}.pt")
+    path = os.path.join(cache_dir(args.cache_dir), f"demo-dit-{key}.pt")
     if os.path.isfile(path) and not args.no_cache:
         say(f"model: cached {path}")
         return load_checkpoint(path, device=device), path, 0.0

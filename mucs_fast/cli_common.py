@@ -14,9 +14,17 @@ import tempfile
 
 import torch
 
+from .cache import default_dir
 from .config import MUCSConfig
 from .loading import PREFIX, load_model, one_line, say  # noqa: F401  (the CLIs' names for them)
 from .rundir import RUN_FILE, TARGETS_DIR, check_run_dir
+
+
+def cache_dir(arg: str | None) -> str:
+    """--cache-dir, else the default cache folder (cache.default_dir), created."""
+    d = arg or default_dir()
+    os.makedirs(d, exist_ok=True)
+    return d
 
 
 # ------------------------------------------------------------------------------------------------

@@ -396,11 +396,7 @@ class DiffusersDenoiser(Denoiser):
                 f"DiffusersDenoiser supports ε-prediction schedulers only, got "
                 f"prediction_type={pred!r}"
             )
-        self.net = model
-        self.scheduler = scheduler
-        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32).cpu()
-        self.T = int(self.alphas_cumprod.numel())
-        self.train_lr = train_lr
+        self._init_schedule(model, scheduler, train_lr)
         cfg = getattr(model, "config", {})
         get = (lambda k: getattr(cfg, k, None)) if not isinstance(cfg, dict) else cfg.get
         n_cls = num_classes
@@ -410,6 +406,12 @@ class DiffusersDenoiser(Denoiser):
             n_cls = get("num_embeds_ada_norm")  # DiTTransformer2DModel
         self.label_dim = int(n_cls) if n_cls else None
         self.conditional = self.label_dim is not None
+
+    def _init_schedule(self, model, scheduler, train_lr) -> None:
+        """The net, the scheduler's ᾱ_t (fp32, CPU; per-device copies made on use) and T."""
+        self.net, self.scheduler, self.train_lr = model, scheduler, train_lr
+        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32).cpu()
+        self.T = int(self.alphas_cumprod.numel())
         self._acp = {}
 
     def _alphas(self, device):
@@ -562,15 +564,12 @@ class LatentTextDenoiser(DiffusersDenoiser):
             )
         if snr_gamma is not None and not snr_gamma > 0:
             raise ValueError(f"LatentTextDenoiser: snr_gamma must be > 0, got {snr_gamma}")
-        self.net, self.scheduler, self.train_lr = model, scheduler, train_lr
-        self.alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32).cpu()
-        self.T = int(self.alphas_cumprod.numel())
+        self._init_schedule(model, scheduler, train_lr)
         self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
         self.train_conditions = conditions  # the training captions' rows (the model's key)
         self.conditions = conditions  # and the targets' prompts after them (`with_prompts`)
         self.label_dim = conditions.N
         self.conditional = True
-        self._acp = {}
 
     def with_prompts(self, rows: torch.Tensor) -> tuple["LatentTextDenoiser", torch.Tensor]:
         """(a denoiser whose condition table also holds `rows` [K, L, D], their ids [K])."""

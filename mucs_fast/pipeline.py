@@ -26,6 +26,7 @@ from .data import (
     CaptionedFolder,
     ShardSource,
     Source,
+    distinct_captions,
     load_tensor_file,
     pack,
     read_captioned_folder,
@@ -343,12 +344,7 @@ def encode_training_set(
         if isinstance(folder, CaptionedFolder)
         else read_captioned_folder(folder, image_column, caption_column, resolution)
     )
-    prompts, ids = [], {}
-    for c in cf.captions:
-        if c not in ids:
-            ids[c] = len(prompts)
-            prompts.append(c)
-    caption_ids = torch.tensor([ids[c] for c in cf.captions], dtype=torch.int64)
+    prompts, caption_ids = distinct_captions(cf.captions)
     cache = Path(cache_dir) / "text"
     cache.mkdir(parents=True, exist_ok=True)
     files = [(n, _io.file_digest(f)) for n, f in zip(cf.names, cf.files)]

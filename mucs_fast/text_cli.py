@@ -19,6 +19,7 @@ from . import pipeline as pl
 from . import text_demo as td
 from .cli_common import (
     attribute_config,
+    cache_dir,
     check_device,
     check_out,
     check_top_k,
@@ -99,16 +100,6 @@ def _trainable(patterns):
     return not_in_trainable_patterns
 
 
-def _cache_dir(arg) -> str:
-    d = (
-        arg
-        or os.environ.get("MUCS_FAST_CACHE")
-        or os.path.join(os.path.expanduser("~"), ".cache", "mucs_fast")
-    )
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
 def _targets_latents(pipe, kind, x, latent_chw, where):
     z = pl.encode_pixels(pipe, x) if kind == "images" else x
     if tuple(z.shape[1:]) != tuple(latent_chw):
@@ -167,7 +158,7 @@ def cmd_attribute_text(args) -> int:
     enc = pl.encode_training_set(
         pipe,
         folder,
-        _cache_dir(args.cache_dir),
+        cache_dir(args.cache_dir),
         args.resolution,
         progress=not args.quiet,
         flips=args.flips,
@@ -276,7 +267,7 @@ def cmd_demo_text(args) -> int:
     if not 1 <= args.targets <= len(TARGET_PROMPTS):
         raise ValueError(f"--targets must lie in [1, {len(TARGET_PROMPTS)}] with --text")
     t_all = time.perf_counter()
-    cache = _cache_dir(args.cache_dir)
+    cache = cache_dir(args.cache_dir)
     if args.data == "emoji":  # Noto emoji (npm emoji-datasource-google), 64×64 → 8×8
         folder = read_captioned_folder(emoji_folder(Path(cache) / "emoji-folder"))
         images = to_model_range(stack_images(folder.files, 8))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import _io
-from .data import TensorSource, load_digits
+from .data import TensorSource, distinct_captions, load_digits
 from .denoisers import LatentTextDenoiser, is_lora
 from .pipeline import Pipeline, encode_pixels, encode_prompts
 from .train import train
@@ -221,10 +221,11 @@ def train_vae(vae, images: torch.Tensor, steps: int, seed: int, batch: int = 128
     vae.register_to_config(scaling_factor=float(1 / z.std()))
 
 
-def train_unet(pipe: Pipeline, latents, caption_ids, prompts, steps: int, seed: int, **kw):
-    """The UNet (or only its LoRA, when one is attached) trained with the scripts' loss — the
-    LatentTextDenoiser's, the same one attribution uses — through mucs_fast.train (EMA weights
-    returned into pipe.unet)."""
+def train_unet(pipe: Pipeline, latents, captions, steps: int, seed: int, **kw):
+    """The UNet (or only its LoRA, when one is attached) trained on latents [n, ...] and their
+    captions with the scripts' loss — the LatentTextDenoiser's, the same one attribution uses —
+    through mucs_fast.train (EMA weights returned into pipe.unet)."""
+    prompts, caption_ids = distinct_captions(captions)
     table = TensorSource(encode_prompts(pipe, prompts).unsqueeze(1))
     den = LatentTextDenoiser(pipe.unet, pipe.scheduler, table)
     lora = any(is_lora(n) for n, _ in pipe.unet.named_parameters())
@@ -316,14 +317,11 @@ def make_demo_pipeline(
     pipe = build_pipeline(seed, tok_dir, caption_words(captions), max_tokens)
     train_vae(pipe.vae, images, vae_steps, seed)
     t_vae = time.perf_counter() - t0
-    prompts = sorted(set(captions))
-    ids = torch.tensor([prompts.index(c) for c in captions])
     latents = encode_pixels(pipe, images)
     info = train_unet(
         pipe,
         latents,
-        ids,
-        prompts,
+        captions,
         unet_steps,
         seed,
         batch_size=batch_size,

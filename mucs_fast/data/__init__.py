@@ -13,7 +13,13 @@ Floors (imports only point down):
     checks                   one validation of images, labels and ids; uint8 → model range
 """
 
-from .captions import METADATA, CaptionedFolder, read_captioned_folder, read_prompts
+from .captions import (
+    METADATA,
+    CaptionedFolder,
+    distinct_captions,
+    read_captioned_folder,
+    read_prompts,
+)
 from .checks import check_chw, check_ids, check_labels, to_model_range
 from .digits import load_digits
 from .files import (
@@ -51,6 +57,7 @@ __all__ = [
     "check_chw",
     "check_ids",
     "check_labels",
+    "distinct_captions",
     "folder_ids",
     "load_digits",
     "load_image_folder",

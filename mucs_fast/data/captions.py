@@ -140,6 +140,14 @@ def preprocess(f, resolution: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
 
 
+def distinct_captions(captions) -> tuple[list[str], torch.Tensor]:
+    """(the distinct captions in first-appearance order, each caption's index among them
+    int64 [n]): a text model's caption table and its condition ids."""
+    index: dict[str, int] = {}
+    ids = [index.setdefault(c, len(index)) for c in captions]
+    return list(index), torch.tensor(ids, dtype=torch.int64)
+
+
 def read_prompts(path) -> list[str]:
     """Prompts from a file: a .json list of strings, or one prompt per non-empty line."""
     p = Path(os.fspath(path))

@@ -14,6 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ..cache import default_dir as default_cache_dir
+
 INSTALL = (
     "npm pack emoji-datasource-google && mkdir -p {dir} && "
     "tar xzf emoji-datasource-google-*.tgz -C {dir}"
@@ -30,12 +32,7 @@ TONES = {
 def default_dir() -> Path:
     """Where the package is looked for: $MUCS_FAST_EMOJI, else <cache>/emoji-datasource-google."""
     env = os.environ.get("MUCS_FAST_EMOJI")
-    if env:
-        return Path(env)
-    cache = os.environ.get("MUCS_FAST_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "mucs_fast"
-    )
-    return Path(cache) / "emoji-datasource-google"
+    return Path(env) if env else Path(default_cache_dir()) / "emoji-datasource-google"
 
 
 def _package(root: Path) -> Path:
