@@ -50,6 +50,19 @@ def _setup(args, n=None, copies=0, lora=None):
     return pipe, enc, target
 
 
+def _attribute(prep, cfg):
+    """One attribution of the prepared targets, quiet, without the L_t cache (timed cold)."""
+    return mf.attribute(
+        prep.den,
+        prep.train,
+        prep.targets,
+        cfg,
+        target_labels=prep.target_labels,
+        progress=False,
+        cache_dir=None,
+    )
+
+
 def part_throughput(args):
     """pairs/s of the scoring pass and per-target time, K = 1 vs K = 8 (equal scores)."""
     pipe, enc, _ = _setup(args)
@@ -59,15 +72,7 @@ def part_throughput(args):
     for K in (1, 8):
         cfg = mf.MUCSConfig(num_noises=50, safety_steps=100, seed=45, targets_per_batch=K)
         t0 = time.perf_counter()
-        res = mf.attribute(
-            prep.den,
-            prep.train,
-            prep.targets,
-            cfg,
-            target_labels=prep.target_labels,
-            progress=False,
-            cache_dir=None,
-        )
+        res = _attribute(prep, cfg)
         wall = time.perf_counter() - t0
         t = res.meta["timings"]
         pairs = sum(res.meta["pairs_evaluated"])
@@ -118,15 +123,7 @@ def part_trainable(args):
         prep = pl.prepare(pipe, enc, target, [PROMPTS[1]], train_lr=2e-3)
         cfg = mf.MUCSConfig(num_noises=50, safety_steps=100, seed=45, frozen=frozen)
         t0 = time.perf_counter()
-        res = mf.attribute(
-            prep.den,
-            prep.train,
-            prep.targets,
-            cfg,
-            target_labels=prep.target_labels,
-            progress=False,
-            cache_dir=None,
-        )
+        res = _attribute(prep, cfg)
         order = torch.argsort(res.scores[0], descending=True).tolist()
         N = res.N
         out[name] = {
@@ -186,15 +183,7 @@ def part_rss_one(args):
     th = threading.Thread(target=poll, daemon=True)
     t0 = time.perf_counter()
     th.start()
-    mf.attribute(
-        prep.den,
-        prep.train,
-        prep.targets,
-        cfg,
-        target_labels=prep.target_labels,
-        progress=False,
-        cache_dir=None,
-    )
+    _attribute(prep, cfg)
     done.set()
     th.join()
     res = {
