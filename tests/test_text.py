@@ -536,3 +536,30 @@ def test_flips_encode_mirror_images_and_keep_the_larger_score(tiny, tmp_path):
     )
     with pytest.raises(ValueError, match="2N rows"):
         pl.fold_flips(folded, N_TRAIN)
+
+
+def test_encoding_in_batches_that_leave_a_short_last_one_gives_the_same_cache(tiny, tmp_path):
+    pipe = pl.load_pipeline(tiny.pipe)
+    ref = pl.encode_training_set(pipe, tiny.train, tiny.cache, progress=False)
+    # 240 images in batches of 7 (the last of 2), 30 captions in batches of 28 (the last of 2)
+    odd = pl.encode_training_set(pipe, tiny.train, tmp_path / "c", batch=7, progress=False)
+    torch.testing.assert_close(
+        odd.latents.read(0, N_TRAIN), ref.latents.read(0, N_TRAIN), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(odd.conditions.read(0, 30), ref.conditions.read(0, 30))
+    assert torch.equal(odd.latents.labels, ref.latents.labels)
+
+
+def test_concat_source_reads_across_its_parts():
+    from mucs_fast.data import ConcatSource
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 1, 2, 3, generator=g), torch.randn(3, 1, 2, 3, generator=g)
+    src = ConcatSource(TensorSource(a), TensorSource(b))
+    whole = torch.cat([a, b])
+    assert src.N == 8 and torch.equal(src.read(0, 8), whole)
+    assert torch.equal(src.read(3, 7), whole[3:7])  # a range across the boundary
+    idx = torch.tensor([7, 0, 5, 4, 5])  # any order, repeats, both parts
+    assert torch.equal(src.take(idx, "cpu"), whole[idx])
+    with pytest.raises(ValueError, match="differ in shape"):
+        ConcatSource(TensorSource(a), TensorSource(torch.randn(2, 1, 3, 3)))
