@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .denoisers import DiffusersDenoiser, EDMDenoiser
+from .denoisers import EDMDenoiser
 from .models.dit import DiT
 
 CHECKPOINT_FORMAT = "mucs_fast.dit"
@@ -32,23 +32,8 @@ def _resolve_device(den, device) -> torch.device:
 
 
 def _rewrap(den, net: torch.nn.Module, train_lr: float):
-    """A new denoiser of den's kind around `net`, with `train_lr` recorded."""
-    if isinstance(den, EDMDenoiser):
-        return EDMDenoiser(
-            net,
-            sigma_data=den.sigma_data,
-            P_mean=den.P_mean,
-            P_std=den.P_std,
-            sigma_min=den.sigma_min,
-            sigma_max=den.sigma_max,
-            rho=den.rho,
-            label_dim=den.label_dim,
-            null_factory=den.null_factory,
-            train_lr=train_lr,
-            **({"raw": den.raw} if hasattr(den, "raw") else {}),
-        )
-    if type(den) is DiffusersDenoiser:  # subclasses (LatentTextDenoiser) are copied below
-        return DiffusersDenoiser(net, den.scheduler, train_lr=train_lr, num_classes=den.label_dim)
+    """A denoiser of den's kind and settings around `net`, with `train_lr` recorded (a shallow
+    copy: every denoiser's settings carry over, whatever its class)."""
     new = copy.copy(den)
     new.net, new.train_lr = net, train_lr
     return new
